@@ -1,0 +1,33 @@
+"""Small file helpers shared by the bundle writers (ONNX export, TensorRT build, Triton export).
+
+No torch here: the TensorRT side runs on targets without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from imagefolder.io import atomic_write
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> dict:
+    """The manifest entry of one file: sha256 and size."""
+    return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
+    """Write JSON so that readers see the old file or the complete new one, never a part."""
+    with atomic_write(Path(path)) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")

@@ -1,0 +1,174 @@
+"""ONNX export: I/O equals the specs, parity with PyTorch per dtype, operators, atomicity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from imagefolder.configs import tiny
+from imagefolder.export import specs as S
+from imagefolder.export.check import check_bundle
+from imagefolder.export.onnx_export import ExportError, default_candidates, export_bundle, onnx_io
+from imagefolder.export.opcheck import check_operators
+from tests.models import randomized
+
+
+@pytest.fixture(scope="module")
+def models():
+    config = tiny()
+    tokenizer, generator = randomized(config)
+    return config, tokenizer, generator
+
+
+@pytest.fixture(scope="module")
+def bundle_fp32(models, tmp_path_factory):
+    config, tokenizer, generator = models
+    return export_bundle(tmp_path_factory.mktemp("b32"), tokenizer, generator, config, dtype="fp32", progress=False)
+
+
+def test_bundle_io_equals_specs(bundle_fp32, models):
+    config = models[0]
+    manifest = json.loads((bundle_fp32 / "manifest.json").read_text())
+    assert manifest["schema_version"] == S.SCHEMA_VERSION and manifest["dtype"] == "fp32"
+    specs = S.graph_specs(config.to_dict(), manifest["sampler_candidates"])
+    assert set(manifest["graphs"]) == set(S.GRAPH_NAMES)
+    for name, spec in specs.items():
+        entry = manifest["graphs"][name]
+        io = onnx_io(bundle_fp32 / entry["file"])
+        assert io["inputs"] == entry["inputs"] == [t.to_dict("float32") for t in spec.inputs]
+        assert io["outputs"] == entry["outputs"] == [t.to_dict("float32") for t in spec.outputs]
+    # The spec's fixed dims are the model's: cache (L, N, H, P, D) for the tiny preset.
+    step_inputs = {t["name"]: t["shape"] for t in manifest["graphs"]["ar_step"]["inputs"]}
+    assert step_inputs["past_keys"] == [4, "N", 4, 66, 32]
+    assert set(manifest["files"]) == {f"{n}.onnx" for n in S.GRAPH_NAMES}
+
+
+def test_fp32_parity_recorded_below_tolerance(bundle_fp32):
+    manifest = json.loads((bundle_fp32 / "manifest.json").read_text())
+    for name, entry in manifest["graphs"].items():
+        for output, result in entry["parity"]["outputs"].items():
+            assert result["ok"], (name, output, result)
+            if "max_rel" in result:
+                assert result["max_rel"] < 1e-4, (name, output, result)
+            else:
+                assert result["mismatch"] <= 0.005, (name, output, result)
+
+
+def test_every_graph_passes_the_operator_check(bundle_fp32):
+    for name in S.GRAPH_NAMES:
+        report = check_operators(bundle_fp32 / f"{name}.onnx")
+        assert report.ok, (name, report.summary())
+        assert report.opset == 17
+        assert "If" not in report.counts and "Resize" not in report.counts  # no branches, resampling by MatMul
+    sampler = check_operators(bundle_fp32 / "sampler.onnx")
+    assert "TopK" in sampler.counts and "Multinomial" not in sampler.counts
+
+
+def test_operator_check_flags_unsupported_graphs(tmp_path):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, [1, 1])
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [4000])
+    graph = helper.make_graph(
+        [helper.make_node("Multinomial", ["x"], ["y"]), helper.make_node("TopK", ["x", "k"], ["v", "i"])],
+        "bad", [x], [y], initializer=[k],
+    )
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22)]), path)
+    report = check_operators(path)
+    assert not report.ok
+    assert report.unsupported == ["Multinomial"]
+    assert any("K=4000" in p for p in report.problems) and any("opset 22" in p for p in report.problems)
+
+
+def test_fp16_bundle_matches_fp32_torch_within_tolerance(models, tmp_path):
+    config, tokenizer, generator = models
+    out = export_bundle(tmp_path / "b16", tokenizer, generator, config, dtype="fp16", progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["state_dtype"] == "float16"
+    step = {t["name"]: t["dtype"] for t in manifest["graphs"]["ar_step"]["inputs"]}
+    assert step["past_keys"] == "float16" and step["positions"] == "int64"
+    # Stated tolerance for fp16 against fp32 PyTorch: relative error below 2e-2 on every float output.
+    for entry in manifest["graphs"].values():
+        for result in entry["parity"]["outputs"].values():
+            assert result["ok"] and result.get("max_rel", 0) < 2e-2
+
+
+def test_bf16_bundle_is_valid_onnx_with_fp32_boundary(models, tmp_path):
+    config, tokenizer, generator = models
+    out = export_bundle(tmp_path / "bf", tokenizer, generator, config, dtype="bf16", progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["state_dtype"] == "float32"
+    for name in S.GRAPH_NAMES:
+        onnx.checker.check_model(str(out / f"{name}.onnx"))
+        assert "skipped" in manifest["graphs"][name]["parity"]["outputs"]
+
+
+def test_check_command_compares_every_scale(bundle_fp32, models, tmp_path):
+    from imagefolder.checkpoint import save_checkpoint
+
+    config, tokenizer, generator = models
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", config, tokenizer.state_dict(), generator.state_dict())
+    report = check_bundle(bundle_fp32, checkpoint=ckpt)
+    assert report.ok, report.table()
+    steps = {r["scale"] for r in report.rows if r["graph"] == "ar_step"}
+    assert steps == set(range(1, len(config.generator.scales)))
+    assert "ar_step" in report.table()
+
+
+def test_failed_export_leaves_no_manifest_and_no_temp_files(models, tmp_path, monkeypatch):
+    config, tokenizer, generator = models
+    import imagefolder.export.onnx_export as module
+
+    calls = {"n": 0}
+    real = module.check_parity
+
+    def broken(*args, **kwargs):
+        calls["n"] += 1
+        report = real(*args, **kwargs)
+        if calls["n"] == 3:  # the third graph "fails" its parity check
+            report = {k: {**v, "ok": False, "max_rel": 1.0} for k, v in report.items()}
+        return report
+
+    monkeypatch.setattr(module, "check_parity", broken)
+    with pytest.raises(ExportError, match="tolerance"):
+        export_bundle(tmp_path / "b", tokenizer, generator, config, progress=False)
+    names = sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert "manifest.json" not in names
+    assert not [n for n in names if n.endswith(".tmp") or n.startswith(".")], names
+
+
+def test_candidates_follow_trt_topk_limit():
+    assert default_candidates(256) == 256
+    assert default_candidates(4096) == 1024
+    assert default_candidates(4096, 750) == 750
+    with pytest.raises(ValueError, match="candidates"):
+        default_candidates(4096, 3900)
+
+
+def test_fold_graph_matches_tokenizer_at_every_scale(models):
+    import torch
+
+    from imagefolder.export.graphs import FoldGraph
+
+    config, tokenizer, _ = models
+    fold = FoldGraph(tokenizer)
+    rng = torch.Generator().manual_seed(0)
+    k = config.tokenizer.latent_size
+    f_hat = torch.zeros(2, config.generator.folded_dim, k, k)
+    spans = S.scale_positions(config.generator.scales)
+    for si, (_, q) in enumerate(spans):
+        tokens = torch.randint(0, config.generator.codebook_size, (2, q, 2), generator=rng, dtype=torch.int32)
+        start, q_next = spans[min(si + 1, len(spans) - 1)]
+        with torch.no_grad():
+            f_out, x_next = fold(tokens, f_hat, torch.tensor([si]), torch.arange(start, start + q_next))
+            expected = f_hat + tokenizer.embed_scale(tokens.long(), si)
+        np.testing.assert_allclose(f_out.numpy(), expected.numpy(), atol=1e-5)
+        if si + 1 < len(spans):
+            ref_next = tokenizer.next_scale_input(expected, si + 1).repeat(2, 1, 1)
+            np.testing.assert_allclose(x_next.numpy(), ref_next.numpy(), atol=1e-5)
+        f_hat = f_out
