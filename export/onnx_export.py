@@ -191,7 +191,7 @@ class ExampleInputs:
         if name == "sampler":
             q, v = cfg.scales[si] ** 2, cfg.codebook_size
             logits = 3 * torch.randn(2 * batch, q, 2 * v, generator=self.rng)
-            noise = torch.rand(batch, q, cfg.num_branches, self.candidates, generator=self.rng)
+            noise = torch.rand(batch, q, cfg.num_branches, v, generator=self.rng)
             return (logits, torch.tensor([1.5]), torch.tensor([min(50, self.candidates)]), torch.tensor([0.9]), noise)
         if name == "fold":
             spans = S.scale_positions(cfg.scales)

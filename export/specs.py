@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sampler noise per vocabulary entry (B, q, nb, V)
 
 GRAPH_NAMES = ("encoder", "decoder", "ar_prefill", "ar_step", "sampler", "fold")
 
@@ -88,7 +88,8 @@ def graph_specs(model_config: dict, candidates: int) -> dict[str, GraphSpec]:
     Args:
         model_config: ``ModelConfig.to_dict()``.
         candidates: tokens the sampler keeps per branch before top-k/top-p (its TopK size;
-            at most the codebook size, and below TensorRT's TopK limit of 3840).
+            at most the codebook size, and below TensorRT's TopK limit of 3840). The noise has
+            one value per vocabulary entry, so it does not depend on it.
     """
     d = model_dims(model_config)
     img = ("B", 3, d["H_img"], d["H_img"])
@@ -146,7 +147,7 @@ def graph_specs(model_config: dict, candidates: int) -> dict[str, GraphSpec]:
                 TensorSpec("guidance", FLOAT32, (1,)),
                 TensorSpec("top_k", INT64, (1,)),
                 TensorSpec("top_p", FLOAT32, (1,)),
-                TensorSpec("noise", FLOAT32, ("B", "q", d["nb"], candidates)),
+                TensorSpec("noise", FLOAT32, ("B", "q", d["nb"], d["V2"] // d["nb"])),
             ),
             (TensorSpec("tokens", INT32, ("B", "q", d["nb"])),),
             "CFG mix, per-branch top-k/top-p, Gumbel-max with the given uniform noise → tokens",

@@ -47,7 +47,7 @@ class Session(Protocol):
         ...
 
     def sample(self, scale_index: int, guidance: float, top_k: int, top_p: float, noise: np.ndarray) -> None:
-        """Sample this scale's tokens (B, q, 2) from the current logits with uniform ``noise`` (B, q, 2, candidates)."""
+        """Sample this scale's tokens (B, q, 2) from the current logits with uniform ``noise`` (B, q, 2, V)."""
         ...
 
     def fold(self, scale_index: int) -> None:
@@ -75,6 +75,11 @@ class Session(Protocol):
 
 class Backend(Protocol):
     name: str
+    scales: tuple[int, ...]  # the model's scales (side of each scale's square token grid)
+    num_classes: int  # class ids are in [0, num_classes); num_classes itself is the null class
+    candidates: int  # the sampler's TopK size: top_k above it acts as it
+    codebook_size: int  # V: the last axis of the sampling noise
+    image_size: int
 
     def session(self, batch: int) -> Session:
         """Allocate a session for ``batch`` images (at most the bundle's ``batch_max``)."""

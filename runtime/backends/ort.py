@@ -1,0 +1,313 @@
+"""ONNX Runtime backend: runs a bundle's ONNX graphs with any installed execution provider.
+
+It is the portable backend (CPU everywhere; CUDA or TensorRT execution providers where the
+onnxruntime build has them) and depends only on the manifest and the ONNX files. Every buffer of a
+generation is a host numpy array allocated once per session: the KV cache (L, N, H, P, D) in the
+bundle's state dtype, one logits buffer viewed per scale, the folded input, f̂ (two buffers, since a
+graph must not read and write the same memory), tokens and indices. Each (graph, scale) gets an IO
+binding to those buffers the first time it runs and reuses it, so a step allocates nothing large;
+outputs are written in place and this scale's keys and values are copied into the cache at the
+scale's positions. With a GPU provider ORT copies the bound host buffers to and from the device on
+every call: that is the price of portability; the TensorRT backend keeps everything on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from imagefolder.export.specs import scale_positions
+from imagefolder.runtime.bundle import Bundle, load_bundle
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+
+class OrtBackendError(RuntimeError):
+    """A request the ONNX Runtime backend cannot serve (provider, batch size, input shape)."""
+
+
+def _provider_name(provider: str | tuple[str, dict]) -> str:
+    return provider if isinstance(provider, str) else provider[0]
+
+
+def check_providers(providers: list | tuple | None) -> list:
+    """Validate execution providers (names, or (name, options) pairs) against this onnxruntime build."""
+    providers = list(DEFAULT_PROVIDERS if providers is None else providers)
+    available = ort.get_available_providers()
+    unknown = [_provider_name(p) for p in providers if _provider_name(p) not in available]
+    if not providers or unknown:
+        raise OrtBackendError(
+            f"execution provider(s) {unknown or providers} not available in onnxruntime {ort.__version__}; "
+            f"available: {', '.join(available)}"
+        )
+    return providers
+
+
+class OrtBackend:
+    """Runs a bundle with ONNX Runtime: one ``InferenceSession`` per graph, created on first use.
+
+    Args:
+        bundle: a loaded ``Bundle`` or the path of a bundle folder (loaded and verified).
+        providers: execution providers in order of preference (names or (name, options) pairs);
+            default CPU only.
+        threads: intra-op threads per graph session; default ONNX Runtime's choice.
+    """
+
+    name = "ort"
+
+    def __init__(self, bundle: Bundle | str | Path, providers: list | tuple | None = None, threads: int | None = None):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.providers = check_providers(providers)
+        self._options = ort.SessionOptions()
+        if threads is not None:
+            if threads < 1:
+                raise OrtBackendError(f"threads must be ≥ 1, got {threads}")
+            self._options.intra_op_num_threads = threads
+        self._graphs: dict[str, ort.InferenceSession] = {}
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return self.bundle.scales
+
+    @property
+    def num_classes(self) -> int:
+        return self.bundle.num_classes
+
+    @property
+    def candidates(self) -> int:
+        return self.bundle.candidates
+
+    @property
+    def codebook_size(self) -> int:
+        return self.bundle.model["generator"]["codebook_size"]
+
+    @property
+    def image_size(self) -> int:
+        return self.bundle.image_size
+
+    def graph(self, name: str) -> ort.InferenceSession:
+        """The ``InferenceSession`` of one graph, created the first time it is asked for."""
+        if name not in self._graphs:
+            path = self.bundle.graph_path(name)
+            session = ort.InferenceSession(str(path), sess_options=self._options, providers=self.providers)
+            wanted = [_provider_name(p) for p in self.providers]
+            if session.get_providers()[0] != wanted[0]:
+                log.warning("%s runs on %s, not on %s", path.name, session.get_providers()[0], wanted[0])
+            self._graphs[name] = session
+        return self._graphs[name]
+
+    def check_batch(self, batch: int) -> None:
+        if not 1 <= batch <= self.bundle.batch_max:
+            raise OrtBackendError(
+                f"batch {batch} is outside [1, {self.bundle.batch_max}] (the bundle's batch_max); "
+                "split the request or re-export with a larger --batch-max"
+            )
+
+    def session(self, batch: int) -> OrtSession:
+        """Allocate the buffers of a generation of ``batch`` images."""
+        self.check_batch(batch)
+        return OrtSession(self, batch)
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """images (B, 3, H, W) float32 in [-1, 1] → indices (B, 2, P) int32."""
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        self._check_input("encoder", "image", images)
+        return self.graph("encoder").run(["indices"], {"image": images})[0]
+
+    def decode(self, indices: np.ndarray) -> np.ndarray:
+        """indices (B, 2, P) int32 → images (B, 3, H, W) float32 in [-1, 1]."""
+        indices = np.ascontiguousarray(indices, dtype=np.int32)
+        self._check_input("decoder", "indices", indices)
+        return self.graph("decoder").run(["image"], {"indices": indices})[0]
+
+    def _check_input(self, graph: str, name: str, array: np.ndarray) -> None:
+        batch = array.shape[0] if array.ndim else 0
+        self.check_batch(batch)
+        want = self.bundle.shapes(graph, batch)[name]
+        if array.shape != want:
+            raise OrtBackendError(f"{graph}: {name} has shape {array.shape}, expected {want}")
+
+    def close(self) -> None:
+        self._graphs.clear()
+
+    def __enter__(self) -> OrtBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class OrtSession:
+    """The state of one generation of ``batch`` images in host buffers; see ``backends/base.py`` for the call order."""
+
+    def __init__(self, backend: OrtBackend, batch: int):
+        self.backend, self.batch = backend, batch
+        bundle = backend.bundle
+        self._spans = scale_positions(bundle.scales)
+        state = np.dtype(bundle.state_dtype)
+        last = len(self._spans) - 1
+        prefill = bundle.shapes("ar_prefill", batch)
+        widest_step = bundle.shapes("ar_step", batch, last)  # the last scale has the most positions
+        widest_fold = bundle.shapes("fold", batch, last)
+        widest_sample = bundle.shapes("sampler", batch, last)
+
+        self._labels = np.empty(prefill["labels"], np.int64)
+        self._cache_keys = np.zeros(widest_step["past_keys"], state)
+        self._cache_values = np.zeros(widest_step["past_values"], state)
+        self._cond_blocks = np.empty(prefill["cond_blocks"], state)
+        self._cond_head = np.empty(prefill["cond_head"], state)
+        # One flat buffer per per-scale tensor, viewed with the shape of each scale (a contiguous prefix).
+        self._logits = np.empty(math.prod(widest_step["logits"]), np.float32)
+        self._new_keys = np.empty(math.prod(widest_step["keys"]), state)
+        self._new_values = np.empty(math.prod(widest_step["values"]), state)
+        self._folded = np.empty(math.prod(widest_fold["x_next"]), state)
+        self._tokens = np.empty(math.prod(widest_sample["tokens"]), np.int32)
+        self._noise = np.empty(math.prod(widest_sample["noise"]), np.float32)
+        self._f_hat = (np.zeros(widest_fold["f_hat"], state), np.zeros(widest_fold["f_hat"], state))
+        self._indices = np.zeros(bundle.shapes("decoder", batch)["indices"], np.int32)
+        self._image = np.empty(bundle.shapes("decoder", batch)["image"], np.float32)
+        self._guidance = np.zeros(1, np.float32)
+        self._top_k = np.ones(1, np.int64)
+        self._top_p = np.ones(1, np.float32)
+        self._positions = [np.arange(start, start + q, dtype=np.int64) for start, q in self._spans]
+        self._scale_index = [np.array([si], np.int64) for si in range(len(self._spans))]
+        self._bindings: dict[tuple[str, int], ort.IOBinding] = {}
+
+    @property
+    def device_timer(self) -> None:
+        return None
+
+    # -- buffers and bindings ----------------------------------------------------------------------
+
+    def _shapes(self, graph: str, scale_index: int) -> dict[str, tuple[int, ...]]:
+        return self.backend.bundle.shapes(graph, self.batch, scale_index)
+
+    @staticmethod
+    def _view(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return flat[: math.prod(shape)].reshape(shape)
+
+    def _buffers(self, graph: str, si: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The inputs and outputs of ``graph`` at scale ``si``, as views of the session's buffers."""
+        s = self._shapes(graph, si)
+        view = self._view
+        if graph == "ar_prefill":
+            return {"labels": self._labels}, {
+                "logits": view(self._logits, s["logits"]),
+                "keys": view(self._new_keys, s["keys"]),
+                "values": view(self._new_values, s["values"]),
+                "cond_blocks": self._cond_blocks,
+                "cond_head": self._cond_head,
+            }
+        if graph == "ar_step":
+            return {
+                "x_folded": view(self._folded, s["x_folded"]),
+                "positions": self._positions[si],
+                "cond_blocks": self._cond_blocks,
+                "cond_head": self._cond_head,
+                "past_keys": self._cache_keys,
+                "past_values": self._cache_values,
+            }, {
+                "logits": view(self._logits, s["logits"]),
+                "keys": view(self._new_keys, s["keys"]),
+                "values": view(self._new_values, s["values"]),
+            }
+        if graph == "sampler":
+            return {
+                "logits": view(self._logits, s["logits"]),
+                "guidance": self._guidance,
+                "top_k": self._top_k,
+                "top_p": self._top_p,
+                "noise": view(self._noise, s["noise"]),
+            }, {"tokens": view(self._tokens, s["tokens"])}
+        if graph == "fold":
+            nxt = min(si + 1, len(self._spans) - 1)  # the last fold gets its own positions; x_next unused
+            return {
+                "tokens": view(self._tokens, s["tokens"]),
+                "f_hat": self._f_hat[si % 2],
+                "scale_index": self._scale_index[si],
+                "next_positions": self._positions[nxt],
+            }, {"f_hat_out": self._f_hat[(si + 1) % 2], "x_next": view(self._folded, s["x_next"])}
+        if graph == "decoder":
+            return {"indices": self._indices}, {"image": self._image}
+        raise KeyError(f"the session does not run graph {graph!r}")
+
+    def _run(self, graph: str, si: int) -> None:
+        key = (graph, si)
+        if key not in self._bindings:
+            binding = self.backend.graph(graph).io_binding()
+            inputs, outputs = self._buffers(graph, si)
+            for name, array in inputs.items():
+                binding.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+            for name, array in outputs.items():
+                binding.bind_output(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+            self._bindings[key] = binding
+        self.backend.graph(graph).run_with_iobinding(self._bindings[key])
+
+    def _append_to_cache(self, si: int) -> None:
+        start, q = self._spans[si]
+        shape = self._shapes("ar_step", si)["keys"]  # (L, N, H, q, D)
+        self._cache_keys[:, :, :, start : start + q] = self._view(self._new_keys, shape)
+        self._cache_values[:, :, :, start : start + q] = self._view(self._new_values, shape)
+
+    # -- the Session protocol ----------------------------------------------------------------------
+
+    def prefill(self, labels: np.ndarray) -> None:
+        """labels (B,) int64 → scale-0 logits, cache entries of scale 0, conditioning (null-class rows added here)."""
+        labels = np.asarray(labels)
+        if labels.shape != (self.batch,) or not np.issubdtype(labels.dtype, np.integer):
+            raise OrtBackendError(f"labels must be ({self.batch},) integers, got {labels.dtype} {labels.shape}")
+        self._labels[: self.batch] = labels
+        self._labels[self.batch :] = self.backend.bundle.num_classes  # the null class
+        self._f_hat[0].fill(0)  # fold(0) reads buffer 0; a reused session starts from an empty f̂
+        self._run("ar_prefill", 0)
+        self._append_to_cache(0)
+
+    def sample(self, scale_index: int, guidance: float, top_k: int, top_p: float, noise: np.ndarray) -> None:
+        """Sample this scale's tokens (B, q, 2) from the current logits with uniform ``noise`` (B, q, 2, Kc)."""
+        want = self._shapes("sampler", scale_index)["noise"]
+        if np.shape(noise) != want:
+            raise OrtBackendError(f"noise of scale {scale_index} has shape {np.shape(noise)}, expected {want}")
+        np.copyto(self._view(self._noise, want), noise, casting="same_kind")
+        self._guidance[0], self._top_k[0], self._top_p[0] = guidance, top_k, top_p
+        self._run("sampler", scale_index)
+        start, q = self._spans[scale_index]
+        tokens = self._view(self._tokens, self._shapes("sampler", scale_index)["tokens"])  # (B, q, 2)
+        self._indices[:, :, start : start + q] = tokens.transpose(0, 2, 1)
+
+    def fold(self, scale_index: int) -> None:
+        """Add this scale's tokens to f̂ and compute the next scale's folded input."""
+        self._run("fold", scale_index)
+
+    def step(self, scale_index: int) -> None:
+        """Run the generator on the folded input of ``scale_index`` (≥ 1) and append its keys/values to the cache."""
+        if not 1 <= scale_index < len(self._spans):
+            raise OrtBackendError(f"step takes a scale in [1, {len(self._spans) - 1}], got {scale_index}")
+        self._run("ar_step", scale_index)
+        self._append_to_cache(scale_index)
+
+    def decode(self) -> np.ndarray:
+        """Decode the sampled indices to images (B, 3, H, W) float32 in [-1, 1]."""
+        self._run("decoder", 0)
+        return self._image.copy()
+
+    def indices(self) -> np.ndarray:
+        """The sampled indices (B, 2, P) int32."""
+        return self._indices.copy()
+
+    def synchronize(self) -> None:
+        """ONNX Runtime calls return when their outputs are written: nothing to wait for."""
+
+    def close(self) -> None:
+        self._bindings.clear()
+
+    def __enter__(self) -> OrtSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

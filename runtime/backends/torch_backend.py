@@ -1,0 +1,127 @@
+"""The PyTorch reference as a runtime backend.
+
+It runs the same loop as the ONNX Runtime and TensorRT backends (``runtime.loop``), with the same
+sampler (the module exported as the ``sampler`` graph) and the same noise, so a seed gives the same
+tokens on every backend. This is the only runtime module that imports torch, and only the CLI's
+``--backend torch`` (or a test) imports it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from imagefolder.export.sampler_graph import SamplerGraph
+from imagefolder.models.generator import Generator, KVCache
+from imagefolder.models.tokenizer import Tokenizer
+
+
+class TorchSession:
+    """Per-generation state in torch tensors; see ``runtime.backends.base.Session``."""
+
+    def __init__(self, backend: TorchBackend, batch: int):
+        self.backend, self.batch = backend, batch
+        gen, tok = backend.generator, backend.tokenizer
+        self.cfg = gen.cfg
+        self.cache = KVCache.allocate(self.cfg, 2 * batch, backend.dtype, backend.device)
+        k = tok.cfg.latent_size
+        self.f_hat = torch.zeros(batch, self.cfg.folded_dim, k, k, device=backend.device)
+        self.tokens: list[torch.Tensor] = []
+        self.logits = self.x_next = self.cond_blocks = self.cond_head = None
+
+    @property
+    def device_timer(self):
+        return None
+
+    @torch.no_grad()
+    def prefill(self, labels: np.ndarray) -> None:
+        labels = torch.as_tensor(labels, dtype=torch.int64, device=self.backend.device)
+        rows = torch.cat([labels, torch.full_like(labels, self.cfg.null_class)])
+        self.logits, keys, values, self.cond_blocks, self.cond_head = self.backend.generator.prefill(rows)
+        self.cache.append(keys, values)
+
+    @torch.no_grad()
+    def sample(self, scale_index: int, guidance: float, top_k: int, top_p: float, noise: np.ndarray) -> None:
+        dev = self.backend.device
+        tokens = self.backend.sampler(
+            self.logits.float(),
+            torch.tensor([guidance], dtype=torch.float32, device=dev),
+            torch.tensor([top_k], dtype=torch.int64, device=dev),
+            torch.tensor([top_p], dtype=torch.float32, device=dev),
+            torch.as_tensor(noise, device=dev),
+        )
+        self.tokens.append(tokens)
+
+    @torch.no_grad()
+    def fold(self, scale_index: int) -> None:
+        tok = self.backend.tokenizer
+        self.f_hat = self.f_hat + tok.embed_scale(self.tokens[scale_index].long(), scale_index).float()
+        if scale_index < len(self.cfg.scales) - 1:
+            self.x_next = tok.next_scale_input(self.f_hat, scale_index + 1).repeat(2, 1, 1)
+
+    @torch.no_grad()
+    def step(self, scale_index: int) -> None:
+        start, q = self.cfg.scale_offsets[scale_index], self.cfg.scales[scale_index] ** 2
+        positions = torch.arange(start, start + q, device=self.backend.device)
+        dtype = self.backend.dtype
+        self.logits, keys, values = self.backend.generator.step(
+            self.x_next.to(dtype), positions, self.cond_blocks, self.cond_head, self.cache.keys, self.cache.values
+        )
+        self.cache.append(keys, values)
+
+    @torch.no_grad()
+    def decode(self) -> np.ndarray:
+        tok = self.backend.tokenizer
+        return tok.fhat_to_img(self.f_hat.to(self.backend.dtype)).float().cpu().numpy()
+
+    def indices(self) -> np.ndarray:
+        return torch.cat(self.tokens, dim=1).permute(0, 2, 1).int().cpu().numpy()  # (B, nb, P)
+
+    def synchronize(self) -> None:
+        if self.backend.device.type == "cuda":
+            torch.cuda.synchronize(self.backend.device)
+
+    def close(self) -> None:
+        self.tokens.clear()
+
+
+class TorchBackend:
+    """Runs the PyTorch models through the runtime loop.
+
+    Args:
+        tokenizer, generator: fp32 models.
+        candidates: the sampler's TopK size; pass the bundle's ``sampler_candidates`` to match it.
+        device: torch device; dtype: compute dtype of the models (float32, float16, bfloat16).
+    """
+
+    name = "torch"
+
+    def __init__(self, tokenizer: Tokenizer, generator: Generator, candidates: int, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, batch_max: int = 64):
+        self.device, self.dtype, self.batch_max = torch.device(device), dtype, batch_max
+        self.tokenizer = tokenizer.eval().to(self.device, dtype)
+        self.generator = generator.eval().to(self.device, dtype)
+        self.sampler = SamplerGraph(candidates, generator.cfg.num_branches).to(self.device)
+        self.candidates = candidates
+        self.num_classes = generator.cfg.num_classes
+        self.scales = generator.cfg.scales
+        self.image_size = tokenizer.cfg.image_size
+        self.codebook_size = generator.cfg.codebook_size
+
+    def session(self, batch: int) -> TorchSession:
+        if not 1 <= batch <= self.batch_max:
+            raise ValueError(f"batch {batch} is outside [1, {self.batch_max}]")
+        return TorchSession(self, batch)
+
+    @torch.no_grad()
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(images, device=self.device).to(self.dtype)
+        return self.tokenizer.img_to_indices(x).int().cpu().numpy()
+
+    @torch.no_grad()
+    def decode(self, indices: np.ndarray) -> np.ndarray:
+        idx = torch.as_tensor(indices, device=self.device).long()
+        return self.tokenizer.indices_to_img(idx).float().cpu().numpy()
+
+    def close(self) -> None:
+        pass
