@@ -1,0 +1,679 @@
+"""TensorRT backend: the bundle's engines driven through cuda-python, state on the device.
+
+``TrtBackend`` loads ``BUNDLE/engines/*.plan`` after checking ``engines/build.json`` against the
+running TensorRT and GPU, and hands out ``TrtSession``s (``runtime.backends.base.Session``). A
+session owns every per-generation tensor in device memory: the KV cache, the conditioning, logits,
+f̂ (two buffers, read one / write the other), the folded input, tokens and indices. Only the
+labels, sampling parameters and uniform noise go up; only indices and images come down.
+
+Each (graph, batch, scale) has its own optimization profile with fixed shapes and its own
+execution context, all sharing one scratch allocation (they run one after another on one stream).
+With ``use_cuda_graphs`` each stage — the engine plus the device copies that follow it (new
+keys/values into the cache, tokens into the indices) — runs once normally, is then captured as a
+CUDA graph keyed by (stage, profile, tensor addresses) and replayed from then on.
+
+No torch. TensorRT objects are named ``trt_*`` so ``tests/test_trt_api_names.py`` can check every
+call against the TensorRT 10.3 and 11.4 API listings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ...export.trt_build import (
+    BUILD_FORMAT,
+    BUILD_RECORD,
+    ENGINE_DIR,
+    import_tensorrt,
+    sha256_file,
+)
+from .. import cuda
+from ..bundle import Bundle, load_bundle
+
+log = logging.getLogger(__name__)
+
+REBUILD_HINT = "rebuild them on this machine with `imagefolder-export trt BUNDLE`"
+
+
+class EngineMismatch(RuntimeError):
+    """The engines were built for another TensorRT, GPU or bundle, or a plan file is damaged."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Build record
+
+
+def read_build_record(bundle_dir: Path) -> dict:
+    path = bundle_dir / ENGINE_DIR / BUILD_RECORD
+    if not path.is_file():
+        raise EngineMismatch(f"{bundle_dir} has no TensorRT engines ({path} is missing); build them with "
+                             f"`imagefolder-export trt {bundle_dir}`")
+    record = json.loads(path.read_text())
+    if record.get("format") != BUILD_FORMAT:
+        raise EngineMismatch(f"{path}: not an imagefolder engine record; {REBUILD_HINT}")
+    return record
+
+
+def check_build_record(record: dict, trt_version: str, gpu: dict, manifest: dict) -> None:
+    """Raise ``EngineMismatch`` unless the engines of ``record`` can run here, on this bundle.
+
+    Plans are tied to the TensorRT version and the GPU unless built version- or hardware-compatible:
+    version-compatible plans run on the same or a later major version; ``ampere_plus`` plans on any
+    GPU of compute capability ≥ 8.0; ``same_cc`` plans on any GPU of the same compute capability.
+    """
+    flags = record.get("flags", {})
+    built_trt, built_gpu = record.get("tensorrt_version"), record.get("gpu", {})
+    where = f"built with TensorRT {built_trt} on {built_gpu.get('name')} (sm {built_gpu.get('compute_capability')})"
+    here = f"this is TensorRT {trt_version} on {gpu['name']} (sm {gpu['compute_capability']})"
+    if flags.get("version_compat"):
+        trt_ok = int(str(trt_version).split(".")[0]) >= int(str(built_trt).split(".")[0])
+    else:
+        trt_ok = built_trt == trt_version
+    compat = flags.get("hardware_compat", "none")
+    if compat == "ampere_plus":
+        gpu_ok = float(gpu["compute_capability"]) >= 8.0
+    elif compat == "same_cc":
+        gpu_ok = gpu["compute_capability"] == built_gpu.get("compute_capability")
+    else:
+        gpu_ok = (gpu["name"], gpu["compute_capability"]) == (
+            built_gpu.get("name"), built_gpu.get("compute_capability")
+        )
+    if not (trt_ok and gpu_ok):
+        raise EngineMismatch(f"the engines were {where}; {here}: {REBUILD_HINT}")
+    files = manifest.get("files") or {}
+    for graph, entry in record.get("graphs", {}).items():
+        built_from, now = entry.get("onnx_sha256"), files.get(entry.get("onnx_file", ""), {}).get("sha256")
+        if built_from and now and built_from != now:
+            raise EngineMismatch(f"the {graph} engine was built from another {entry['onnx_file']}; {REBUILD_HINT}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Engine
+
+
+def _numpy_dtypes(trt) -> dict:
+    return {
+        trt.DataType.FLOAT: np.dtype("float32"),
+        trt.DataType.HALF: np.dtype("float16"),
+        trt.DataType.INT32: np.dtype("int32"),
+        trt.DataType.INT64: np.dtype("int64"),
+        trt.DataType.INT8: np.dtype("int8"),
+        trt.DataType.UINT8: np.dtype("uint8"),
+        trt.DataType.BOOL: np.dtype("bool"),
+    }
+
+
+def _layer_profiler(trt, sink: dict[str, list[float]]):
+    """An ``IProfiler`` appending each layer's milliseconds to ``sink[layer]``."""
+
+    class LayerProfiler(trt.IProfiler):
+        def __init__(self):
+            trt.IProfiler.__init__(self)
+
+        def report_layer_time(self, layer_name, ms):
+            sink.setdefault(layer_name, []).append(float(ms))
+
+    return LayerProfiler()
+
+
+class ExecutionContext:
+    """An execution context pinned to one optimization profile, with that profile's input shapes set."""
+
+    def __init__(self, engine: Engine, profile: dict, trt_context):
+        self.engine, self.profile, self.trt_context = engine, profile, trt_context
+        self.index = int(profile["index"])
+        self.bound: dict[str, int] | None = None
+
+    def bind(self, addresses: dict[str, int]) -> None:
+        """Set the device address of every I/O tensor (all of them; a missing name is an error)."""
+        if addresses == self.bound:
+            return
+        names = set(self.engine.io_names)
+        if set(addresses) != names:
+            raise KeyError(
+                f"{self.engine.name}: bound {sorted(addresses)}, the engine's tensors are {sorted(names)}"
+            )
+        for name, ptr in addresses.items():
+            if not self.trt_context.set_tensor_address(name, int(ptr)):
+                raise RuntimeError(f"{self.engine.name}: TensorRT refused the address of {name}")
+        self.bound = dict(addresses)
+
+    def execute(self, stream: cuda.Stream) -> None:
+        if not self.trt_context.execute_async_v3(stream.ptr):
+            raise RuntimeError(f"{self.engine.name} (profile {self.index}): execute_async_v3 failed, see its log")
+
+
+class Engine:
+    """One TensorRT engine with an explicit lifecycle: ``load`` → ``activate`` → ``context`` → ``close``.
+
+    ``load`` reads and checks the plan and deserialises it; ``activate`` gives it the shared scratch
+    memory; ``context(profile)`` creates (once) the execution context of one profile, with its shapes
+    set. Usable as a context manager; nothing is released in ``__del__``.
+    """
+
+    def __init__(self, trt, trt_runtime, name: str, path: Path, entry: dict, layer_profile: bool = False):
+        self.trt, self.trt_runtime = trt, trt_runtime
+        self.name, self.path, self.entry = name, path, entry
+        self.layer_profile = layer_profile
+        self.layer_times: dict[str, list[float]] = {}
+        self.trt_engine = None
+        self.scratch: cuda.DeviceBuffer | None = None
+        self.contexts: dict[int, ExecutionContext] = {}
+        self.io_names: list[str] = []
+        self._profilers = []
+
+    def load(self) -> Engine:
+        if not self.path.is_file():
+            raise EngineMismatch(f"{self.path} is missing; {REBUILD_HINT}")
+        if sha256_file(self.path) != self.entry["sha256"]:
+            raise EngineMismatch(f"{self.path} differs from its build record (sha256); {REBUILD_HINT}")
+        self.trt_engine = self.trt_runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.trt_engine is None:
+            raise EngineMismatch(f"TensorRT could not deserialise {self.path}; {REBUILD_HINT}")
+        self.io_names = [self.trt_engine.get_tensor_name(i) for i in range(self.trt_engine.num_io_tensors)]
+        if self.trt_engine.num_optimization_profiles != len(self.entry["profiles"]):
+            raise EngineMismatch(f"{self.path}: profile count differs from its build record; {REBUILD_HINT}")
+        return self
+
+    def scratch_size(self) -> int:
+        """Bytes of activation memory the largest profile needs."""
+        return max(
+            int(self.trt_engine.get_device_memory_size_for_profile_v2(i))
+            for i in range(self.trt_engine.num_optimization_profiles)
+        )
+
+    def activate(self, scratch: cuda.DeviceBuffer) -> None:
+        self.scratch = scratch
+
+    def profile_for(self, batch: int, scale_index: int | None) -> dict:
+        for profile in self.entry["profiles"]:
+            if profile["batch"] == batch and profile["scale_index"] == scale_index:
+                return profile
+        built = sorted({p["batch"] for p in self.entry["profiles"]})
+        raise KeyError(
+            f"the {self.name} engine has no profile for batch {batch} (scale {scale_index}); it was built "
+            f"for batches {built}: rebuild with `imagefolder-export trt BUNDLE --batch ...`"
+        )
+
+    def check_io(self, tensors: dict[str, dict]) -> None:
+        """The engine's tensors have the manifest's names, directions and dtypes."""
+        trt, trt_engine = self.trt, self.trt_engine
+        if set(self.io_names) != set(tensors):
+            raise EngineMismatch(f"{self.name}: engine tensors {sorted(self.io_names)} != manifest {sorted(tensors)}")
+        to_numpy = _numpy_dtypes(trt)
+        for name, spec in tensors.items():
+            is_input = trt_engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            dtype = to_numpy.get(trt_engine.get_tensor_dtype(name))
+            if is_input != spec["is_input"] or dtype != np.dtype(spec["dtype"]):
+                raise EngineMismatch(
+                    f"{self.name}.{name}: engine has {'input' if is_input else 'output'} {dtype}, the manifest "
+                    f"{'input' if spec['is_input'] else 'output'} {spec['dtype']}; {REBUILD_HINT}"
+                )
+
+    def context(self, profile: dict, stream: cuda.Stream) -> ExecutionContext:
+        index = int(profile["index"])
+        if index in self.contexts:
+            return self.contexts[index]
+        if self.scratch is None:
+            raise RuntimeError(f"engine {self.name} is not activated")
+        trt, trt_engine = self.trt, self.trt_engine
+        trt_context = trt_engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if trt_context is None:
+            raise RuntimeError(f"{self.name}: TensorRT could not create an execution context")
+        trt_context.set_device_memory(self.scratch.ptr, self.scratch.nbytes)
+        if not trt_context.set_optimization_profile_async(index, stream.ptr):
+            raise RuntimeError(f"{self.name}: cannot select optimization profile {index}")
+        # The profile switch may enqueue copies on the stream; later work on the same stream is ordered after it.
+        for name, shape in profile["shapes"].items():
+            if not trt_context.set_input_shape(name, tuple(shape)):
+                raise RuntimeError(f"{self.name}: TensorRT refused shape {shape} for {name} in profile {index}")
+        if self.layer_profile:
+            profiler = _layer_profiler(trt, self.layer_times)
+            self._profilers.append(profiler)
+            trt_context.profiler = profiler
+        context = ExecutionContext(self, profile, trt_context)
+        self.contexts[index] = context
+        return context
+
+    def output_shape(self, context: ExecutionContext, name: str) -> tuple[int, ...]:
+        return tuple(context.trt_context.get_tensor_shape(name))
+
+    def inspect(self) -> str:
+        """The engine inspector's JSON description (layer details need a DETAILED build)."""
+        trt_inspector = self.trt_engine.create_engine_inspector()
+        return trt_inspector.get_engine_information(self.trt.LayerInformationFormat.JSON)
+
+    def close(self) -> None:
+        self.contexts.clear()  # contexts before their engine
+        self._profilers.clear()
+        self.trt_engine = None
+        self.scratch = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backend
+
+
+def _bundle(bundle: Bundle | str | Path) -> Bundle:
+    return bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=False)
+
+
+class TrtBackend:
+    """Runs a bundle's TensorRT engines; see ``runtime.backends.base.Backend``.
+
+    Args:
+        bundle: a loaded ``Bundle`` or its folder; ``BUNDLE/engines`` must hold plans built here.
+        use_cuda_graphs: capture each (stage, scale) as a CUDA graph after one normal run and replay it.
+        layer_profile: attach an ``IProfiler`` to every context (per-layer times, see ``layer_times``);
+            it synchronises every enqueue, so CUDA graphs are off and step times are not representative.
+        graphs: engines to load (default: every engine in the build record).
+    """
+
+    name = "trt"
+
+    def __init__(
+        self,
+        bundle: Bundle | str | Path,
+        use_cuda_graphs: bool = True,
+        layer_profile: bool = False,
+        graphs: list[str] | None = None,
+    ):
+        self.bundle = _bundle(bundle)
+        self.trt = trt = import_tensorrt()
+        self.use_cuda_graphs = use_cuda_graphs and not layer_profile
+        self.layer_profile = layer_profile
+        record = read_build_record(self.bundle.path)
+        self.gpu = cuda.device_properties()
+        check_build_record(record, trt.__version__, self.gpu, self.bundle.manifest)
+        self.record = record
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.trt_runtime = trt.Runtime(self.logger)
+        if record.get("flags", {}).get("version_compat"):
+            # Version-compatible plans embed a lean runtime that the loading process must allow to run.
+            self.trt_runtime.engine_host_code_allowed = True
+        self.stream = cuda.Stream()
+        self.engines: dict[str, Engine] = {}
+        self.scratch: cuda.DeviceBuffer | None = None
+        self._sessions: list[TrtSession] = []
+        names = list(record["graphs"]) if graphs is None else list(graphs)
+        try:
+            for graph in names:
+                if graph not in record["graphs"]:
+                    raise EngineMismatch(f"no {graph} engine in {self.bundle.path / ENGINE_DIR}; {REBUILD_HINT}")
+                entry = record["graphs"][graph]
+                engine = Engine(trt, self.trt_runtime, graph, self.bundle.path / entry["file"], entry, layer_profile)
+                self.engines[graph] = engine.load()
+                engine.check_io(self._tensors(graph))
+            # One scratch for every context: stages run one after another on one stream.
+            size = max((e.scratch_size() for e in self.engines.values()), default=0)
+            self.scratch = cuda.DeviceBuffer(size)
+            for engine in self.engines.values():
+                engine.activate(self.scratch)
+        except BaseException:
+            self.close()
+            raise
+        log.info("TensorRT %s: loaded %s, scratch %.1f MiB", trt.__version__, ", ".join(self.engines), size / 2**20)
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return self.bundle.scales
+
+    @property
+    def num_classes(self) -> int:
+        return self.bundle.num_classes
+
+    @property
+    def candidates(self) -> int:
+        return self.bundle.candidates
+
+    @property
+    def codebook_size(self) -> int:
+        return self.bundle.model["generator"]["codebook_size"]
+
+    @property
+    def image_size(self) -> int:
+        return self.bundle.image_size
+
+    # -- helpers -------------------------------------------------------------------------------------------------------
+
+    def _tensors(self, graph: str) -> dict[str, dict]:
+        entry = self.bundle.manifest["graphs"][graph]
+        out = {t["name"]: {**t, "is_input": True} for t in entry["inputs"]}
+        out.update({t["name"]: {**t, "is_input": False} for t in entry["outputs"]})
+        return out
+
+    def engine(self, graph: str) -> Engine:
+        if graph not in self.engines:
+            raise KeyError(f"the {graph} engine is not loaded (loaded: {', '.join(self.engines)})")
+        return self.engines[graph]
+
+    def context(self, graph: str, batch: int, scale_index: int | None = None) -> ExecutionContext:
+        engine = self.engine(graph)
+        return engine.context(engine.profile_for(batch, scale_index), self.stream)
+
+    def run(self, context: ExecutionContext, addresses: dict[str, int], graphs: dict | None, stage: str,
+            after=None) -> None:
+        """Run one stage: the engine, then ``after()`` (device copies), as a CUDA graph when ``graphs`` is a dict.
+
+        The first call with a given key runs normally (it also flushes TensorRT's deferred work) and then
+        captures the same work; later calls replay the graph. Keys include every bound address.
+        """
+        if graphs is None:
+            context.bind(addresses)
+            context.execute(self.stream)
+            if after is not None:
+                after()
+            return
+        key = (stage, context.engine.name, context.index, tuple(sorted(addresses.items())))
+        graph = graphs.get(key)
+        if graph is not None:
+            graph.launch(self.stream)
+            return
+        self.run(context, addresses, None, stage, after)
+        graph = cuda.CudaGraph()
+        graph.begin(self.stream)
+        try:
+            context.execute(self.stream)
+            if after is not None:
+                after()
+            graph.end(self.stream)
+        except BaseException:
+            graph.abort(self.stream)
+            graph.destroy()
+            raise
+        graphs[key] = graph
+
+    # -- Backend protocol ----------------------------------------------------------------------------------------------
+
+    def session(self, batch: int) -> TrtSession:
+        if not 1 <= batch <= self.bundle.batch_max:
+            raise ValueError(f"batch {batch} is outside 1..{self.bundle.batch_max} (the bundle's batch_max)")
+        session = TrtSession(self, batch)
+        self._sessions.append(session)
+        return session
+
+    def _single(self, graph: str, inp: str, out: str, array: np.ndarray) -> np.ndarray:
+        tensors = self._tensors(graph)
+        batch = int(array.shape[0])
+        context = self.context(graph, batch)
+        shapes = self.bundle.shapes(graph, batch)
+        src = cuda.DeviceArray(shapes[inp], tensors[inp]["dtype"])
+        dst = cuda.DeviceArray(shapes[out], tensors[out]["dtype"])
+        try:
+            src.upload(np.asarray(array, dtype=src.dtype), self.stream)
+            self.run(context, {inp: src.ptr, out: dst.ptr}, None, graph)
+            return dst.download(self.stream)
+        finally:
+            self.stream.synchronize()
+            src.free()
+            dst.free()
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        return self._single("encoder", "image", "indices", images)
+
+    def decode(self, indices: np.ndarray) -> np.ndarray:
+        return self._single("decoder", "indices", "image", indices)
+
+    # -- profiling -----------------------------------------------------------------------------------------------------
+
+    def layer_times(self) -> dict[str, dict[str, list[float]]]:
+        """graph → layer → milliseconds of every run since the backend was made (``layer_profile=True``)."""
+        return {name: dict(engine.layer_times) for name, engine in self.engines.items()}
+
+    def inspect(self, out_dir: str | Path) -> list[Path]:
+        """Write the engine inspector's JSON of every engine to ``out_dir/<graph>.engine.json``."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name, engine in self.engines.items():
+            path = out_dir / f"{name}.engine.json"
+            path.write_text(engine.inspect())
+            paths.append(path)
+        return paths
+
+    def close(self) -> None:
+        """Release sessions, contexts, engines, scratch and stream, in that order."""
+        for session in list(self._sessions):
+            session.close()
+        self._sessions.clear()
+        if getattr(self, "stream", None) is not None and self.stream.handle is not None:
+            self.stream.synchronize()
+        for engine in self.engines.values():
+            engine.close()
+        self.engines.clear()
+        if self.scratch is not None:
+            self.scratch.free()
+            self.scratch = None
+        if getattr(self, "stream", None) is not None:
+            self.stream.destroy()
+
+    def __enter__(self) -> TrtBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Session
+
+
+class TrtSession:
+    """One batch size's generation state in device memory; see ``runtime.backends.base.Session``."""
+
+    def __init__(self, backend: TrtBackend, batch: int):
+        self.backend, self.batch = backend, batch
+        bundle = backend.bundle
+        self.scales = bundle.scales
+        self.spans = bundle.spans
+        self.num_scales = len(self.scales)
+        self.nb = bundle.num_branches
+        self.null_class = bundle.num_classes
+        self.graphs: dict | None = {} if backend.use_cuda_graphs else None
+        self.timer = cuda.EventTimer(backend.stream)
+        self._arrays: list[cuda.DeviceArray] = []
+        self.closed = False
+        try:
+            self._allocate()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- allocation ----------------------------------------------------------------------------------------------------
+
+    def _shape(self, graph: str, name: str, si: int = 0) -> tuple[int, ...]:
+        return self.backend.bundle.shapes(graph, self.batch, si)[name]
+
+    def _dtype(self, graph: str, name: str) -> np.dtype:
+        return np.dtype(self.backend.bundle.specs[graph].tensor(name).dtype)
+
+    def _array(self, shape, dtype) -> cuda.DeviceArray:
+        array = cuda.DeviceArray(shape, dtype)
+        self._arrays.append(array)
+        return array
+
+    def _shared(self, uses: list[tuple[str, str, int]]) -> cuda.DeviceBuffer:
+        """One buffer large enough for every (graph, tensor, scale) in ``uses``; views give each its shape."""
+        nbytes = max(int(np.prod(self._shape(g, n, si))) * self._dtype(g, n).itemsize for g, n, si in uses)
+        array = self._array((nbytes,), np.uint8)
+        return array.buffer
+
+    def _view(self, buffer: cuda.DeviceBuffer, graph: str, name: str, si: int = 0) -> cuda.DeviceArray:
+        return cuda.DeviceArray(self._shape(graph, name, si), self._dtype(graph, name), buffer)
+
+    def _allocate(self) -> None:
+        stream, sn = self.backend.stream, self.num_scales
+        steps = range(1, sn)
+        def own(graph: str, name: str, si: int = 0) -> cuda.DeviceArray:
+            return self._array(self._shape(graph, name, si), self._dtype(graph, name))
+
+        self.labels = own("ar_prefill", "labels")
+        self.cond_blocks, self.cond_head = own("ar_prefill", "cond_blocks"), own("ar_prefill", "cond_head")
+        self.cache_keys, self.cache_values = own("ar_step", "past_keys"), own("ar_step", "past_values")
+        # Logits: prefill and step write them, the sampler reads them; one buffer, a view per scale.
+        self.logits_buffer = self._shared(
+            [("ar_prefill", "logits", 0)] + [("ar_step", "logits", si) for si in steps]
+            + [("sampler", "logits", si) for si in range(sn)]
+        )
+        # This step's keys/values, copied into the cache after each step.
+        self.new_keys = self._shared([("ar_prefill", "keys", 0)] + [("ar_step", "keys", si) for si in steps])
+        self.new_values = self._shared([("ar_prefill", "values", 0)] + [("ar_step", "values", si) for si in steps])
+        self.x_next = self._shared([("fold", "x_next", si) for si in range(sn)])
+        self.noise = self._shared([("sampler", "noise", si) for si in range(sn)])
+        self.f_hat = [own("fold", "f_hat") for _ in range(2)]
+        self.tokens = [own("sampler", "tokens", si) for si in range(sn)]
+        self.indices_dev, self.image = own("decoder", "indices"), own("decoder", "image")
+        self.guidance = self._array((1,), self._dtype("sampler", "guidance"))
+        self.top_k = self._array((1,), self._dtype("sampler", "top_k"))
+        self.top_p = self._array((1,), self._dtype("sampler", "top_p"))
+        # Constant per-scale inputs, uploaded once: positions of each scale, the scale index, the next positions.
+        self.positions, self.scale_index, self.next_positions = {}, {}, {}
+        pos_dtype = self._dtype("ar_step", "positions")
+        for si, (start, q) in enumerate(self.spans):
+            positions = np.arange(start, start + q, dtype=pos_dtype)
+            self.positions[si] = self._array(positions.shape, pos_dtype)
+            self.positions[si].upload(positions, stream)
+            index = np.array([si], dtype=self._dtype("fold", "scale_index"))
+            self.scale_index[si] = self._array(index.shape, index.dtype)
+            self.scale_index[si].upload(index, stream)
+        for si in range(sn):
+            # The fold reads only the length of next_positions (q of the next scale; q again at the last).
+            self.next_positions[si] = self.positions[min(si + 1, sn - 1)]
+        # Execution contexts of every profile this batch uses, created now rather than inside the loop.
+        be = self.backend
+        self.ctx_prefill = be.context("ar_prefill", self.batch)
+        self.ctx_step = {si: be.context("ar_step", self.batch, si) for si in steps}
+        self.ctx_sampler = {si: be.context("sampler", self.batch, si) for si in range(sn)}
+        self.ctx_fold = {si: be.context("fold", self.batch, si) for si in range(sn)}
+        self.ctx_decoder = be.context("decoder", self.batch)
+        stream.synchronize()
+
+    # -- device copies -------------------------------------------------------------------------------------------------
+
+    def _append_cache(self, si: int) -> None:
+        """Copy this scale's keys/values (L, N, H, q, D) into the cache (L, N, H, P, D) at its positions."""
+        start, q = self.spans[si]
+        shape = self.cache_keys.shape  # (L, N, H, P, D)
+        rows = shape[0] * shape[1] * shape[2]
+        esize = self.cache_keys.dtype.itemsize
+        row, width = shape[3] * shape[4] * esize, q * shape[4] * esize
+        for cache, new in ((self.cache_keys, self.new_keys), (self.cache_values, self.new_values)):
+            cuda.memcpy2d_dtod_async(cache.ptr + start * shape[4] * esize, row, new.ptr, width, width, rows,
+                                     self.backend.stream)
+
+    def _scatter_tokens(self, si: int) -> None:
+        """tokens (B, q, nb) of one scale → indices (B, nb, P) at the scale's positions."""
+        start, q = self.spans[si]
+        esize, positions = self.tokens[si].dtype.itemsize, self.indices_dev.shape[2]
+        for b in range(self.batch):
+            for branch in range(self.nb):
+                cuda.memcpy2d_dtod_async(
+                    self.indices_dev.ptr + ((b * self.nb + branch) * positions + start) * esize, esize,
+                    self.tokens[si].ptr + (b * q * self.nb + branch) * esize, self.nb * esize,
+                    esize, q, self.backend.stream,
+                )
+
+    # -- Session protocol ----------------------------------------------------------------------------------------------
+
+    @property
+    def device_timer(self) -> cuda.EventTimer:
+        return self.timer
+
+    def prefill(self, labels: np.ndarray) -> None:
+        labels = np.asarray(labels, dtype=self.labels.dtype).reshape(-1)
+        if labels.shape != (self.batch,):
+            raise ValueError(f"labels of shape {labels.shape} for a session of batch {self.batch}")
+        rows = np.concatenate([labels, np.full_like(labels, self.null_class)])  # conditional rows, then null class
+        stream = self.backend.stream
+        self.labels.upload(rows, stream)
+        addresses = {
+            "labels": self.labels.ptr, "logits": self.logits_buffer.ptr,
+            "keys": self.new_keys.ptr, "values": self.new_values.ptr,
+            "cond_blocks": self.cond_blocks.ptr, "cond_head": self.cond_head.ptr,
+        }
+
+        def after():
+            self._append_cache(0)
+            self.f_hat[0].zero(stream)
+
+        self.backend.run(self.ctx_prefill, addresses, self.graphs, "prefill", after)
+
+    def sample(self, scale_index: int, guidance: float, top_k: int, top_p: float, noise: np.ndarray) -> None:
+        si, stream = scale_index, self.backend.stream
+        shape = self._shape("sampler", "noise", si)
+        noise = np.asarray(noise, dtype=np.float32)
+        if noise.shape != shape:
+            raise ValueError(f"noise of shape {noise.shape} at scale {si}; expected {shape}")
+        cuda.DeviceArray(shape, np.float32, self.noise).upload(noise, stream)
+        self.guidance.upload(np.array([guidance], self.guidance.dtype), stream)
+        self.top_k.upload(np.array([top_k], self.top_k.dtype), stream)
+        self.top_p.upload(np.array([top_p], self.top_p.dtype), stream)
+        addresses = {
+            "logits": self.logits_buffer.ptr, "guidance": self.guidance.ptr, "top_k": self.top_k.ptr,
+            "top_p": self.top_p.ptr, "noise": self.noise.ptr, "tokens": self.tokens[si].ptr,
+        }
+        self.backend.run(self.ctx_sampler[si], addresses, self.graphs, "sample", lambda: self._scatter_tokens(si))
+
+    def fold(self, scale_index: int) -> None:
+        si = scale_index
+        addresses = {
+            "tokens": self.tokens[si].ptr, "f_hat": self.f_hat[si % 2].ptr, "scale_index": self.scale_index[si].ptr,
+            "next_positions": self.next_positions[si].ptr, "f_hat_out": self.f_hat[(si + 1) % 2].ptr,
+            "x_next": self.x_next.ptr,
+        }
+        self.backend.run(self.ctx_fold[si], addresses, self.graphs, "fold")
+
+    def step(self, scale_index: int) -> None:
+        si = scale_index
+        if not 1 <= si < self.num_scales:
+            raise ValueError(f"step scale {si} is outside 1..{self.num_scales - 1}")
+        addresses = {
+            "x_folded": self.x_next.ptr, "positions": self.positions[si].ptr,
+            "cond_blocks": self.cond_blocks.ptr, "cond_head": self.cond_head.ptr,
+            "past_keys": self.cache_keys.ptr, "past_values": self.cache_values.ptr,
+            "logits": self.logits_buffer.ptr, "keys": self.new_keys.ptr, "values": self.new_values.ptr,
+        }
+        self.backend.run(self.ctx_step[si], addresses, self.graphs, "step", lambda: self._append_cache(si))
+
+    def decode(self) -> np.ndarray:
+        addresses = {"indices": self.indices_dev.ptr, "image": self.image.ptr}
+        self.backend.run(self.ctx_decoder, addresses, self.graphs, "decode")
+        return self.image.download(self.backend.stream)
+
+    def indices(self) -> np.ndarray:
+        return self.indices_dev.download(self.backend.stream)
+
+    def synchronize(self) -> None:
+        self.backend.stream.synchronize()
+
+    def close(self) -> None:
+        """Free graphs, events and buffers (after the stream is idle). Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        self.backend.stream.synchronize()
+        for graph in (self.graphs or {}).values():
+            graph.destroy()
+        self.graphs = {} if self.graphs is not None else None
+        self.timer.destroy()
+        for array in self._arrays:
+            array.free()
+        self._arrays.clear()
+        if self in self.backend._sessions:
+            self.backend._sessions.remove(self)
+
+    def __enter__(self) -> TrtSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
