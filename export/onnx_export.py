@@ -30,6 +30,7 @@ from imagefolder.export.bundle_io import file_digest, write_json_atomic
 from imagefolder.export.graphs import DecoderGraph, EncoderGraph, FoldGraph, PrefillGraph, StepGraph
 from imagefolder.export.opcheck import check_operators
 from imagefolder.export.sampler_graph import SamplerGraph
+from imagefolder.export.specs import ORT_CPU_DTYPES
 from imagefolder.io import atomic_write
 from imagefolder.models.generator import Generator
 from imagefolder.models.tokenizer import Tokenizer
@@ -43,7 +44,6 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 8e-2}
 # Fraction of code indices allowed to differ from PyTorch in the encoder (argmax near-ties flip).
 INDEX_TOLERANCE = {"fp32": 0.005, "fp16": 0.1, "bf16": 0.2}
 TRT_TOPK_LIMIT = 3840
-ORT_CPU_DTYPES = ("fp32", "fp16")  # bundle dtypes whose parity can be checked on ONNX Runtime's CPU provider
 
 
 class ExportError(RuntimeError):

@@ -20,6 +20,7 @@ GRAPH_NAMES = ("encoder", "decoder", "ar_prefill", "ar_step", "sampler", "fold")
 # dtype names used in specs and the manifest; "state" is resolved to the bundle's state dtype.
 FLOAT32, INT32, INT64, STATE = "float32", "int32", "int64", "state"
 DTYPES = ("fp32", "fp16", "bf16")
+ORT_CPU_DTYPES = ("fp32", "fp16")  # bundle dtypes ONNX Runtime's CPU provider has kernels for
 
 
 @dataclass(frozen=True)

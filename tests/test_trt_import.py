@@ -115,3 +115,36 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in target.parent.iterdir()] == ["x.plan"]
+
+
+def test_trt_check_runs_without_torch_and_its_inputs_fit_every_graph(tmp_path):
+    """The target-side check imports no torch, and its random inputs are valid for every graph and scale."""
+    import subprocess
+    import sys
+
+    code = ("import sys, imagefolder.export.trt_check, imagefolder.export.trt_build, imagefolder.export.triton; "
+            "assert 'torch' not in sys.modules")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode == 0
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from imagefolder.configs import tiny
+    from imagefolder.export.onnx_export import export_bundle
+    from imagefolder.export.trt_check import random_feeds
+    from imagefolder.runtime.bundle import load_bundle
+    from tests.models import randomized
+
+    config = tiny()
+    tokenizer, generator = randomized(config)
+    bundle = load_bundle(export_bundle(tmp_path / "b", tokenizer, generator, config, progress=False))
+    rng = np.random.default_rng(0)
+    for graph in ("encoder", "decoder", "ar_prefill", "ar_step", "sampler", "fold"):
+        session = ort.InferenceSession(str(bundle.graph_path(graph)), providers=["CPUExecutionProvider"])
+        scales = range(1, bundle.num_scales) if graph == "ar_step" else range(bundle.num_scales)
+        for si in scales if graph in ("ar_step", "sampler", "fold") else [0]:
+            outputs = session.run(None, random_feeds(bundle, graph, 2, si, rng))
+            expected = bundle.shapes(graph, 2, si)
+            for out, meta in zip(outputs, session.get_outputs(), strict=True):
+                assert out.shape == expected[meta.name], (graph, si, meta.name)
+                assert np.isfinite(out).all() if out.dtype.kind == "f" else True

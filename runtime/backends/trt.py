@@ -402,27 +402,31 @@ class TrtBackend:
         self._sessions.append(session)
         return session
 
-    def _single(self, graph: str, inp: str, out: str, array: np.ndarray) -> np.ndarray:
+    def run_graph(self, graph: str, inputs: dict[str, np.ndarray], batch: int,
+                  scale_index: int | None = None) -> dict[str, np.ndarray]:
+        """Run one engine on host arrays with the profile of (batch, scale) and return its outputs.
+
+        For checks and single-shot use (encode, decode); the generation loop keeps everything on the device.
+        """
         tensors = self._tensors(graph)
-        batch = int(array.shape[0])
-        context = self.context(graph, batch)
-        shapes = self.bundle.shapes(graph, batch)
-        src = cuda.DeviceArray(shapes[inp], tensors[inp]["dtype"])
-        dst = cuda.DeviceArray(shapes[out], tensors[out]["dtype"])
+        context = self.context(graph, batch, scale_index)
+        shapes = self.bundle.shapes(graph, batch, scale_index or 0)
+        arrays = {name: cuda.DeviceArray(shapes[name], tensors[name]["dtype"]) for name in tensors}
         try:
-            src.upload(np.asarray(array, dtype=src.dtype), self.stream)
-            self.run(context, {inp: src.ptr, out: dst.ptr}, None, graph)
-            return dst.download(self.stream)
+            for name, value in inputs.items():
+                arrays[name].upload(np.asarray(value, dtype=arrays[name].dtype), self.stream)
+            self.run(context, {name: array.ptr for name, array in arrays.items()}, None, graph)
+            return {name: arrays[name].download(self.stream) for name in tensors if not tensors[name]["is_input"]}
         finally:
             self.stream.synchronize()
-            src.free()
-            dst.free()
+            for array in arrays.values():
+                array.free()
 
     def encode(self, images: np.ndarray) -> np.ndarray:
-        return self._single("encoder", "image", "indices", images)
+        return self.run_graph("encoder", {"image": images}, int(images.shape[0]))["indices"]
 
     def decode(self, indices: np.ndarray) -> np.ndarray:
-        return self._single("decoder", "indices", "image", indices)
+        return self.run_graph("decoder", {"indices": indices}, int(indices.shape[0]))["image"]
 
     # -- profiling -----------------------------------------------------------------------------------------------------
 

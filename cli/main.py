@@ -1,0 +1,186 @@
+"""The ``imagefolder`` command: generate, reconstruct, profile, convert (and train / eval).
+
+Thin layer: each command parses its options, calls one library function, and prints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+
+from imagefolder.cli.common import BACKENDS, open_backend, parse_ints, run_cli, setup_logging
+
+BUNDLE = click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                      help="Bundle folder from `imagefolder-export onnx` (needed by the ort and trt backends).")
+BACKEND = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+                       help="auto: trt if the bundle has engines and TensorRT imports, else ort; torch with no bundle.")
+CHECKPOINT = click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                          help="Weights for the torch backend: ours (.safetensors) or official (.pth/.pt). "
+                               "Default: the model that ships with the package.")
+TRUST = click.option("--trust-checkpoint", is_flag=True,
+                     help="Allow arbitrary pickled objects in an official checkpoint (only for trusted files).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="-v for progress details, -vv for debug logs.")
+@click.version_option(package_name="imagefolder")
+def main(verbose: int) -> None:
+    """ImageFolder image generation on ONNX Runtime, TensorRT or PyTorch."""
+    setup_logging(verbose)
+
+
+@main.command()
+@BUNDLE
+@BACKEND
+@CHECKPOINT
+@TRUST
+@click.option("--class", "classes", default="0", show_default=True, help="Class id(s), comma-separated.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--cfg", default=3.25, show_default=True, type=float, help="Guidance at the last scale.")
+@click.option("--top-k", default=750, show_default=True, type=int,
+              help="Per branch; at most the bundle's sampler candidates.")
+@click.option("--top-p", default=0.95, show_default=True, type=float)
+@click.option("--sampling", type=click.Choice(["gumbel", "official"]), default="gumbel", show_default=True,
+              help="official: torch.multinomial in the official draw order (torch backend only).")
+@click.option("--no-cuda-graphs", is_flag=True, help="trt backend: launch every step instead of replaying graphs.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="out.png", show_default=True)
+@click.option("--indices", "indices_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the sampled indices (B, 2, P) as .npy.")
+def generate(bundle, backend, checkpoint, trust_checkpoint, classes, seed, cfg, top_k, top_p, sampling,
+             no_cuda_graphs, output, indices_out) -> None:
+    """Generate images of the given classes; several classes make a grid."""
+    labels = np.array(parse_ints(classes, "class id"), dtype=np.int64)
+    if sampling == "official":
+        images, indices = run_cli(_generate_official, bundle, backend, checkpoint, trust_checkpoint, labels, cfg,
+                                  top_k, top_p, seed)
+    else:
+        from imagefolder.runtime.loop import GenerationParams
+        from imagefolder.runtime.loop import generate as run_generation
+
+        params = run_cli(GenerationParams, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
+        engine = run_cli(open_backend, bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs)
+        try:
+            result = run_cli(run_generation, engine, labels, params)
+        finally:
+            engine.close()
+        images, indices = result.images, result.indices
+    from imagefolder.runtime.images import save_grid
+
+    save_grid(output, images)
+    if indices_out is not None:
+        _save_npy(indices_out, indices)
+    click.echo(f"wrote {output} ({len(labels)} image{'s' * (len(labels) > 1)}, classes {labels.tolist()}, seed {seed})")
+
+
+def _generate_official(bundle, backend, checkpoint, trust_checkpoint, labels, cfg, top_k, top_p, seed):
+    if backend not in ("auto", "torch"):
+        raise ValueError("--sampling official runs on the torch backend only")
+    import torch
+
+    from imagefolder.default_model import load_models
+    from imagefolder.generate import generate as official_generate
+
+    _, tokenizer, generator, _ = load_models(checkpoint, trust_checkpoint)
+    images, indices = official_generate(generator, tokenizer, torch.as_tensor(labels), cfg, top_k, top_p, seed)
+    return images.numpy(), indices.int().numpy()
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    from imagefolder.io import atomic_write
+
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+@main.command()
+@BUNDLE
+@BACKEND
+@CHECKPOINT
+@TRUST
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="reconstruction.png",
+              show_default=True, help="Grid: each input above its reconstruction.")
+def reconstruct(bundle, backend, checkpoint, trust_checkpoint, images, output) -> None:
+    """Encode images to indices and decode them back; prints PSNR per image."""
+    from imagefolder.runtime.images import load_images, psnr, save_grid
+
+    engine = run_cli(open_backend, bundle, backend, checkpoint, trust_checkpoint)
+    try:
+        size = run_cli(_image_size, engine)
+        batch = load_images(images, size)
+        recon = run_cli(lambda: engine.decode(engine.encode(batch)))
+    finally:
+        engine.close()
+    save_grid(output, np.concatenate([batch, recon]), columns=len(batch))
+    for path, value in zip(images, psnr(batch, recon), strict=True):
+        click.echo(f"{path}: PSNR {value:.2f} dB")
+    click.echo(f"wrote {output}")
+
+
+def _image_size(engine) -> int:
+    return engine.image_size
+
+
+@main.command()
+@BUNDLE
+@BACKEND
+@CHECKPOINT
+@TRUST
+@click.option("--batch", "batches", default="1", show_default=True, help="Batch sizes, comma-separated (e.g. 1,8).")
+@click.option("--runs", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(0))
+@click.option("--cfg", default=3.25, show_default=True, type=float)
+@click.option("--top-k", default=750, show_default=True, type=int)
+@click.option("--top-p", default=0.95, show_default=True, type=float)
+@click.option("--no-cuda-graphs", is_flag=True)
+@click.option("--layers", is_flag=True, help="trt backend: per-layer times (IProfiler) and an engine-inspector dump.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+@click.option("--trace", "trace_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a Chrome trace (open in Perfetto or chrome://tracing).")
+def profile(bundle, backend, checkpoint, trust_checkpoint, batches, runs, warmup, cfg, top_k, top_p, no_cuda_graphs,
+            layers, json_out, trace_out) -> None:
+    """Per-step latency of the generation loop: p50/p90/p99, time to first scale, images/s."""
+    from imagefolder.runtime.loop import GenerationParams
+    from imagefolder.runtime.profiler import profile_generation
+
+    sizes = parse_ints(batches, "batch size")
+    params = run_cli(GenerationParams, cfg=cfg, top_k=top_k, top_p=top_p, seed=0)
+    engine = run_cli(open_backend, bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs, layers)
+    try:
+        result = run_cli(profile_generation, engine, sizes, params, runs=runs, warmup=warmup,
+                         progress=lambda text: click.echo(text, err=True))
+    finally:
+        engine.close()
+    click.echo(result.table())
+    if json_out is not None:
+        result.write_json(json_out)
+        click.echo(f"wrote {json_out}")
+    if trace_out is not None:
+        result.write_trace(trace_out)
+        click.echo(f"wrote {trace_out}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("destination", type=click.Path(dir_okay=False, path_type=Path))
+@TRUST
+def convert(source, destination, trust_checkpoint) -> None:
+    """Convert an official checkpoint (ar-ckpt-last.pth, best_ckpt.pt) to safetensors + JSON config."""
+    from imagefolder.checkpoint import convert as convert_checkpoint
+
+    out = run_cli(convert_checkpoint, source, destination, trust_checkpoint=trust_checkpoint)
+    click.echo(f"wrote {out} and {Path(out).with_suffix('.json')}")
+
+
+def _register_training() -> None:
+    try:
+        from imagefolder.cli.train import eval_command, train_group
+    except ImportError:  # the training commands need torch; the runtime install has none
+        return
+    main.add_command(train_group, "train")
+    main.add_command(eval_command, "eval")
+
+
+_register_training()
