@@ -5,20 +5,11 @@ No torch here: the TensorRT side runs on targets without it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
-from imagefolder.io import atomic_write
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+from imagefolder.io import atomic_write, sha256_file
 
 
 def file_digest(path: str | os.PathLike) -> dict:

@@ -22,8 +22,10 @@ import os
 import re
 from pathlib import Path
 
+from imagefolder.io import atomic_write_bytes, atomic_write_text
+
 from ..runtime.loop import GenerationParams
-from .trt_build import BUILD_RECORD, ENGINE_DIR, atomic_write_bytes, atomic_write_text, read_manifest
+from .trt_build import BUILD_RECORD, ENGINE_DIR, read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ installed (TensorRT-only targets may not have it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from imagefolder.export.specs import (
     scale_positions,
     state_dtype,
 )
+from imagefolder.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +139,6 @@ def _io(spec: GraphSpec) -> list[list[dict]]:
             for ts in (spec.inputs, spec.outputs)]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_files(root: Path, files: dict) -> None:
     for rel, meta in files.items():
         target = (root / rel).resolve()
@@ -154,7 +146,7 @@ def _check_files(root: Path, files: dict) -> None:
             raise BundleError(f"{root}: manifest lists {rel!r}, which is outside the bundle folder")
         if not target.is_file():
             raise BundleError(f"{root}: {rel} is missing; re-export the bundle")
-        if target.stat().st_size != meta["bytes"] or _sha256(target) != meta["sha256"]:
+        if target.stat().st_size != meta["bytes"] or sha256_file(target) != meta["sha256"]:
             raise BundleError(f"{root}: {rel} differs from the manifest (sha256 or size); re-export the bundle")
 
 

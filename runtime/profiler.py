@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imagefolder.io import atomic_write_text
 from imagefolder.runtime.backends.base import DeviceTimer
 
 PERCENTILES = (50, 90, 99)
@@ -282,7 +281,7 @@ class ProfileResult:
         return "\n\n".join(format_table(report) for report in self.reports)
 
     def write_json(self, path: str | Path) -> Path:
-        return _write_text(path, json.dumps({"reports": self.reports}, indent=2))
+        return atomic_write_text(path, json.dumps({"reports": self.reports}, indent=2))
 
     def write_trace(self, path: str | Path) -> Path:
         """One Chrome trace with a process per batch size."""
@@ -291,7 +290,7 @@ class ProfileResult:
             events += [{**e, "pid": pid} for e in trace["traceEvents"] if e["name"] != "process_name"]
             events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
                            "args": {"name": f"batch {self.reports[pid - 1]['batch']}"}})
-        return _write_text(path, json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+        return atomic_write_text(path, json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
 
 
 def profile_generation(
@@ -328,19 +327,3 @@ def profile_generation(
         reports.append(profiler.report())
         traces.append(profiler.chrome_trace())
     return ProfileResult(reports, traces)
-
-
-def _write_text(path: str | Path, text: str) -> Path:
-    """Write atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path

@@ -59,6 +59,18 @@ def test_seeded_sampling_identical_ort_vs_torch_tiny(tiny_setup):
     assert not np.array_equal(other.indices, ort_result.indices)
 
 
+def test_sessions_are_reusable_on_every_backend(tiny_setup):
+    _, ort_backend, torch_backend, _ = tiny_setup
+    params = GenerationParams(cfg=1.0, top_k=30, seed=4)
+    for backend in (ort_backend, torch_backend):
+        session = backend.session(2)
+        first = generate(backend, [5, 6], params, session=session)
+        generate(backend, [1, 2], GenerationParams(seed=99), session=session)
+        again = generate(backend, [5, 6], params, session=session)
+        np.testing.assert_array_equal(first.indices, again.indices)
+        session.close()
+
+
 def test_runtime_greedy_equals_official_reference(tiny_setup):
     _, ort_backend, _, (tokenizer, generator) = tiny_setup
     labels = np.array([3, 7])

@@ -68,7 +68,7 @@ def _generate(backend, labels, **params):
 
 
 def test_engines_and_record(bundle):
-    from imagefolder.export.trt_build import sha256_file
+    from imagefolder.io import sha256_file
 
     record = json.loads((bundle / "engines" / "build.json").read_text())
     assert set(record["graphs"]) == {"encoder", "decoder", "ar_prefill", "ar_step", "sampler", "fold"}

@@ -10,7 +10,8 @@ import pytest
 
 from imagefolder.configs import tiny
 from imagefolder.export import trt_build
-from imagefolder.export.trt_build import TensorRTUnavailable, atomic_write_bytes, build_engines
+from imagefolder.export.trt_build import TensorRTUnavailable, build_engines
+from imagefolder.io import atomic_write_bytes
 from imagefolder.runtime import cuda
 from imagefolder.runtime.backends.trt import EngineMismatch, TrtBackend, check_build_record
 from tests.trt_helpers import fake_build_record, make_manifest, write_fake_bundle

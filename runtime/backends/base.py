@@ -43,7 +43,10 @@ class Session(Protocol):
     def device_timer(self) -> DeviceTimer | None: ...
 
     def prefill(self, labels: np.ndarray) -> None:
-        """labels (B,) int64 → scale-0 logits, cache entries of scale 0, conditioning (CFG rows added here)."""
+        """Start a generation (a session is reused across generations: this resets its state).
+
+        labels (B,) int64 → scale-0 logits, cache entries of scale 0, conditioning (CFG rows added here).
+        """
         ...
 
     def sample(self, scale_index: int, guidance: float, top_k: int, top_p: float, noise: np.ndarray) -> None:

@@ -36,6 +36,9 @@ class TorchSession:
     @torch.no_grad()
     def prefill(self, labels: np.ndarray) -> None:
         labels = torch.as_tensor(labels, dtype=torch.int64, device=self.backend.device)
+        self.cache.length = 0  # a new generation: the session is reused across calls
+        self.f_hat.zero_()
+        self.tokens.clear()
         rows = torch.cat([labels, torch.full_like(labels, self.cfg.null_class)])
         self.logits, keys, values, self.cond_blocks, self.cond_head = self.backend.generator.prefill(rows)
         self.cache.append(keys, values)

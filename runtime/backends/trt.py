@@ -24,15 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ...export.trt_build import (
-    BUILD_FORMAT,
-    BUILD_RECORD,
-    ENGINE_DIR,
-    import_tensorrt,
-    sha256_file,
-)
-from .. import cuda
-from ..bundle import Bundle, load_bundle
+from imagefolder.export.trt_build import BUILD_FORMAT, BUILD_RECORD, ENGINE_DIR, import_tensorrt
+from imagefolder.io import sha256_file
+from imagefolder.runtime import cuda
+from imagefolder.runtime.bundle import Bundle, load_bundle
 
 log = logging.getLogger(__name__)
 

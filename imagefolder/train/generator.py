@@ -1,0 +1,238 @@
+"""Generator (VAR with folded tokens) training: teacher forcing through a frozen tokenizer.
+
+The official AR recipe (``imagefolder-official.md`` §3, §7) at any size:
+- the tokenizer is frozen (its EMA weights) and turns each image into two branches' indices; the
+  teacher-forcing input is ``indices_to_generator_input`` (area-downsampled running f̂);
+- one forward over all P positions under the block-causal mask (built into ``Generator.forward``);
+- cross-entropy on each half of the 2V logits against its branch's indices, the two averaged, every
+  position weighted equally;
+- class dropout to the null class with probability ``cond_drop`` (inside ``Generator.forward``);
+- AdamW (0.9, 0.95), weight decay 0.05, linear warm-up then linear decay to 1% of the LR,
+  gradient clipping at 2.0.
+
+Runs on one process or under torchrun (DistributedDataParallel). The run folder holds ``state.pt``
+(exact resume), ``metrics.jsonl`` and, at the end, ``model.safetensors`` (tokenizer + generator,
+loadable by ``imagefolder.checkpoint.load_any``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from imagefolder.configs import ModelConfig
+from imagefolder.data import collate, open_dataset
+from imagefolder.models.generator import Generator
+from imagefolder.models.tokenizer import Tokenizer
+from imagefolder.train.common import (
+    DistEnv,
+    IndexStream,
+    MetricsLog,
+    TrainingStateError,
+    adamw,
+    all_reduce_mean,
+    load_training_state,
+    lr_factor,
+    rng_state,
+    save_training_state,
+    seed_everything,
+    set_lr,
+    set_rng_state,
+    shard,
+    unwrap,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GeneratorTrainConfig:
+    """Options of one generator run (the command's flags)."""
+
+    out: str
+    tokenizer: str  # checkpoint holding the frozen tokenizer (its EMA weights)
+    data: str = "shapes"
+    steps: int = 2000
+    batch_size: int = 32  # global, over all ranks
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup: int = 100
+    final_lr: float = 0.01  # linear decay to this fraction of lr
+    grad_clip: float = 2.0
+    seed: int = 0
+    log_every: int = 50
+    save_every: int = 500
+    stop_at: int | None = None  # leave the loop after this step (the schedule still spans ``steps``)
+    resume: bool = True
+
+
+def branch_cross_entropy(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of the two branches' cross-entropies, averaged.
+
+    Args:
+        logits: (B, P, 2V), branch 0 in the first half.
+        indices: (B, 2, P) int64 targets.
+    """
+    v = logits.shape[-1] // 2
+    halves = logits.unflatten(-1, (2, v))  # (B, P, 2, V)
+    losses = [F.cross_entropy(halves[:, :, i].flatten(0, 1), indices[:, i].flatten()) for i in range(2)]
+    return (losses[0] + losses[1]) / 2
+
+
+@torch.no_grad()
+def teacher_forcing_batch(tokenizer: Tokenizer, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image (B, 3, H, W) -> target indices (B, 2, P) and folded input (B, P - 1, 2Z)."""
+    indices = tokenizer.img_to_indices(img)
+    return indices, tokenizer.indices_to_generator_input(indices)
+
+
+def load_frozen_tokenizer(path: str | Path, device: torch.device) -> tuple[ModelConfig, Tokenizer]:
+    """The tokenizer of a checkpoint (``load_any``), in eval mode, without gradients."""
+    from imagefolder.checkpoint import CheckpointError, load_any
+
+    config, tokenizer, _ = load_any(Path(path), device=str(device))
+    if tokenizer is None:
+        raise CheckpointError(f"{path} holds no tokenizer")
+    return config, tokenizer.eval().requires_grad_(False)
+
+
+class GeneratorTrainer:
+    """Owns the models, optimizer and data stream of one run; ``step`` is one optimisation step."""
+
+    def __init__(self, opts: GeneratorTrainConfig, config: ModelConfig, tokenizer: Tokenizer, env: DistEnv) -> None:
+        if config.tokenizer != tokenizer.cfg:
+            raise ValueError("the generator's config names a different tokenizer than the frozen one")
+        self.opts, self.config, self.env = opts, config, env
+        self.tokenizer = tokenizer.to(env.device)
+        torch.manual_seed(opts.seed)  # identical initial weights on every rank
+        model: nn.Module = Generator(config.generator).to(env.device).train()
+        seed_everything(opts.seed + env.rank)  # then per-rank streams for class dropout
+        if env.distributed:
+            ids = [env.device] if env.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.model = model
+        self.optimizer = adamw(model, opts.lr, opts.weight_decay, opts.betas)
+        self.dataset = open_dataset(opts.data, config.tokenizer.image_size)
+        self.stream = IndexStream(len(self.dataset), opts.seed)
+        self.step_count = 0
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.opts.out) / "state.pt"
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's shard of the next global batch: images (b, 3, H, W), labels (b,)."""
+        img, labels = collate(self.dataset, shard(self.stream.next_batch(self.opts.batch_size), self.env))
+        return img.to(self.env.device), labels.to(self.env.device)
+
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+        """One optimisation step on ``batch`` (default: the next one); returns this rank's metrics."""
+        opts = self.opts
+        lr = opts.lr * lr_factor(self.step_count, opts.steps, opts.warmup, "linear", opts.final_lr)
+        set_lr(self.optimizer, lr)
+        img, labels = batch if batch is not None else self.next_batch()
+        indices, x = teacher_forcing_batch(self.tokenizer, img)
+        logits = self.model(labels, x)  # (B, P, 2V)
+        loss = branch_cross_entropy(logits, indices)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), opts.grad_clip)
+        self.optimizer.step()
+        self.step_count += 1
+        with torch.no_grad():
+            predicted = logits.unflatten(-1, (2, -1)).argmax(-1).transpose(1, 2)  # (B, 2, P)
+            acc = (predicted == indices).float()
+        return {"loss": loss.item(), "token_acc": acc.mean().item(), "grad_norm": grad_norm.item(), "lr": lr}
+
+    # ----- state
+
+    def state(self) -> dict:
+        """Everything needed to continue bit-identically (gathers every rank's RNG)."""
+        rngs = [rng_state()]
+        if self.env.distributed:
+            rngs = [None] * self.env.world_size
+            dist.all_gather_object(rngs, rng_state())
+        return {
+            "kind": "generator",
+            "config": self.config.to_dict(),
+            "options": dataclasses.asdict(self.opts),
+            "step": self.step_count,
+            "consumed": self.stream.consumed,
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rngs,
+        }
+
+    def load_state(self, state: dict) -> None:
+        if state.get("kind") != "generator":
+            raise TrainingStateError(f"training state is a {state.get('kind')} run, not a generator run")
+        if state["config"] != self.config.to_dict():
+            raise TrainingStateError("the training state was made with a different model config")
+        if len(state["rng"]) != self.env.world_size:
+            raise TrainingStateError(f"state saved by {len(state['rng'])} ranks cannot resume on {self.env.world_size}")
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = state["step"]
+        self.stream.consumed = state["consumed"]
+        set_rng_state(state["rng"][self.env.rank])
+
+    def save(self) -> None:
+        state = self.state()  # every rank takes part in the RNG gather
+        if self.env.is_main:
+            save_training_state(self.state_path, state)
+            log.info("saved %s at step %d", self.state_path, self.step_count)
+
+    def export(self, path: Path) -> None:
+        """Tokenizer + generator weights with their config (``imagefolder.checkpoint`` format)."""
+        from imagefolder.checkpoint import save_checkpoint
+
+        save_checkpoint(
+            path, self.config, self.tokenizer.state_dict(), unwrap(self.model).state_dict(),
+            extra_meta={"trainer": "generator", "step": self.step_count, "data": self.opts.data},
+        )
+
+
+def train_generator(
+    opts: GeneratorTrainConfig, env: DistEnv, config: ModelConfig | None = None, progress: bool = True
+) -> GeneratorTrainer:
+    """Run (or resume) a generator training; returns the trainer at its last step.
+
+    Args:
+        opts: the run's options; ``opts.out`` is the run folder.
+        env: from ``setup_distributed``.
+        config: the model pair; None takes the tokenizer checkpoint's config with its generator part.
+        progress: show a progress bar on rank 0.
+    """
+    tok_config, tokenizer = load_frozen_tokenizer(opts.tokenizer, env.device)
+    config = config or tok_config
+    trainer = GeneratorTrainer(opts, config, tokenizer, env)
+    if opts.resume and trainer.state_path.is_file():
+        trainer.load_state(load_training_state(trainer.state_path))
+        log.info("resumed %s at step %d", trainer.state_path, trainer.step_count)
+    metrics = MetricsLog(opts.out, env)
+    last = opts.steps if opts.stop_at is None else min(opts.steps, opts.stop_at)
+    bar = tqdm(total=opts.steps, initial=trainer.step_count, disable=not (progress and env.is_main), desc="generator")
+    while trainer.step_count < last:
+        row = trainer.step()
+        bar.update(1)
+        step = trainer.step_count
+        if step % opts.log_every == 0 or step == last:
+            row["loss"] = all_reduce_mean(torch.tensor(row["loss"]), env).item()
+            metrics.log(step, row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['token_acc']:.3f}")
+        if step % opts.save_every == 0 or step == last:
+            trainer.save()
+    bar.close()
+    metrics.close()
+    if trainer.step_count >= opts.steps and env.is_main:
+        trainer.export(Path(opts.out) / "model.safetensors")
+    return trainer

@@ -1,0 +1,314 @@
+"""Tokenizer training with the official recipe's parts (``imagefolder-official.md`` §2).
+
+Generator-side loss per step:
+
+    L = MSE + w_p·perceptual + codebook + commit + w_sem·InfoNCE(branch 1, teacher)
+        + [step ≥ disc_start] λ_adapt·w_disc·hinge_G(D(aug(x̂)))
+
+- quantizer dropout: the first ⌊codebook_drop·B⌋ samples of each local batch keep a random number
+  of scales (``sample_keep_scales``); they are left out of the semantic loss, as officially;
+- semantic loss: the spatial mean of branch 1's straight-through f̂ against the frozen teacher's
+  embedding projected by the tokenizer's own ``quant_conv`` (trained by this loss). A teacher whose
+  embedding size differs from the tokenizer width goes through a trainable linear adaptor first
+  (a deviation: the official teacher has the tokenizer's width);
+- λ_adapt = ‖∇_last(MSE + w_p·perceptual)‖ / (‖∇_last G‖ + 1e-4) on the decoder's ``to_pixel`` weight;
+- discriminator: hinge on DiffAug'd real and reconstructed images plus ``lecam_weight``·LeCAM, AdamW
+  with weight decay, started at ``disc_start``;
+- model EMA of the tokenizer; the exported weights are the EMA's (the generator trains on them).
+
+Substitutes for weights that cannot ship (LPIPS, DINO discriminator, DINOv2 teacher) are described
+in ``imagefolder.train.losses``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from imagefolder.configs import ModelConfig
+from imagefolder.data import collate, open_dataset
+from imagefolder.models.quantizer import sample_keep_scales
+from imagefolder.models.tokenizer import Tokenizer
+from imagefolder.train.common import (
+    DistEnv,
+    IndexStream,
+    MetricsLog,
+    ModelEMA,
+    TrainingStateError,
+    adamw,
+    all_reduce_mean,
+    load_training_state,
+    lr_factor,
+    rng_state,
+    save_training_state,
+    seed_everything,
+    set_lr,
+    set_rng_state,
+    shard,
+    unwrap,
+)
+from imagefolder.train.losses import (
+    LeCAM,
+    PatchDiscriminator,
+    adaptive_weight,
+    build_perceptual,
+    clip_infonce,
+    diff_augment,
+    hinge_d_loss,
+    hinge_g_loss,
+    load_teacher,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """Options of one tokenizer run (the command's flags)."""
+
+    out: str
+    data: str = "shapes"
+    steps: int = 3000
+    batch_size: int = 32  # global, over all ranks
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup: int = 100
+    final_lr: float = 0.05  # cosine decay to this fraction of lr
+    ema_decay: float = 0.999
+    perceptual: str = "auto"  # auto | lpips | structure | none
+    perceptual_weight: float = 1.0
+    teacher: str = "none"  # none | auto | dinov2 | builtin | path to a classifier
+    sem_weight: float = 0.1
+    disc_weight: float = 0.5
+    disc_start: int = 1000
+    disc_lr: float = 4e-4
+    disc_weight_decay: float = 5e-4
+    lecam_weight: float = 0.001
+    seed: int = 0
+    log_every: int = 50
+    save_every: int = 500
+    stop_at: int | None = None
+    resume: bool = True
+
+
+class TokenizerTrainer:
+    """Owns tokenizer, EMA, discriminator, optimizers and data stream; ``step`` is one optimisation step."""
+
+    def __init__(self, opts: TokenizerTrainConfig, config: ModelConfig, env: DistEnv) -> None:
+        self.opts, self.config, self.env = opts, config, env
+        dev = env.device
+        torch.manual_seed(opts.seed)  # identical initial weights on every rank
+        tokenizer = Tokenizer(config.tokenizer).to(dev).train()
+        self.ema = ModelEMA(tokenizer, opts.ema_decay)
+        self.disc = PatchDiscriminator().to(dev).train() if opts.disc_weight > 0 else None
+        self.lecam = LeCAM().to(dev)
+        self.perceptual = build_perceptual(opts.perceptual) if opts.perceptual_weight > 0 else None
+        if self.perceptual is not None:
+            self.perceptual.to(dev)
+        self.teacher, self.sem_adaptor, self.semantic = self._build_teacher(tokenizer)
+        seed_everything(opts.seed + env.rank)  # per-rank streams for dropout and augmentation
+        trained = nn.ModuleDict({"tokenizer": tokenizer})
+        if self.sem_adaptor is not None:
+            trained["sem_adaptor"] = self.sem_adaptor
+        self.tokenizer: nn.Module = tokenizer
+        self.disc_model: nn.Module | None = self.disc
+        if env.distributed:
+            ids = [dev] if dev.type == "cuda" else None
+            self.tokenizer = nn.parallel.DistributedDataParallel(tokenizer, device_ids=ids)
+            if self.disc is not None:
+                self.disc_model = nn.parallel.DistributedDataParallel(self.disc, device_ids=ids)
+        self.optimizer = adamw(trained, opts.lr, opts.weight_decay, opts.betas)
+        self.disc_optimizer = None
+        if self.disc is not None:
+            self.disc_optimizer = torch.optim.AdamW(
+                self.disc.parameters(), lr=opts.disc_lr, betas=opts.betas, weight_decay=opts.disc_weight_decay
+            )
+        self.dataset = open_dataset(opts.data, config.tokenizer.image_size)
+        self.stream = IndexStream(len(self.dataset), opts.seed)
+        self.step_count = 0
+
+    def _build_teacher(self, tokenizer: Tokenizer) -> tuple[nn.Module | None, nn.Module | None, bool]:
+        # -> (external teacher, its adaptor to the tokenizer width, whether the semantic loss is on)
+        spec = self.opts.teacher
+        if self.opts.sem_weight <= 0 or spec == "none":
+            return None, None, False
+        if spec == "builtin" or (spec == "auto" and tokenizer.cfg.with_teacher):
+            if not tokenizer.cfg.with_teacher:
+                raise ValueError("teacher 'builtin' needs a tokenizer config with_teacher=True")
+            return None, None, True  # the tokenizer's own semantic_model (tokenizer.teacher_features)
+        teacher = load_teacher(spec, self.env.device)
+        width = tokenizer.cfg.width
+        adaptor = None if teacher.dim == width else nn.Linear(teacher.dim, width, bias=False).to(self.env.device)
+        return teacher, adaptor, True
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.opts.out) / "state.pt"
+
+    def _teacher_target(self, img: torch.Tensor) -> torch.Tensor:
+        """Teacher embedding projected by quant_conv: (B, Z)."""
+        tok = unwrap(self.tokenizer)
+        if self.teacher is None:
+            return tok.teacher_features(img)
+        feats = self.teacher.embed(img)  # (B, D)
+        if self.sem_adaptor is not None:
+            feats = self.sem_adaptor(feats)  # (B, W)
+        return F.linear(feats, tok.quant_conv.weight.flatten(1), tok.quant_conv.bias)
+
+    def next_batch(self) -> torch.Tensor:
+        """This rank's shard of the next global batch of images (b, 3, H, W)."""
+        img, _ = collate(self.dataset, shard(self.stream.next_batch(self.opts.batch_size), self.env))
+        return img.to(self.env.device)
+
+    def step(self, img: torch.Tensor | None = None) -> dict[str, float]:
+        """One tokenizer step on ``img`` (default: the next batch), then one discriminator step once on."""
+        opts, cfg = self.opts, self.config.tokenizer
+        lr_mult = lr_factor(self.step_count, opts.steps, opts.warmup, "cosine", opts.final_lr)
+        set_lr(self.optimizer, opts.lr * lr_mult)
+        img = self.next_batch() if img is None else img
+        b = img.shape[0]
+        keep = sample_keep_scales(cfg, b).to(img.device)
+        recon, vq, fhat_sem = self.tokenizer(img, keep)
+        mse = F.mse_loss(recon, img)
+        nll = mse
+        metrics = {"mse": mse.item(), "lr": opts.lr * lr_mult}
+        if self.perceptual is not None:
+            perc = self.perceptual(recon, img).mean()
+            nll = nll + opts.perceptual_weight * perc
+            metrics["perceptual"] = perc.item()
+        loss = nll + vq["codebook"] + vq["commit"]
+        metrics.update(codebook=vq["codebook"].item(), commit=vq["commit"].item())
+        if self.semantic:
+            dropped = int(cfg.codebook_drop * b)  # quantizer-dropout samples are left out
+            student = fhat_sem[dropped:].mean(dim=(2, 3))  # (b', Z)
+            sem = clip_infonce(student, self._teacher_target(img[dropped:]))
+            loss = loss + opts.sem_weight * sem
+            metrics["semantic"] = sem.item()
+        adversarial = self.disc is not None and self.step_count >= opts.disc_start
+        if adversarial:
+            g_loss = hinge_g_loss(self.disc_model(diff_augment(recon)))
+            last = unwrap(self.tokenizer).decoder.to_pixel.model.weight
+            weight = adaptive_weight(nll, g_loss, last)
+            loss = loss + weight * opts.disc_weight * g_loss
+            metrics.update(g_loss=g_loss.item(), adaptive_weight=weight.item())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.ema.update(self.tokenizer)
+        if adversarial:
+            metrics.update(self._disc_step(img, recon.detach()))
+        metrics["loss"] = loss.item()
+        self.step_count += 1
+        return metrics
+
+    def _disc_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+        d_real = self.disc_model(diff_augment(real))
+        d_fake = self.disc_model(diff_augment(fake))
+        hinge = hinge_d_loss(d_real, d_fake)
+        lecam = self.lecam(d_real, d_fake)
+        d_loss = self.opts.disc_weight * (hinge + self.opts.lecam_weight * lecam)
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.disc_optimizer.step()
+        self.lecam.update(all_reduce_mean(d_real.mean(), self.env), all_reduce_mean(d_fake.mean(), self.env))
+        return {"d_loss": d_loss.item(), "lecam": lecam.item()}
+
+    # ----- state
+
+    def state(self) -> dict:
+        rngs = [rng_state()]
+        if self.env.distributed:
+            rngs = [None] * self.env.world_size
+            dist.all_gather_object(rngs, rng_state())
+        state = {
+            "kind": "tokenizer",
+            "config": self.config.to_dict(),
+            "options": dataclasses.asdict(self.opts),
+            "step": self.step_count,
+            "consumed": self.stream.consumed,
+            "model": unwrap(self.tokenizer).state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lecam": self.lecam.state_dict(),
+            "rng": rngs,
+        }
+        if self.sem_adaptor is not None:
+            state["sem_adaptor"] = self.sem_adaptor.state_dict()
+        if self.disc is not None:
+            state["disc"] = self.disc.state_dict()
+            state["disc_optimizer"] = self.disc_optimizer.state_dict()
+        return state
+
+    def load_state(self, state: dict) -> None:
+        if state.get("kind") != "tokenizer":
+            raise TrainingStateError(f"training state is a {state.get('kind')} run, not a tokenizer run")
+        if state["config"] != self.config.to_dict():
+            raise TrainingStateError("the training state was made with a different model config")
+        if len(state["rng"]) != self.env.world_size:
+            raise TrainingStateError(f"state saved by {len(state['rng'])} ranks cannot resume on {self.env.world_size}")
+        if ("disc" in state) != (self.disc is not None) or ("sem_adaptor" in state) != (self.sem_adaptor is not None):
+            raise TrainingStateError("the training state was made with other loss options (discriminator/teacher)")
+        unwrap(self.tokenizer).load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lecam.load_state_dict(state["lecam"])
+        if self.sem_adaptor is not None:
+            self.sem_adaptor.load_state_dict(state["sem_adaptor"])
+        if self.disc is not None:
+            self.disc.load_state_dict(state["disc"])
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        self.step_count = state["step"]
+        self.stream.consumed = state["consumed"]
+        set_rng_state(state["rng"][self.env.rank])
+
+    def save(self) -> None:
+        state = self.state()
+        if self.env.is_main:
+            save_training_state(self.state_path, state)
+            log.info("saved %s at step %d", self.state_path, self.step_count)
+
+    def export(self, path: Path) -> None:
+        """The EMA tokenizer with its config (``imagefolder.checkpoint`` format, no generator)."""
+        from imagefolder.checkpoint import save_checkpoint
+
+        save_checkpoint(
+            path, self.config, self.ema.state_dict(), None,
+            extra_meta={"trainer": "tokenizer", "step": self.step_count, "data": self.opts.data, "weights": "ema"},
+        )
+
+
+def train_tokenizer(
+    opts: TokenizerTrainConfig, env: DistEnv, config: ModelConfig, progress: bool = True
+) -> TokenizerTrainer:
+    """Run (or resume) a tokenizer training; exports ``tokenizer.safetensors`` (EMA) when finished."""
+    trainer = TokenizerTrainer(opts, config, env)
+    if opts.resume and trainer.state_path.is_file():
+        trainer.load_state(load_training_state(trainer.state_path))
+        log.info("resumed %s at step %d", trainer.state_path, trainer.step_count)
+    metrics = MetricsLog(opts.out, env)
+    last = opts.steps if opts.stop_at is None else min(opts.steps, opts.stop_at)
+    bar = tqdm(total=opts.steps, initial=trainer.step_count, disable=not (progress and env.is_main), desc="tokenizer")
+    while trainer.step_count < last:
+        row = trainer.step()
+        bar.update(1)
+        step = trainer.step_count
+        if step % opts.log_every == 0 or step == last:
+            row["loss"] = all_reduce_mean(torch.tensor(row["loss"]), env).item()
+            metrics.log(step, row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", mse=f"{row['mse']:.4f}")
+        if step % opts.save_every == 0 or step == last:
+            trainer.save()
+    bar.close()
+    metrics.close()
+    if trainer.step_count >= opts.steps and env.is_main:
+        trainer.export(Path(opts.out) / "tokenizer.safetensors")
+    return trainer
