@@ -148,9 +148,18 @@ def profile(bundle, backend, checkpoint, trust_checkpoint, batches, runs, warmup
     sizes = parse_ints(batches, "batch size")
     params = run_cli(GenerationParams, cfg=cfg, top_k=top_k, top_p=top_p, seed=0)
     engine = run_cli(open_backend, bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs, layers)
+    if layers and engine.name != "trt":
+        engine.close()
+        raise click.UsageError("--layers needs the trt backend (TensorRT's per-layer profiler)")
     try:
         result = run_cli(profile_generation, engine, sizes, params, runs=runs, warmup=warmup,
                          progress=lambda text: click.echo(text, err=True))
+        if layers:
+            from imagefolder.runtime.profiler import layer_table
+
+            click.echo(layer_table(engine.layer_times()))
+            out_dir = (json_out.parent if json_out else Path(".")) / "engine-layers"
+            click.echo(f"wrote the engine inspector's layer dumps: {', '.join(map(str, engine.inspect(out_dir)))}")
     finally:
         engine.close()
     click.echo(result.table())

@@ -327,3 +327,14 @@ def profile_generation(
         reports.append(profiler.report())
         traces.append(profiler.chrome_trace())
     return ProfileResult(reports, traces)
+
+
+def layer_table(layer_times: dict[str, dict[str, list[float]]], top: int = 15) -> str:
+    """The ``top`` layers by total time over all runs, from ``TrtBackend.layer_times()``."""
+    rows = [(sum(ms), len(ms), graph, layer) for graph, layers in layer_times.items() for layer, ms in layers.items()]
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows) or 1.0
+    lines = [f"{'graph':<11} {'layer':<60} {'calls':>6} {'mean ms':>9} {'share':>6}"]
+    for ms, calls, graph, layer in rows[:top]:
+        lines.append(f"{graph:<11} {layer[:60]:<60} {calls:>6} {ms / calls:>9.3f} {ms / total:>6.1%}")
+    return "\n".join(lines)

@@ -170,3 +170,8 @@ def test_console_scripts_are_installed():
         path = shutil.which(script) or str(__import__("pathlib").Path(sys.executable).parent / script)
         result = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_layer_profile_needs_trt(workspace):
+    result = run(main, ["profile", "--bundle", workspace[0] / "bundle", "--backend", "ort", "--layers"], ok=False)
+    assert result.exit_code == 2 and "trt backend" in result.output

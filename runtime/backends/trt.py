@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from imagefolder.export.trt_build import BUILD_FORMAT, BUILD_RECORD, ENGINE_DIR, import_tensorrt
-from imagefolder.io import sha256_file
+from imagefolder.io import atomic_write_text, sha256_file
 from imagefolder.runtime import cuda
 from imagefolder.runtime.bundle import Bundle, load_bundle
 
@@ -435,9 +435,7 @@ class TrtBackend:
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for name, engine in self.engines.items():
-            path = out_dir / f"{name}.engine.json"
-            path.write_text(engine.inspect())
-            paths.append(path)
+            paths.append(atomic_write_text(out_dir / f"{name}.engine.json", engine.inspect()))
         return paths
 
     def close(self) -> None:
