@@ -153,6 +153,3 @@ class TritonPythonModel:
             except pb_utils.TritonModelException as err:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(err))))
         return responses
-
-    def finalize(self):
-        pass

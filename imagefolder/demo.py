@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     config, tokenizer, generator, source = load_models()
     print(f"default model: {config.name} ({sum(p.numel() for p in generator.parameters()) / 1e6:.1f} M generator "
           f"parameters, {config.generator.num_classes} classes, scales {list(config.generator.scales)})")
-    bundle_dir = export_bundle(args.out / "bundle", tokenizer, generator, config, source=source)
+    batch_max = max(8, config.generator.num_classes)  # one image per class in one batch
+    bundle_dir = export_bundle(args.out / "bundle", tokenizer, generator, config, batch_max=batch_max, source=source)
     bundle = load_bundle(bundle_dir)
     print(f"exported {bundle_dir}: {', '.join(sorted(bundle.manifest['graphs']))}")
 

@@ -127,4 +127,4 @@ class TorchBackend:
         return self.tokenizer.indices_to_img(idx).float().cpu().numpy()
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the models belong to the caller, sessions free their tensors with them."""
