@@ -58,8 +58,23 @@ def parse_ints(text: str, what: str) -> list[int]:
     return values
 
 
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                 "tensorrt": "TensorrtExecutionProvider"}
+
+
+def ort_providers(text: str | None) -> list[str] | None:
+    """``cuda,cpu`` → ONNX Runtime provider names in order of preference (None: CPU only)."""
+    if not text:
+        return None
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in ORT_PROVIDERS]
+    if unknown:
+        raise click.BadParameter(f"unknown provider(s) {unknown}; choose from {', '.join(ORT_PROVIDERS)}")
+    return [ORT_PROVIDERS[n] for n in names]
+
+
 def open_backend(bundle: Path | None, backend: str, checkpoint: Path | None = None, trust_checkpoint: bool = False,
-                 use_cuda_graphs: bool = True, layer_profile: bool = False):
+                 use_cuda_graphs: bool = True, layer_profile: bool = False, providers: list[str] | None = None):
     """Resolve ``--backend auto`` and build the backend.
 
     auto: TensorRT when the bundle has engines and TensorRT imports, else ONNX Runtime for a
@@ -80,7 +95,7 @@ def open_backend(bundle: Path | None, backend: str, checkpoint: Path | None = No
         from imagefolder.runtime.backends.ort import OrtBackend
         from imagefolder.runtime.bundle import load_bundle
 
-        return OrtBackend(load_bundle(bundle))
+        return OrtBackend(load_bundle(bundle), providers=providers)
     if backend == "trt":
         from imagefolder.runtime.backends.trt import TrtBackend
         from imagefolder.runtime.bundle import load_bundle

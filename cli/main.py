@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from imagefolder.cli.common import BACKENDS, open_backend, parse_ints, run_cli, setup_logging
+from imagefolder.cli.common import BACKENDS, open_backend, ort_providers, parse_ints, run_cli, setup_logging
 
 BUNDLE = click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path),
                       help="Bundle folder from `imagefolder-export onnx` (needed by the ort and trt backends).")
@@ -19,6 +19,8 @@ BACKEND = click.option("--backend", type=click.Choice(BACKENDS), default="auto",
 CHECKPOINT = click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                           help="Weights for the torch backend: ours (.safetensors) or official (.pth/.pt). "
                                "Default: the model that ships with the package.")
+PROVIDERS = click.option("--providers", help="ort backend: execution providers in order, e.g. cuda,cpu "
+                                             "or tensorrt,cuda,cpu (default cpu; needs onnxruntime-gpu).")
 TRUST = click.option("--trust-checkpoint", is_flag=True,
                      help="Allow arbitrary pickled objects in an official checkpoint (only for trusted files).")
 
@@ -45,11 +47,12 @@ def main(verbose: int) -> None:
 @click.option("--sampling", type=click.Choice(["gumbel", "official"]), default="gumbel", show_default=True,
               help="official: torch.multinomial in the official draw order (torch backend only).")
 @click.option("--no-cuda-graphs", is_flag=True, help="trt backend: launch every step instead of replaying graphs.")
+@PROVIDERS
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="out.png", show_default=True)
 @click.option("--indices", "indices_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the sampled indices (B, 2, P) as .npy.")
 def generate(bundle, backend, checkpoint, trust_checkpoint, classes, seed, cfg, top_k, top_p, sampling,
-             no_cuda_graphs, output, indices_out) -> None:
+             no_cuda_graphs, providers, output, indices_out) -> None:
     """Generate images of the given classes; several classes make a grid."""
     labels = np.array(parse_ints(classes, "class id"), dtype=np.int64)
     if sampling == "official":
@@ -60,7 +63,8 @@ def generate(bundle, backend, checkpoint, trust_checkpoint, classes, seed, cfg, 
         from imagefolder.runtime.loop import generate as run_generation
 
         params = run_cli(GenerationParams, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
-        engine = run_cli(open_backend, bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs)
+        engine = run_cli(open_backend, bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs,
+                         providers=ort_providers(providers))
         try:
             result = run_cli(run_generation, engine, labels, params)
         finally:
@@ -135,19 +139,21 @@ def _image_size(engine) -> int:
 @click.option("--top-k", default=750, show_default=True, type=int)
 @click.option("--top-p", default=0.95, show_default=True, type=float)
 @click.option("--no-cuda-graphs", is_flag=True)
+@PROVIDERS
 @click.option("--layers", is_flag=True, help="trt backend: per-layer times (IProfiler) and an engine-inspector dump.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
 @click.option("--trace", "trace_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a Chrome trace (open in Perfetto or chrome://tracing).")
 def profile(bundle, backend, checkpoint, trust_checkpoint, batches, runs, warmup, cfg, top_k, top_p, no_cuda_graphs,
-            layers, json_out, trace_out) -> None:
+            providers, layers, json_out, trace_out) -> None:
     """Per-step latency of the generation loop: p50/p90/p99, time to first scale, images/s."""
     from imagefolder.runtime.loop import GenerationParams
     from imagefolder.runtime.profiler import profile_generation
 
     sizes = parse_ints(batches, "batch size")
     params = run_cli(GenerationParams, cfg=cfg, top_k=top_k, top_p=top_p, seed=0)
-    engine = run_cli(open_backend, bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs, layers)
+    engine = run_cli(open_backend, bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs, layers,
+                     ort_providers(providers))
     if layers and engine.name != "trt":
         engine.close()
         raise click.UsageError("--layers needs the trt backend (TensorRT's per-layer profiler)")
