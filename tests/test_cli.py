@@ -175,3 +175,15 @@ def test_console_scripts_are_installed():
 def test_layer_profile_needs_trt(workspace):
     result = run(main, ["profile", "--bundle", workspace[0] / "bundle", "--backend", "ort", "--layers"], ok=False)
     assert result.exit_code == 2 and "trt backend" in result.output
+
+
+def test_ort_providers_are_selectable_and_checked(workspace, tmp_path):
+    bundle = workspace[0] / "bundle"
+    ok = run(main, ["generate", "--bundle", bundle, "--backend", "ort", "--providers", "cpu", "-o", tmp_path / "a.png"])
+    assert "wrote" in ok.output
+    missing = run(main, ["generate", "--bundle", bundle, "--backend", "ort", "--providers", "tensorrt,cpu",
+                         "-o", tmp_path / "b.png"], ok=False)
+    assert missing.exit_code == 1 and "TensorrtExecutionProvider" in missing.output and "available" in missing.output
+    bad = run(main, ["generate", "--bundle", bundle, "--providers", "rocm", "-o", tmp_path / "c.png"], ok=False)
+    assert bad.exit_code == 2 and "rocm" in bad.output
+    assert not (tmp_path / "b.png").exists() and not (tmp_path / "c.png").exists()
