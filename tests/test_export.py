@@ -172,3 +172,17 @@ def test_fold_graph_matches_tokenizer_at_every_scale(models):
             ref_next = tokenizer.next_scale_input(expected, si + 1).repeat(2, 1, 1)
             np.testing.assert_allclose(x_next.numpy(), ref_next.numpy(), atol=1e-5)
         f_hat = f_out
+
+
+def test_default_bundle_passes_the_tensorrt_operator_check(tmp_path):
+    """The bundle of the shipped default model: every graph parses on TensorRT 10.3 (operator check)."""
+    from imagefolder.default_model import load_models
+
+    config, tokenizer, generator, source = load_models()
+    out = export_bundle(tmp_path / "default", tokenizer, generator, config, source=source, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["checkpoint"] == "default"
+    for name in S.GRAPH_NAMES:
+        report = check_operators(out / f"{name}.onnx")
+        assert report.ok, (name, report.summary())
+        assert manifest["graphs"][name]["operators"]["ok"]

@@ -21,7 +21,13 @@ from imagefolder.train.losses import (
     hinge_d_loss,
     ssim,
 )
-from imagefolder.train.tokenizer import TokenizerTrainConfig, TokenizerTrainer, train_tokenizer
+from imagefolder.train.tokenizer import (
+    TokenizerTrainConfig,
+    TokenizerTrainer,
+    latent_warmup_loss,
+    sincos_2d,
+    train_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +74,29 @@ def test_resume_is_bit_identical(tmp_path, teacher_path):
         assert torch.equal(value, resumed.ema.state_dict()[name]), f"ema.{name}"
     assert torch.equal(straight.lecam.ema_real, resumed.lecam.ema_real)
     assert (tmp_path / "b" / "tokenizer.safetensors").is_file()
+
+
+def test_from_scratch_init_and_latent_warmup(tmp_path):
+    opts = _opts(tmp_path, "none", perceptual="none", sem_weight=0, disc_weight=0, latent_warmup=4)
+    trainer = TokenizerTrainer(opts, tiny(), DistEnv())
+    tok = trainer.tokenizer
+    assert torch.all(tok.encoder.model.blocks[0].ls1.gamma == 1.0)
+    assert torch.allclose(tok.decoder.model.pos_embed[0, 1:], sincos_2d(tok.cfg.grid, tok.cfg.width))
+    img = trainer.next_batch()
+    rows = [trainer.step(img) for _ in range(5)]
+    # Weight 1 -> 0 over the first 4 steps; off afterwards.
+    assert all("latent_warmup" in r for r in rows[:4]) and "latent_warmup" not in rows[4]
+    # The loss is the MSE of f's first 3 channels against the K×K area-downsampled image.
+    k = tok.cfg.latent_size
+    tokens = tok.encoder(img)
+    f = torch.cat(tok.encode(img), dim=0)[:, :3]  # (nb·B, 3, K, K), branch-major
+    target = torch.nn.functional.adaptive_avg_pool2d(img, k).repeat(tok.cfg.num_branches, 1, 1, 1)
+    assert torch.allclose(latent_warmup_loss(tok, tokens, img), (f - target).square().mean(), atol=1e-6)
+    plain = {"perceptual": "none", "sem_weight": 0, "disc_weight": 0}
+    off_opts = _opts(tmp_path / "off", "none", latent_warmup=0, layer_scale_init=1e-5, sincos_pos=False, **plain)
+    off = TokenizerTrainer(off_opts, tiny(), DistEnv())
+    assert torch.all(off.tokenizer.encoder.model.blocks[0].ls1.gamma == 1e-5)
+    assert "latent_warmup" not in off.step(img)
 
 
 # ----- losses

@@ -15,6 +15,9 @@ Generator-side loss per step:
 - discriminator: hinge on DiffAug'd real and reconstructed images plus ``lecam_weight``·LeCAM, AdamW
   with weight decay, started at ``disc_start``;
 - model EMA of the tokenizer; the exported weights are the EMA's (the generator trains on them).
+- not official, for training from nothing (the official tokenizer starts from DINOv2): LayerScale γ = 1
+  and 2D sin-cos grid positions (``init_from_scratch``), and the latent warm-up loss for the first
+  ``latent_warmup`` steps (``latent_warmup_loss``).
 
 Substitutes for weights that cannot ship (LPIPS, DINO discriminator, DINOv2 teacher) are described
 in ``imagefolder.train.losses``.
@@ -84,6 +87,14 @@ class TokenizerTrainConfig:
     warmup: int = 100
     final_lr: float = 0.05  # cosine decay to this fraction of lr
     ema_decay: float = 0.999
+    # From-scratch initialisation (see ``init_from_scratch``): LayerScale γ (DINOv2's 1e-5 is its
+    # fine-tuning value and stalls a small model trained from nothing) and 2D sin-cos grid positions.
+    layer_scale_init: float = 1.0
+    sincos_pos: bool = True
+    # Latent warm-up (see ``latent_warmup_loss``): weight at step 0, decayed linearly to 0 at step
+    # ``latent_warmup``; 0 turns it off.
+    latent_warmup: int = 1000
+    latent_warmup_weight: float = 1.0
     perceptual: str = "auto"  # auto | lpips | structure | none
     perceptual_weight: float = 1.0
     teacher: str = "none"  # none | auto | dinov2 | builtin | path to a classifier
@@ -100,6 +111,57 @@ class TokenizerTrainConfig:
     resume: bool = True
 
 
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """2D sin-cos position table (G², W): a quarter of the channels each for sin/cos of row and column."""
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
+    r, c = torch.outer(rows.flatten(), omega), torch.outer(cols.flatten(), omega)
+    table = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1).float()
+    return F.pad(table, (0, width - table.shape[1]))
+
+
+@torch.no_grad()
+def init_from_scratch(tokenizer: Tokenizer, layer_scale: float, sincos_pos: bool) -> None:
+    """Initialisation for training a tokenizer from nothing (not part of the official, fine-tuned recipe).
+
+    - every LayerScale γ set to ``layer_scale`` (the module default, 1e-5, is DINOv2's and leaves the
+      residual branches silent for hundreds of steps of a small CPU run);
+    - with ``sincos_pos``, the grid position embeddings of encoder and decoder are a fixed-amplitude
+      2D sin-cos table (still trained): the K×K latent positions are resampled from it, so latents
+      and patches start with matching, distinct positions instead of 0.02-std noise.
+    """
+    from imagefolder.models.vit import LayerScale, VisionTransformer
+
+    for part in (tokenizer.encoder, tokenizer.decoder):  # not the frozen teacher
+        for m in part.modules():
+            if isinstance(m, LayerScale):
+                m.gamma.fill_(layer_scale)
+            if sincos_pos and isinstance(m, VisionTransformer):
+                m.pos_embed[0, 1:] = sincos_2d(m.grid, m.pos_embed.shape[-1]).to(m.pos_embed.dtype)
+
+
+def latent_warmup_loss(tokenizer: Tokenizer, latent_tokens: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+    """MSE between the first 3 channels of every branch's latent f and the image area-downsampled to K×K.
+
+    Not part of the official recipe. A ViT tokenizer trained from scratch starts at a symmetric point:
+    the encoder's latent tokens attend uniformly (so they carry only image-wide statistics) and the
+    decoder has no reason to read them position by position, so the reconstruction stays at the
+    per-image mean colour for hundreds of steps. Asking each latent to hold its own region's colour
+    breaks the symmetry at once; the weight decays to 0 so the rest of the run is the plain recipe.
+
+    Args:
+        latent_tokens: the encoder's output (B, nb·K², W) of the same forward.
+        img: (B, 3, H, W) in [-1, 1].
+    """
+    k, nb = tokenizer.cfg.latent_size, tokenizer.cfg.num_branches
+    f = F.linear(latent_tokens, tokenizer.quant_conv.weight.flatten(1), tokenizer.quant_conv.bias)  # (B, nb·K², Z)
+    target = F.adaptive_avg_pool2d(img, k).flatten(2).transpose(1, 2)  # (B, K², 3)
+    return F.mse_loss(f[..., :3], target.repeat(1, nb, 1))
+
+
 class TokenizerTrainer:
     """Owns tokenizer, EMA, discriminator, optimizers and data stream; ``step`` is one optimisation step."""
 
@@ -107,7 +169,9 @@ class TokenizerTrainer:
         self.opts, self.config, self.env = opts, config, env
         dev = env.device
         torch.manual_seed(opts.seed)  # identical initial weights on every rank
-        tokenizer = Tokenizer(config.tokenizer).to(dev).train()
+        tokenizer = Tokenizer(config.tokenizer)
+        init_from_scratch(tokenizer, opts.layer_scale_init, opts.sincos_pos)
+        tokenizer = tokenizer.to(dev).train()
         self.ema = ModelEMA(tokenizer, opts.ema_decay)
         self.disc = PatchDiscriminator().to(dev).train() if opts.disc_weight > 0 else None
         self.lecam = LeCAM().to(dev)
@@ -135,6 +199,18 @@ class TokenizerTrainer:
         self.dataset = open_dataset(opts.data, config.tokenizer.image_size)
         self.stream = IndexStream(len(self.dataset), opts.seed)
         self.step_count = 0
+        # The encoder's latent tokens of the current forward, for the latent warm-up loss.
+        self._latent_tokens: torch.Tensor | None = None
+        tokenizer.encoder.register_forward_hook(self._keep_latent_tokens)
+
+    def _keep_latent_tokens(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._latent_tokens = output if self._warmup_weight() > 0 else None
+
+    def _warmup_weight(self) -> float:
+        opts = self.opts
+        if opts.latent_warmup <= 0 or self.step_count >= opts.latent_warmup or self.config.tokenizer.code_dim < 3:
+            return 0.0
+        return opts.latent_warmup_weight * (1 - self.step_count / opts.latent_warmup)
 
     def _build_teacher(self, tokenizer: Tokenizer) -> tuple[nn.Module | None, nn.Module | None, bool]:
         # -> (external teacher, its adaptor to the tokenizer width, whether the semantic loss is on)
@@ -187,6 +263,12 @@ class TokenizerTrainer:
             metrics["perceptual"] = perc.item()
         loss = nll + vq["codebook"] + vq["commit"]
         metrics.update(codebook=vq["codebook"].item(), commit=vq["commit"].item())
+        warm = self._warmup_weight()
+        if warm > 0 and self._latent_tokens is not None:
+            aux = latent_warmup_loss(unwrap(self.tokenizer), self._latent_tokens, img)
+            loss = loss + warm * aux
+            metrics["latent_warmup"] = aux.item()
+        self._latent_tokens = None
         if self.semantic:
             dropped = int(cfg.codebook_drop * b)  # quantizer-dropout samples are left out
             student = fhat_sem[dropped:].mean(dim=(2, 3))  # (b', Z)
