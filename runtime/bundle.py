@@ -113,6 +113,10 @@ class Bundle:
         return int(self.model["generator"]["num_branches"])
 
     @property
+    def codebook_size(self) -> int:
+        return int(self.model["generator"]["codebook_size"])
+
+    @property
     def image_size(self) -> int:
         return int(self.model["tokenizer"]["image_size"])
 

@@ -311,3 +311,36 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def run_training(trainer, opts, env: DistEnv, desc: str, export_name: str, show: tuple[str, ...],
+                 progress: bool = True):
+    """The loop both trainers share: resume, step until ``opts.steps`` (or ``opts.stop_at``), log,
+    save every ``opts.save_every`` steps, and export ``export_name`` when the schedule is complete.
+
+    ``trainer`` provides ``step() -> metrics row``, ``step_count``, ``state_path``, ``load_state``,
+    ``save`` and ``export(path)``; ``show`` names the row entries shown on the progress bar.
+    """
+    from tqdm import tqdm
+
+    if opts.resume and trainer.state_path.is_file():
+        trainer.load_state(load_training_state(trainer.state_path))
+        log.info("resumed %s at step %d", trainer.state_path, trainer.step_count)
+    metrics = MetricsLog(opts.out, env)
+    last = opts.steps if opts.stop_at is None else min(opts.steps, opts.stop_at)
+    bar = tqdm(total=opts.steps, initial=trainer.step_count, disable=not (progress and env.is_main), desc=desc)
+    while trainer.step_count < last:
+        row = trainer.step()
+        bar.update(1)
+        step = trainer.step_count
+        if step % opts.log_every == 0 or step == last:
+            row["loss"] = all_reduce_mean(torch.tensor(row["loss"]), env).item()
+            metrics.log(step, row)
+            bar.set_postfix({key: f"{row[key]:.4f}" for key in show})
+        if step % opts.save_every == 0 or step == last:
+            trainer.save()
+    bar.close()
+    metrics.close()
+    if trainer.step_count >= opts.steps and env.is_main:
+        trainer.export(Path(opts.out) / export_name)
+    return trainer

@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from imagefolder.configs import ModelConfig
 from imagefolder.data import collate, open_dataset
@@ -35,13 +34,11 @@ from imagefolder.models.tokenizer import Tokenizer
 from imagefolder.train.common import (
     DistEnv,
     IndexStream,
-    MetricsLog,
     TrainingStateError,
     adamw,
-    all_reduce_mean,
-    load_training_state,
     lr_factor,
     rng_state,
+    run_training,
     save_training_state,
     seed_everything,
     set_lr,
@@ -215,24 +212,4 @@ def train_generator(
     tok_config, tokenizer = load_frozen_tokenizer(opts.tokenizer, env.device)
     config = config or tok_config
     trainer = GeneratorTrainer(opts, config, tokenizer, env)
-    if opts.resume and trainer.state_path.is_file():
-        trainer.load_state(load_training_state(trainer.state_path))
-        log.info("resumed %s at step %d", trainer.state_path, trainer.step_count)
-    metrics = MetricsLog(opts.out, env)
-    last = opts.steps if opts.stop_at is None else min(opts.steps, opts.stop_at)
-    bar = tqdm(total=opts.steps, initial=trainer.step_count, disable=not (progress and env.is_main), desc="generator")
-    while trainer.step_count < last:
-        row = trainer.step()
-        bar.update(1)
-        step = trainer.step_count
-        if step % opts.log_every == 0 or step == last:
-            row["loss"] = all_reduce_mean(torch.tensor(row["loss"]), env).item()
-            metrics.log(step, row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['token_acc']:.3f}")
-        if step % opts.save_every == 0 or step == last:
-            trainer.save()
-    bar.close()
-    metrics.close()
-    if trainer.step_count >= opts.steps and env.is_main:
-        trainer.export(Path(opts.out) / "model.safetensors")
-    return trainer
+    return run_training(trainer, opts, env, "generator", "model.safetensors", ("loss", "token_acc"), progress)

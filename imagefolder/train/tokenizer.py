@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from imagefolder.configs import ModelConfig
 from imagefolder.data import collate, open_dataset
@@ -43,14 +42,13 @@ from imagefolder.models.tokenizer import Tokenizer
 from imagefolder.train.common import (
     DistEnv,
     IndexStream,
-    MetricsLog,
     ModelEMA,
     TrainingStateError,
     adamw,
     all_reduce_mean,
-    load_training_state,
     lr_factor,
     rng_state,
+    run_training,
     save_training_state,
     seed_everything,
     set_lr,
@@ -373,24 +371,4 @@ def train_tokenizer(
 ) -> TokenizerTrainer:
     """Run (or resume) a tokenizer training; exports ``tokenizer.safetensors`` (EMA) when finished."""
     trainer = TokenizerTrainer(opts, config, env)
-    if opts.resume and trainer.state_path.is_file():
-        trainer.load_state(load_training_state(trainer.state_path))
-        log.info("resumed %s at step %d", trainer.state_path, trainer.step_count)
-    metrics = MetricsLog(opts.out, env)
-    last = opts.steps if opts.stop_at is None else min(opts.steps, opts.stop_at)
-    bar = tqdm(total=opts.steps, initial=trainer.step_count, disable=not (progress and env.is_main), desc="tokenizer")
-    while trainer.step_count < last:
-        row = trainer.step()
-        bar.update(1)
-        step = trainer.step_count
-        if step % opts.log_every == 0 or step == last:
-            row["loss"] = all_reduce_mean(torch.tensor(row["loss"]), env).item()
-            metrics.log(step, row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", mse=f"{row['mse']:.4f}")
-        if step % opts.save_every == 0 or step == last:
-            trainer.save()
-    bar.close()
-    metrics.close()
-    if trainer.step_count >= opts.steps and env.is_main:
-        trainer.export(Path(opts.out) / "tokenizer.safetensors")
-    return trainer
+    return run_training(trainer, opts, env, "tokenizer", "tokenizer.safetensors", ("loss", "mse"), progress)

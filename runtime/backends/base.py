@@ -19,9 +19,12 @@ Order of calls for one generation (``runtime.loop.generate``)::
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from imagefolder.runtime.bundle import Bundle
 
 
 class DeviceTimer(Protocol):
@@ -97,3 +100,29 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class BundleFacts:
+    """The model facts of ``Backend``, read from the ``bundle`` attribute (the ort and trt backends)."""
+
+    bundle: Bundle
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return self.bundle.scales
+
+    @property
+    def num_classes(self) -> int:
+        return self.bundle.num_classes
+
+    @property
+    def candidates(self) -> int:
+        return self.bundle.candidates
+
+    @property
+    def codebook_size(self) -> int:
+        return self.bundle.codebook_size
+
+    @property
+    def image_size(self) -> int:
+        return self.bundle.image_size

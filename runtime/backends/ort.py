@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from imagefolder.export.specs import scale_positions
+from imagefolder.runtime.backends.base import BundleFacts
 from imagefolder.runtime.bundle import Bundle, load_bundle
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def check_providers(providers: list | tuple | None) -> list:
     return providers
 
 
-class OrtBackend:
+class OrtBackend(BundleFacts):
     """Runs a bundle with ONNX Runtime: one ``InferenceSession`` per graph, created on first use.
 
     Args:
@@ -70,26 +71,6 @@ class OrtBackend:
                 raise OrtBackendError(f"threads must be ≥ 1, got {threads}")
             self._options.intra_op_num_threads = threads
         self._graphs: dict[str, ort.InferenceSession] = {}
-
-    @property
-    def scales(self) -> tuple[int, ...]:
-        return self.bundle.scales
-
-    @property
-    def num_classes(self) -> int:
-        return self.bundle.num_classes
-
-    @property
-    def candidates(self) -> int:
-        return self.bundle.candidates
-
-    @property
-    def codebook_size(self) -> int:
-        return self.bundle.model["generator"]["codebook_size"]
-
-    @property
-    def image_size(self) -> int:
-        return self.bundle.image_size
 
     def graph(self, name: str) -> ort.InferenceSession:
         """The ``InferenceSession`` of one graph, created the first time it is asked for."""

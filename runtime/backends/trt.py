@@ -27,6 +27,7 @@ import numpy as np
 from imagefolder.export.trt_build import BUILD_FORMAT, BUILD_RECORD, ENGINE_DIR, import_tensorrt
 from imagefolder.io import atomic_write_text, sha256_file
 from imagefolder.runtime import cuda
+from imagefolder.runtime.backends.base import BundleFacts
 from imagefolder.runtime.bundle import Bundle, load_bundle
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ def _bundle(bundle: Bundle | str | Path) -> Bundle:
     return bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=False)
 
 
-class TrtBackend:
+class TrtBackend(BundleFacts):
     """Runs a bundle's TensorRT engines; see ``runtime.backends.base.Backend``.
 
     Args:
@@ -318,26 +319,6 @@ class TrtBackend:
             self.close()
             raise
         log.info("TensorRT %s: loaded %s, scratch %.1f MiB", trt.__version__, ", ".join(self.engines), size / 2**20)
-
-    @property
-    def scales(self) -> tuple[int, ...]:
-        return self.bundle.scales
-
-    @property
-    def num_classes(self) -> int:
-        return self.bundle.num_classes
-
-    @property
-    def candidates(self) -> int:
-        return self.bundle.candidates
-
-    @property
-    def codebook_size(self) -> int:
-        return self.bundle.model["generator"]["codebook_size"]
-
-    @property
-    def image_size(self) -> int:
-        return self.bundle.image_size
 
     # -- helpers -------------------------------------------------------------------------------------------------------
 
