@@ -187,3 +187,19 @@ def test_ort_providers_are_selectable_and_checked(workspace, tmp_path):
     bad = run(main, ["generate", "--bundle", bundle, "--providers", "rocm", "-o", tmp_path / "c.png"], ok=False)
     assert bad.exit_code == 2 and "rocm" in bad.output
     assert not (tmp_path / "b.png").exists() and not (tmp_path / "c.png").exists()
+
+
+def test_generate_with_no_other_argument_uses_the_default_model(tmp_path, monkeypatch):
+    """`imagefolder generate --class 3 -o out.png` on a fresh install: the shipped model, a class-3 picture."""
+    import torch
+
+    from imagefolder.runtime.images import load_images
+    from imagefolder.train.classifier import default_classifier_path, load_classifier
+
+    monkeypatch.chdir(tmp_path)
+    result = run(main, ["generate", "--class", "3", "-o", "out.png"])
+    assert "classes [3]" in result.output
+    judge = load_classifier(default_classifier_path())
+    with torch.no_grad():
+        logits = judge(torch.from_numpy(load_images([tmp_path / "out.png"], 64)))
+    assert int(logits.argmax()) == 3  # the shipped classifier sees a plus sign (class 3)
