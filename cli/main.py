@@ -5,6 +5,7 @@ Thin layer: each command parses its options, calls one library function, and pri
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import click
@@ -25,7 +26,27 @@ TRUST = click.option("--trust-checkpoint", is_flag=True,
                      help="Allow arbitrary pickled objects in an official checkpoint (only for trusted files).")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Loads the training commands (which need torch) only when one of them is asked for, so the
+    runtime commands start fast and work where torch is absent or broken."""
+
+    LAZY = {"train": ("imagefolder.cli.train", "train_group"), "eval": ("imagefolder.cli.train", "eval_command")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.LAZY:
+            return super().get_command(ctx, name)
+        module, attribute = self.LAZY[name]
+        try:
+            return getattr(importlib.import_module(module), attribute)
+        except ImportError as err:
+            message = f"`imagefolder {name}` needs PyTorch: pip install 'imagefolder[train]' ({err})"
+            raise click.ClickException(message) from err
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="-v for progress details, -vv for debug logs.")
 @click.version_option(package_name="imagefolder")
 def main(verbose: int) -> None:
@@ -187,15 +208,3 @@ def convert(source, destination, trust_checkpoint) -> None:
 
     out = run_cli(convert_checkpoint, source, destination, trust_checkpoint=trust_checkpoint)
     click.echo(f"wrote {out} and {Path(out).with_suffix('.json')}")
-
-
-def _register_training() -> None:
-    try:
-        from imagefolder.cli.train import eval_command, train_group
-    except ImportError:  # the training commands need torch; the runtime install has none
-        return
-    main.add_command(train_group, "train")
-    main.add_command(eval_command, "eval")
-
-
-_register_training()

@@ -12,6 +12,10 @@ MODULES = (
     "imagefolder.runtime.backends.ort",
     "imagefolder.runtime.profiler",
     "imagefolder.runtime.sampler",
+    "imagefolder.runtime.images",
+    "imagefolder.runtime.backends.trt",
+    "imagefolder.cli.main",  # the runtime commands start without torch; train/eval load it lazily
+    "imagefolder.cli.export",
 )
 
 
