@@ -203,3 +203,15 @@ def test_generate_with_no_other_argument_uses_the_default_model(tmp_path, monkey
     with torch.no_grad():
         logits = judge(torch.from_numpy(load_images([tmp_path / "out.png"], 64)))
     assert int(logits.argmax()) == 3  # the shipped classifier sees a plus sign (class 3)
+
+
+def test_export_and_profile_the_default_model(tmp_path):
+    run(export_main, ["onnx", "--out", tmp_path / "bundle"])  # no --checkpoint: the shipped default model
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["source"]["checkpoint"] == "default" and manifest["name"] == "tiny"
+    result = run(main, ["profile", "--bundle", tmp_path / "bundle", "--backend", "ort", "--runs", 2, "--warmup", 1,
+                        "--json", tmp_path / "p.json", "--trace", tmp_path / "t.json"])
+    assert "p50" in result.output and "images/s" in result.output
+    report = json.loads((tmp_path / "p.json").read_text())
+    trace = json.loads((tmp_path / "t.json").read_text())
+    assert report and any(e["name"].startswith("step") for e in trace["traceEvents"])
