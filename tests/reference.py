@@ -1,21 +1,21 @@
-"""Access to the shared reference files (``shared/`` lies beside the repository, in CI too)."""
+"""The reference facts the tests compare against, carried inside the repository (``tests/data``).
+
+A user's clone has nothing beside it, so the official state-dict listing and the TensorRT API
+listings are copies kept here; ``tests/test_repository_confined.py`` fails if a test reaches outside.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-
-def shared_dir() -> Path:
-    env = os.environ.get("IMAGEFOLDER_SHARED")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared"
+DATA = Path(__file__).resolve().parent / "data"
+OFFICIAL_KEYS = DATA / "official-state-dict-keys.txt"
+TENSORRT_API = DATA / "tensorrt-api"
 
 
 def official_keys(section: str) -> list[tuple[str, tuple[int, ...], str]]:
     """(key, shape, dtype) of the ``VAE`` or ``VAR`` section of official-state-dict-keys.txt."""
-    text = (shared_dir() / "reference" / "official-state-dict-keys.txt").read_text()
+    text = OFFICIAL_KEYS.read_text()
     body = text.split(f"### {section}:")[1].split("###")[0]
     rows = []
     for line in body.splitlines()[1:]:

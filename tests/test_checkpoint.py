@@ -21,7 +21,7 @@ from imagefolder.configs import PRESETS, ModelConfig, official, tiny
 from imagefolder.io import atomic_write
 from imagefolder.models.generator import Generator
 from imagefolder.models.tokenizer import Tokenizer
-from tests.reference import official_keys, shared_dir
+from tests.reference import official_keys
 
 
 class Marker:
@@ -129,9 +129,6 @@ def test_official_width_generator_bare_state_dict(tmp_path):
 
 def test_infer_config_from_official_key_listing():
     """The shapes of the real official state dicts (the reference listing) give the d17 preset."""
-    if not (shared_dir() / "reference" / "official-state-dict-keys.txt").is_file():
-        pytest.skip("official key listing not found")
-
     def meta_state(section):
         dtypes = {"torch.float32": torch.float32, "torch.int64": torch.int64}
         return {k: torch.empty(shape, dtype=dtypes[dt], device="meta") for k, shape, dt in official_keys(section)}

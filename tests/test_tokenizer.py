@@ -3,10 +3,7 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,26 +14,7 @@ from imagefolder.models.quantizer import MultiScaleQuantizer, sample_keep_scales
 from imagefolder.models.tokenizer import Tokenizer
 from imagefolder.models.vit import LayerScale, resample_grid_pos_embed
 from imagefolder.resample import apply_matrix, area_matrix, bicubic_matrix
-
-KEYS_FILE = "reference/official-state-dict-keys.txt"
-
-
-def _reference_keys() -> list[tuple[str, tuple[int, ...], str]]:
-    candidates = [Path(__file__).resolve().parents[1].parent / "shared" / KEYS_FILE]
-    if "IMAGEFOLDER_SHARED" in os.environ:
-        candidates.append(Path(os.environ["IMAGEFOLDER_SHARED"]) / KEYS_FILE)
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        pytest.skip(f"official key listing not found in {[str(p) for p in candidates]}")
-    rows, in_vae = [], False
-    for line in path.read_text().splitlines():
-        if line.startswith("###"):
-            in_vae = line.startswith("### VAE")
-            continue
-        if in_vae and line.strip():
-            key, shape, dtype = line.split("\t")
-            rows.append((key, tuple(ast.literal_eval(shape)), dtype))
-    return rows
+from tests.reference import official_keys
 
 
 def _layout(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
@@ -65,7 +43,7 @@ def _random_tokenizer(cfg, seed: int = 0) -> Tokenizer:
 
 
 def test_official_state_dict_matches_reference():
-    assert _layout(_meta_tokenizer(4096)) == _reference_keys()
+    assert _layout(_meta_tokenizer(4096)) == official_keys("VAE")
 
 
 @pytest.mark.parametrize("codebook_size", [8192, 16384])

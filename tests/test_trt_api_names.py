@@ -17,26 +17,16 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from imagefolder.export.trt_build import VERSIONED_NAMES
+from tests.reference import TENSORRT_API
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = (ROOT / "export" / "trt_build.py", ROOT / "runtime" / "backends" / "trt.py")
 VERSIONS = {"10.3": 10, "11.4": 11}
-
-
-def _listing_dir() -> Path:
-    candidates = [ROOT / "shared" / "reference" / "tensorrt-api", ROOT.parent / "shared" / "reference" / "tensorrt-api"]
-    if "IMAGEFOLDER_SHARED" in os.environ:
-        candidates.insert(0, Path(os.environ["IMAGEFOLDER_SHARED"]) / "reference" / "tensorrt-api")
-    found = next((p for p in candidates if (p / "identifiers-10.3.txt").is_file()), None)
-    if found is None:
-        pytest.skip(f"TensorRT API listings not found in {[str(p) for p in candidates]}")
-    return found
 
 
 class Api:
@@ -59,7 +49,7 @@ class Api:
 
 @pytest.fixture(scope="module")
 def apis() -> dict[str, Api]:
-    folder = _listing_dir()
+    folder = TENSORRT_API
     return {v: Api(folder, v) for v in VERSIONS}
 
 
