@@ -2,50 +2,103 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import os
+import signal
+import sys
+import threading
+import traceback
 from pathlib import Path
 
 import click
 
+from imagefolder.errors import ImagefolderError, InputError, MissingDependency
+
 BACKENDS = ("auto", "ort", "trt", "torch")
 
 
+_verbosity = 0
+
+
 def setup_logging(verbose: int) -> None:
+    global _verbosity
+    _verbosity = max(_verbosity, verbose)
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input, not a bug: shown as one line, exit code 1."""
-    from imagefolder.runtime.bundle import BundleError
+class CommandGroup(click.Group):
+    """A click group that reports every user error once: ``Error: ...`` on one line, exit code 1.
 
-    errors: list[type[BaseException]] = [BundleError, ValueError, FileNotFoundError, KeyError]
-    for module, name in (
-        ("imagefolder.checkpoint", "CheckpointError"),
-        ("imagefolder.export.onnx_export", "ExportError"),
-        ("imagefolder.export.trt_build", "TensorRTUnavailable"),
-        ("imagefolder.export.trt_build", "EngineBuildError"),
-        ("imagefolder.runtime.backends.trt", "EngineMismatch"),
-        ("imagefolder.runtime.backends.ort", "OrtBackendError"),
-        ("imagefolder.runtime.cuda", "CudaUnavailable"),
-        ("imagefolder.runtime.cuda", "CudaError"),
-        ("imagefolder.default_model", "DefaultModelMissing"),
-    ):
+    User errors are ``ImagefolderError`` (wrong files and values, missing packages, engines built
+    elsewhere) and ``OSError`` on the paths a user names; ``-vv`` prints the traceback too. Ctrl-C
+    anywhere ends the command with ``Aborted`` and exit code 130, after the files being written
+    were discarded (atomic writes clean up on the way out), never with a crash of the interpreter.
+    """
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        previous = _catch_interrupts()
         try:
-            errors.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            _abort()
+        except click.ClickException as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except (ImagefolderError, OSError) as err:
+            if _interrupted:
+                _abort()
+            _report(err)
+            sys.exit(1)
+        except BaseException:
+            if _interrupted:  # an interrupt inside a C extension can surface as another exception
+                _abort()
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
-def run_cli(fn, *args, **kwargs):
-    """Call a library function and turn user errors into a clean message (exit code 1)."""
-    try:
-        return fn(*args, **kwargs)
-    except user_errors() as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        raise click.ClickException(str(message)) from err
+_interrupted = False
+
+
+def _on_interrupt(signum, frame) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def _catch_interrupts():
+    """Install the SIGINT handler (main thread only); returns the handler it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, _on_interrupt)
+
+
+def _abort() -> None:
+    """Leave at once with 130: an interrupted import of a C extension can crash the interpreter's shutdown."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(Exception):
+        os.write(2, b"Aborted\n")
+    os._exit(130)
+
+
+def _report(err: BaseException) -> None:
+    if _verbosity >= 2:
+        traceback.print_exc()
+    if isinstance(err, OSError) and not isinstance(err, ImagefolderError):
+        where = f"{err.filename}: " if err.filename else ""
+        message = f"{where}{err.strerror or err}"
+    else:
+        message = str(err)
+    click.echo(f"Error: {message}", err=True)
 
 
 def parse_ints(text: str, what: str) -> list[int]:
@@ -81,7 +134,7 @@ def open_backend(bundle: Path | None, backend: str, checkpoint: Path | None = No
     bundle; with no bundle, the PyTorch reference on ``checkpoint`` (or the default model).
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         if bundle is None:
             backend = "torch"
@@ -90,7 +143,7 @@ def open_backend(bundle: Path | None, backend: str, checkpoint: Path | None = No
         else:
             backend = "ort"
     if backend in ("ort", "trt") and bundle is None:
-        raise ValueError(f"--backend {backend} needs --bundle DIR (made by `imagefolder-export onnx`)")
+        raise InputError(f"--backend {backend} needs --bundle DIR (made by `imagefolder-export onnx`)")
     if backend == "ort":
         from imagefolder.runtime.backends.ort import OrtBackend
         from imagefolder.runtime.bundle import load_bundle
@@ -106,7 +159,7 @@ def open_backend(bundle: Path | None, backend: str, checkpoint: Path | None = No
 
 def open_torch_backend(bundle: Path | None, checkpoint: Path | None, trust_checkpoint: bool):
     if importlib.util.find_spec("torch") is None:
-        raise ValueError("--backend torch needs PyTorch: pip install 'imagefolder[torch]'")
+        raise MissingDependency("PyTorch", "torch", purpose="for --backend torch")
     from imagefolder.default_model import load_models
     from imagefolder.export.onnx_export import default_candidates
     from imagefolder.runtime.backends.torch_backend import TorchBackend

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from imagefolder.cli.common import parse_ints, run_cli, setup_logging
+from imagefolder.cli.common import CommandGroup, parse_ints, setup_logging
 
 BUNDLE_ARG = click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True)
 @click.version_option(package_name="imagefolder")
 def main(verbose: int) -> None:
@@ -35,8 +35,8 @@ def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candida
     from imagefolder.default_model import load_models
     from imagefolder.export.onnx_export import export_bundle
 
-    config, tokenizer, generator, source = run_cli(load_models, checkpoint, trust_checkpoint)
-    out = run_cli(export_bundle, out_dir, tokenizer, generator, config, dtype=dtype, opset=opset,
+    config, tokenizer, generator, source = load_models(checkpoint, trust_checkpoint)
+    out = export_bundle(out_dir, tokenizer, generator, config, dtype=dtype, opset=opset,
                   batch_max=batch_max, candidates=candidates, source=source)
     click.echo(f"wrote bundle {out} ({config.name}, {dtype}, opset {opset})")
 
@@ -53,11 +53,11 @@ def check(bundle, backend, checkpoint, trust_checkpoint) -> None:
     if backend == "trt":
         from imagefolder.export.trt_check import check_engines
 
-        report = run_cli(check_engines, bundle)
+        report = check_engines(bundle)
     else:
         from imagefolder.export.check import check_bundle
 
-        report = run_cli(check_bundle, bundle, checkpoint, trust_checkpoint)
+        report = check_bundle(bundle, checkpoint, trust_checkpoint)
     click.echo(report.table())
     if not report.ok:
         raise click.ClickException("some outputs exceed their tolerance (see the table)")
@@ -79,7 +79,7 @@ def trt(bundle, batches, workspace_mib, opt_level, timing_cache, dla_core, hardw
     """Build TensorRT engines for every graph into BUNDLE/engines (run this on the target GPU)."""
     from imagefolder.export.trt_build import build_engines
 
-    out = run_cli(build_engines, bundle, batches=parse_ints(batches, "batch size"), workspace_mib=workspace_mib,
+    out = build_engines(bundle, batches=parse_ints(batches, "batch size"), workspace_mib=workspace_mib,
                   opt_level=opt_level, timing_cache=timing_cache, dla_core=dla_core, hardware_compat=hardware_compat,
                   version_compat=version_compat, verbose=trt_verbose, progress=True)
     click.echo(f"wrote engines to {out}")
@@ -93,5 +93,5 @@ def triton(bundle, out_dir, batches) -> None:
     """Write a Triton Inference Server model repository (engines + the loop as a Python model)."""
     from imagefolder.export.triton import export_triton_repository
 
-    out = run_cli(export_triton_repository, bundle, out_dir, parse_ints(batches, "batch size"))
+    out = export_triton_repository(bundle, out_dir, parse_ints(batches, "batch size"))
     click.echo(f"wrote Triton repository {out}")

@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from imagefolder.cli.common import BACKENDS, open_backend, ort_providers, parse_ints, run_cli, setup_logging
+from imagefolder.cli.common import BACKENDS, CommandGroup, open_backend, ort_providers, parse_ints, setup_logging
+from imagefolder.errors import InputError, MissingDependency
 
 BUNDLE = click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path),
                       help="Bundle folder from `imagefolder-export onnx` (needed by the ort and trt backends).")
@@ -26,7 +27,7 @@ TRUST = click.option("--trust-checkpoint", is_flag=True,
                      help="Allow arbitrary pickled objects in an official checkpoint (only for trusted files).")
 
 
-class LazyGroup(click.Group):
+class LazyGroup(CommandGroup):
     """Loads the training commands (which need torch) only when one of them is asked for, so the
     runtime commands start fast and work where torch is absent or broken."""
 
@@ -42,8 +43,7 @@ class LazyGroup(click.Group):
         try:
             return getattr(importlib.import_module(module), attribute)
         except ImportError as err:
-            message = f"`imagefolder {name}` needs PyTorch: pip install 'imagefolder[train]' ({err})"
-            raise click.ClickException(message) from err
+            raise MissingDependency("PyTorch", "train", err, purpose=f"(`imagefolder {name}` needs it)") from err
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,17 +77,17 @@ def generate(bundle, backend, checkpoint, trust_checkpoint, classes, seed, cfg, 
     """Generate images of the given classes; several classes make a grid."""
     labels = np.array(parse_ints(classes, "class id"), dtype=np.int64)
     if sampling == "official":
-        images, indices = run_cli(_generate_official, bundle, backend, checkpoint, trust_checkpoint, labels, cfg,
+        images, indices = _generate_official(bundle, backend, checkpoint, trust_checkpoint, labels, cfg,
                                   top_k, top_p, seed)
     else:
         from imagefolder.runtime.loop import GenerationParams
         from imagefolder.runtime.loop import generate as run_generation
 
-        params = run_cli(GenerationParams, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
-        engine = run_cli(open_backend, bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs,
+        params = GenerationParams(cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
+        engine = open_backend(bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs,
                          providers=ort_providers(providers))
         try:
-            result = run_cli(run_generation, engine, labels, params)
+            result = run_generation(engine, labels, params)
         finally:
             engine.close()
         images, indices = result.images, result.indices
@@ -101,7 +101,7 @@ def generate(bundle, backend, checkpoint, trust_checkpoint, classes, seed, cfg, 
 
 def _generate_official(bundle, backend, checkpoint, trust_checkpoint, labels, cfg, top_k, top_p, seed):
     if backend not in ("auto", "torch"):
-        raise ValueError("--sampling official runs on the torch backend only")
+        raise InputError("--sampling official runs on the torch backend only")
     import torch
 
     from imagefolder.default_model import load_models
@@ -131,21 +131,17 @@ def reconstruct(bundle, backend, checkpoint, trust_checkpoint, images, output) -
     """Encode images to indices and decode them back; prints PSNR per image."""
     from imagefolder.runtime.images import load_images, psnr, save_grid
 
-    engine = run_cli(open_backend, bundle, backend, checkpoint, trust_checkpoint)
+    engine = open_backend(bundle, backend, checkpoint, trust_checkpoint)
     try:
-        size = run_cli(_image_size, engine)
+        size = engine.image_size
         batch = load_images(images, size)
-        recon = run_cli(lambda: engine.decode(engine.encode(batch)))
+        recon = engine.decode(engine.encode(batch))
     finally:
         engine.close()
     save_grid(output, np.concatenate([batch, recon]), columns=len(batch))
     for path, value in zip(images, psnr(batch, recon), strict=True):
         click.echo(f"{path}: PSNR {value:.2f} dB")
     click.echo(f"wrote {output}")
-
-
-def _image_size(engine) -> int:
-    return engine.image_size
 
 
 @main.command()
@@ -172,14 +168,14 @@ def profile(bundle, backend, checkpoint, trust_checkpoint, batches, runs, warmup
     from imagefolder.runtime.profiler import profile_generation
 
     sizes = parse_ints(batches, "batch size")
-    params = run_cli(GenerationParams, cfg=cfg, top_k=top_k, top_p=top_p, seed=0)
-    engine = run_cli(open_backend, bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs, layers,
+    params = GenerationParams(cfg=cfg, top_k=top_k, top_p=top_p, seed=0)
+    engine = open_backend(bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs, layers,
                      ort_providers(providers))
     if layers and engine.name != "trt":
         engine.close()
         raise click.UsageError("--layers needs the trt backend (TensorRT's per-layer profiler)")
     try:
-        result = run_cli(profile_generation, engine, sizes, params, runs=runs, warmup=warmup,
+        result = profile_generation(engine, sizes, params, runs=runs, warmup=warmup,
                          progress=lambda text: click.echo(text, err=True))
         if layers:
             from imagefolder.runtime.profiler import layer_table
@@ -206,5 +202,5 @@ def convert(source, destination, trust_checkpoint) -> None:
     """Convert an official checkpoint (ar-ckpt-last.pth, best_ckpt.pt) to safetensors + JSON config."""
     from imagefolder.checkpoint import convert as convert_checkpoint
 
-    out = run_cli(convert_checkpoint, source, destination, trust_checkpoint=trust_checkpoint)
+    out = convert_checkpoint(source, destination, trust_checkpoint=trust_checkpoint)
     click.echo(f"wrote {out} and {Path(out).with_suffix('.json')}")

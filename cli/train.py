@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from imagefolder.cli.common import run_cli, setup_logging
+from imagefolder.cli.common import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def tokenizer_command(preset: str, verbose: int, device: str | None, no_resume: 
     opts = TokenizerTrainConfig(resume=not no_resume, steps=steps or TokenizerTrainConfig.steps, **kw)
     env = setup_distributed(device)
     try:
-        trainer = run_cli(train_tokenizer, opts, env, run_cli(from_name, preset))
+        trainer = train_tokenizer(opts, env, from_name(preset))
     finally:
         cleanup_distributed()
     if env.is_main:
@@ -91,7 +91,7 @@ def generator_command(tokenizer_path: str, verbose: int, device: str | None, no_
                                 steps=steps or GeneratorTrainConfig.steps, **kw)
     env = setup_distributed(device)
     try:
-        trainer = run_cli(train_generator, opts, env)
+        trainer = train_generator(opts, env)
     finally:
         cleanup_distributed()
     if env.is_main:
@@ -111,7 +111,7 @@ def classifier_command(out: str, data: str, steps: int, batch_size: int, lr: flo
     from imagefolder.train.classifier import train_classifier
 
     setup_logging(verbose)
-    _, accuracy = run_cli(train_classifier, data, out, steps, batch_size, lr, seed)
+    _, accuracy = train_classifier(data, out, steps, batch_size, lr, seed)
     click.echo(f"classifier saved to {out}; held-out accuracy {accuracy:.4f}")
 
 
@@ -135,7 +135,7 @@ def eval_command(checkpoint: str | None, data: str, classifier: str | None, num_
                  verbose: int) -> None:
     """Reconstruction PSNR/SSIM on held-out images; class accuracy and classifier Fréchet distance of samples."""
     setup_logging(verbose)
-    result = run_cli(_evaluate, checkpoint, data, classifier, num_images, reconstruction, generation,
+    result = _evaluate(checkpoint, data, classifier, num_images, reconstruction, generation,
                      {"cfg": cfg, "top_k": top_k, "top_p": top_p}, seed)
     text = json.dumps(result, indent=2)
     click.echo(text)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 import imagefolder
 from imagefolder.configs import ModelConfig
+from imagefolder.errors import ExportError, InputError
 from imagefolder.export import specs as S
 from imagefolder.export.bundle_io import file_digest, write_json_atomic
 from imagefolder.export.graphs import DecoderGraph, EncoderGraph, FoldGraph, PrefillGraph, StepGraph
@@ -46,8 +47,6 @@ INDEX_TOLERANCE = {"fp32": 0.005, "fp16": 0.1, "bf16": 0.2}
 TRT_TOPK_LIMIT = 3840
 
 
-class ExportError(RuntimeError):
-    """The export could not produce a valid graph, or a graph failed its parity check."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +263,7 @@ def default_candidates(codebook_size: int, requested: int | None = None) -> int:
     """Sampler TopK size: the whole codebook when TensorRT allows it, else 1024 (≥ the official top-k 750)."""
     if requested is not None:
         if not 1 <= requested <= min(codebook_size, TRT_TOPK_LIMIT - 1):
-            raise ValueError(f"--candidates must be in [1, {min(codebook_size, TRT_TOPK_LIMIT - 1)}], got {requested}")
+            raise InputError(f"--candidates must be in [1, {min(codebook_size, TRT_TOPK_LIMIT - 1)}], got {requested}")
         return requested
     return codebook_size if codebook_size < TRT_TOPK_LIMIT else 1024
 
@@ -331,9 +330,9 @@ def export_bundle(
     import onnxruntime as ort
 
     if dtype not in S.DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(S.DTYPES)}")
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(S.DTYPES)}")
     if batch_max < 1:
-        raise ValueError("batch_max must be ≥ 1")
+        raise InputError("batch_max must be ≥ 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # a folder without a manifest is an unfinished export

@@ -22,6 +22,7 @@ import os
 import re
 from pathlib import Path
 
+from imagefolder.errors import EngineError, ExportError, InputError
 from imagefolder.io import atomic_write_bytes, atomic_write_text
 
 from ..runtime.loop import GenerationParams
@@ -98,7 +99,7 @@ def to_pbtxt(message: dict, indent: int = 0) -> str:
 def _tensor(t: dict, optional: bool = False) -> dict:
     dtype = TRITON_DTYPES.get(t["dtype"])
     if dtype is None:
-        raise ValueError(f"tensor {t['name']}: dtype {t['dtype']} has no Triton type")
+        raise ExportError(f"tensor {t['name']}: dtype {t['dtype']} has no Triton type")
     out = {"name": t["name"], "data_type": Enum(dtype), "dims": [d if isinstance(d, int) else -1 for d in t["shape"]]}
     if optional:
         out["optional"] = True
@@ -169,20 +170,20 @@ def export_triton_repository(
     manifest = read_manifest(bundle_dir)
     record_path = bundle_dir / ENGINE_DIR / BUILD_RECORD
     if not record_path.is_file():
-        raise FileNotFoundError(f"{bundle_dir} has no engines: build them with `imagefolder-export trt {bundle_dir}`")
+        raise EngineError(f"{bundle_dir} has no engines: build them with `imagefolder-export trt {bundle_dir}`")
     record = json.loads(record_path.read_text())
     built = sorted(record.get("batches", []))
     batches = sorted(set(batches or built))
     unbuilt = [b for b in batches if b not in built]
     if unbuilt:
-        raise ValueError(f"batches {unbuilt} have no engine profiles (built: {built}); rebuild with --batch")
+        raise InputError(f"batches {unbuilt} have no engine profiles (built: {built}); rebuild with --batch")
 
     written: dict[str, Path] = {}
     names = {}
     for graph, manifest_entry in manifest["graphs"].items():
         entry = record["graphs"].get(graph)
         if entry is None:
-            raise FileNotFoundError(f"no {graph} engine in {bundle_dir / ENGINE_DIR}; build it first")
+            raise EngineError(f"no {graph} engine in {bundle_dir / ENGINE_DIR}; build it first")
         name = names[graph] = f"{prefix}_{graph}"
         profiles = [p["index"] for p in entry["profiles"] if p["batch"] in batches]
         folder = out_dir / name

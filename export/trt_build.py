@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imagefolder.errors import EngineError, InputError, MissingDependency
 from imagefolder.export.specs import GRAPH_NAMES, bindings, resolve_shape
 from imagefolder.io import atomic_write_bytes, atomic_write_text
 
@@ -33,9 +34,6 @@ BUILD_RECORD = "build.json"
 BUILD_FORMAT = "imagefolder-engines"
 BUILD_SCHEMA_VERSION = 1
 TIMING_CACHE = "timing.cache"
-INSTALL_HINT = (
-    "install the gpu extra: pip install 'imagefolder[gpu]' (TensorRT itself comes from NVIDIA's index or JetPack)"
-)
 
 # Graphs that get one profile per batch only; the others get one per (batch, scale).
 PER_BATCH_GRAPHS = ("encoder", "decoder", "ar_prefill")
@@ -51,11 +49,11 @@ VERSIONED_NAMES: dict[str, tuple[int, ...]] = {
 }
 
 
-class TensorRTUnavailable(ImportError):
+class TensorRTUnavailable(MissingDependency):
     """``import tensorrt`` failed."""
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(EngineError):
     """Parsing or building one graph failed."""
 
 
@@ -64,7 +62,8 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError as err:
-        raise TensorRTUnavailable(f"TensorRT is not importable ({err}); {INSTALL_HINT}") from err
+        hint = "TensorRT itself comes from NVIDIA's index or JetPack"
+        raise TensorRTUnavailable("TensorRT", "gpu", err, hint=hint) from err
     return tensorrt
 
 
@@ -137,11 +136,11 @@ def plan_profiles(manifest: dict, batches: list[int]) -> dict[str, list[ProfileS
         (batch, scale 1..SN-1), sampler and fold one per (batch, scale 0..SN-1). Batch-major order.
     """
     if not batches:
-        raise ValueError("no batch sizes given")
+        raise InputError("no batch sizes given")
     batch_max = manifest.get("batch_max")
     for b in batches:
         if b < 1 or (batch_max is not None and b > batch_max):
-            raise ValueError(f"batch {b} is outside 1..{batch_max} (the bundle's batch_max)")
+            raise InputError(f"batch {b} is outside 1..{batch_max} (the bundle's batch_max)")
     scales = manifest_scales(manifest)
     plan: dict[str, list[ProfileSpec]] = {}
     for graph in GRAPH_NAMES:
@@ -347,15 +346,15 @@ def build_engines(
     if isinstance(hardware_compat, bool):
         hardware_compat = "ampere_plus" if hardware_compat else "none"
     if hardware_compat not in HARDWARE_COMPAT:
-        raise ValueError(f"hardware_compat {hardware_compat!r} is not one of {HARDWARE_COMPAT}")
+        raise InputError(f"hardware_compat {hardware_compat!r} is not one of {HARDWARE_COMPAT}")
     if not 0 <= opt_level <= 5:
-        raise ValueError(f"opt_level {opt_level} is outside 0..5")
+        raise InputError(f"opt_level {opt_level} is outside 0..5")
     batches = sorted(set(batches or default_batches(manifest)))
     plan = plan_profiles(manifest, batches)
     selected = list(plan) if graphs is None else list(graphs)
     for graph in selected:
         if graph not in plan:
-            raise ValueError(f"graph {graph!r} is not in the bundle (it has {', '.join(plan)})")
+            raise InputError(f"graph {graph!r} is not in the bundle (it has {', '.join(plan)})")
 
     engine_dir = bundle_dir / ENGINE_DIR
     engine_dir.mkdir(parents=True, exist_ok=True)
@@ -363,7 +362,7 @@ def build_engines(
     logger = _logger(trt, verbose)
     trt_builder = trt.Builder(logger)
     if dla_core is not None and not 0 <= dla_core < trt_builder.num_DLA_cores:
-        raise ValueError(f"DLA core {dla_core} requested; this device has {trt_builder.num_DLA_cores} DLA cores")
+        raise InputError(f"DLA core {dla_core} requested; this device has {trt_builder.num_DLA_cores} DLA cores")
 
     gpu = gpu_info()
     record_path = engine_dir / BUILD_RECORD

@@ -54,6 +54,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from imagefolder.configs import OFFICIAL_SCALES, PRESETS, GeneratorConfig, ModelConfig, TokenizerConfig
+from imagefolder.errors import CheckpointError
 from imagefolder.io import atomic_write, atomic_write_text
 from imagefolder.models.generator import Generator
 from imagefolder.models.tokenizer import Tokenizer
@@ -67,8 +68,6 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _PARTS = ("tokenizer", "generator")
 
 
-class CheckpointError(Exception):
-    """A checkpoint cannot be read, is not allowed, or does not fit the model."""
 
 
 # ---------------------------------------------------------------------------------------------

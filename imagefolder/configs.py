@@ -12,6 +12,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from imagefolder.errors import InputError
+
 OFFICIAL_SCALES: tuple[int, ...] = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)
 
 
@@ -197,4 +199,4 @@ def from_name(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+        raise InputError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None

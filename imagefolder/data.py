@@ -26,6 +26,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from imagefolder.errors import InputError
+
 log = logging.getLogger(__name__)
 
 SHAPE_CLASSES: tuple[str, ...] = (
@@ -36,7 +38,7 @@ SUPERSAMPLE = 2  # shapes are drawn at 2x and box-filtered: anti-aliased edges
 HELDOUT_SEED = 1_000_003  # the evaluation split of the shapes set
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A dataset cannot be opened (empty folder, unknown name, missing optional package)."""
 
 

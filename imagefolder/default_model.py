@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from imagefolder.configs import ModelConfig
+from imagefolder.errors import ImagefolderError
 from imagefolder.models.generator import Generator
 from imagefolder.models.tokenizer import Tokenizer
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 DEFAULT_WEIGHTS = "default-tiny.safetensors"
 
 
-class DefaultModelMissing(FileNotFoundError):
+class DefaultModelMissing(ImagefolderError, FileNotFoundError):
     """The package was installed without its default weights."""
 
 

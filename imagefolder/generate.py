@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from imagefolder.errors import InputError
 from imagefolder.models.generator import Generator, KVCache
 from imagefolder.models.tokenizer import Tokenizer
 
@@ -65,7 +66,7 @@ def generate(
     gcfg = generator.cfg
     device = labels.device
     if labels.min() < 0 or labels.max() >= gcfg.num_classes:
-        raise ValueError(f"class ids must be in [0, {gcfg.num_classes}), got {labels.tolist()}")
+        raise InputError(f"class ids must be in [0, {gcfg.num_classes}), got {labels.tolist()}")
     rng = None
     if seed is not None:
         rng = torch.Generator(device=device)

@@ -9,12 +9,15 @@ it was. Importing this module imports no torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from imagefolder.errors import output_error
 
 
 def _fsync_path(path: Path) -> None:
@@ -37,19 +40,36 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
             save_file(tensors, tmp)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         if not tmp.is_file():
             raise FileNotFoundError(f"the writer did not create {tmp}")
         _fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if os.name == "posix":  # make the rename itself durable
+            _fsync_path(path.parent)
+    except OSError as err:
+        _discard(tmp)
+        if _concerns(err, path, tmp):
+            raise output_error(path, err) from err
         raise
-    if os.name == "posix":  # make the rename itself durable
-        _fsync_path(path.parent)
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+def _discard(tmp: Path) -> None:
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
+
+
+def _concerns(err: OSError, path: Path, tmp: Path) -> bool:
+    """Is ``err`` about the destination (its folder, the temporary file, the rename), not another file?"""
+    if err.filename is None:
+        return err.errno is not None  # a failed write into the temporary file (a full disk, a quota)
+    return os.fspath(err.filename) in {os.fspath(p) for p in (path, tmp, *path.parents)}
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagefolder.errors import BundleError
 from imagefolder.export.specs import (
     DTYPES,
     GRAPH_NAMES,
@@ -41,8 +42,6 @@ _ONNX_DTYPES = {
 }
 
 
-class BundleError(Exception):
-    """The bundle cannot be used: missing, malformed, from an incompatible version, or modified."""
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
-INSTALL_HINT = "install the gpu extra: pip install 'imagefolder[gpu]' (it brings cuda-python)"
+from imagefolder.errors import DeviceError, MissingDependency
 
 
-class CudaUnavailable(ImportError):
+class CudaUnavailable(MissingDependency):
     """cuda-python is not installed."""
 
 
-class CudaError(RuntimeError):
+class CudaError(DeviceError):
     """A CUDA call returned an error."""
 
 
@@ -33,7 +33,7 @@ def cudart():
             try:
                 from cuda import cudart as module
             except ImportError as err:
-                raise CudaUnavailable(f"cuda-python is not importable ({err}); {INSTALL_HINT}") from err
+                raise CudaUnavailable("cuda-python", "gpu", err) from err
         _cudart = module
     return _cudart
 

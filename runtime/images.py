@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from imagefolder.errors import ImageFileError
+
 
 def load_images(paths: list[str | os.PathLike], size: int) -> np.ndarray:
     """Center-crop each image to a square, resize to ``size`` (Lanczos), scale to [-1, 1]."""
@@ -22,7 +24,7 @@ def load_images(paths: list[str | os.PathLike], size: int) -> np.ndarray:
                 img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
                 out.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
         except OSError as err:
-            raise ValueError(f"cannot read image {path}: {err}") from err
+            raise ImageFileError(f"cannot read image {path}: {err}") from err
     return np.stack(out)
 
 
@@ -61,7 +63,6 @@ def write_png(path: str | os.PathLike, picture: np.ndarray) -> Path:
     from imagefolder.io import atomic_write
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
         Image.fromarray(picture).save(tmp, format="PNG")
     return path

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from imagefolder.errors import InputError
 from imagefolder.export.specs import scale_positions
 from imagefolder.runtime.backends.base import Backend, Session
 from imagefolder.runtime.profiler import StepProfiler
@@ -25,7 +26,7 @@ from imagefolder.runtime.sampler import guidance_for
 BRANCHES = 2  # tokens per position; the noise of a scale is (B, q, 2, V) (backends/base.py)
 
 
-class GenerationError(ValueError):
+class GenerationError(InputError):
     """A generation request with invalid labels or parameters."""
 
 

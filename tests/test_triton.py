@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from imagefolder.configs import tiny
+from imagefolder.errors import EngineError
 from imagefolder.export.triton import Enum, export_triton_repository, to_pbtxt
 from tests.trt_helpers import fake_build_record, make_manifest, write_fake_bundle
 
@@ -100,7 +101,7 @@ def test_repository_layout_and_schema(bundle, tmp_path, model_config_pb2):
 def test_repository_needs_engines(tmp_path):
     manifest = make_manifest(tiny())
     root = write_fake_bundle(tmp_path / "b", manifest)
-    with pytest.raises(FileNotFoundError, match="imagefolder-export trt"):
+    with pytest.raises(EngineError, match="imagefolder-export trt"):
         export_triton_repository(root, tmp_path / "repo")
 
 

@@ -43,7 +43,7 @@ def test_build_engines_needs_tensorrt(no_tensorrt, tmp_path):
     write_fake_bundle(tmp_path, make_manifest(tiny()))
     with pytest.raises(TensorRTUnavailable, match=r"pip install 'imagefolder\[gpu\]'.*NVIDIA's index or JetPack"):
         build_engines(tmp_path, batches=[1])
-    assert isinstance(TensorRTUnavailable("x"), ImportError)
+    assert isinstance(TensorRTUnavailable("x", "gpu"), ImportError)
 
 
 def test_trt_backend_needs_tensorrt(no_tensorrt, tmp_path):

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from imagefolder.data import collate, open_dataset
+from imagefolder.errors import CheckpointError
 from imagefolder.io import atomic_write
 from imagefolder.train.common import IndexStream, lr_factor, seed_everything
 
@@ -34,7 +35,7 @@ CLASSIFIER_FORMAT = "imagefolder-classifier/1"
 DEFAULT_CLASSIFIER = "shapes-classifier.safetensors"
 
 
-class ClassifierError(ValueError):
+class ClassifierError(CheckpointError):
     """A classifier file is missing, corrupted, or of another format."""
 
 

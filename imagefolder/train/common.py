@@ -30,13 +30,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from imagefolder.errors import CheckpointError, InputError
+
 log = logging.getLogger(__name__)
 
 STATE_MAGIC = b"IFTRAIN1"
 STATE_FORMAT = 1
 
 
-class TrainingStateError(ValueError):
+class TrainingStateError(CheckpointError):
     """A training-state file is missing, corrupted, or does not belong to this run."""
 
 
@@ -139,7 +141,7 @@ class IndexStream:
 def shard(indices: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """This rank's contiguous slice of a global batch (the global batch must divide evenly)."""
     if len(indices) % env.world_size:
-        raise ValueError(f"global batch {len(indices)} is not divisible by world size {env.world_size}")
+        raise InputError(f"global batch {len(indices)} is not divisible by world size {env.world_size}")
     per = len(indices) // env.world_size
     return indices[env.rank * per : (env.rank + 1) * per]
 
@@ -184,7 +186,7 @@ def lr_factor(step: int, total: int, warmup: int, kind: str = "cosine", final: f
         return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
     if kind == "linear":
         return 1 - (1 - final) * progress
-    raise ValueError(f"unknown schedule {kind!r}: use cosine or linear")
+    raise InputError(f"unknown schedule {kind!r}: use cosine or linear")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -29,6 +29,7 @@ from torch import nn
 
 from imagefolder.configs import ModelConfig
 from imagefolder.data import collate, open_dataset
+from imagefolder.errors import InputError
 from imagefolder.models.generator import Generator
 from imagefolder.models.tokenizer import Tokenizer
 from imagefolder.train.common import (
@@ -107,7 +108,7 @@ class GeneratorTrainer:
 
     def __init__(self, opts: GeneratorTrainConfig, config: ModelConfig, tokenizer: Tokenizer, env: DistEnv) -> None:
         if config.tokenizer != tokenizer.cfg:
-            raise ValueError("the generator's config names a different tokenizer than the frozen one")
+            raise InputError("the generator's config names a different tokenizer than the frozen one")
         self.opts, self.config, self.env = opts, config, env
         self.tokenizer = tokenizer.to(env.device)
         torch.manual_seed(opts.seed)  # identical initial weights on every rank

@@ -25,7 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import spectral_norm
 
+from imagefolder.errors import ImagefolderError, InputError
+
 log = logging.getLogger(__name__)
+
+
+class MissingWeights(ImagefolderError, FileNotFoundError):
+    """Pretrained weights (LPIPS, DINOv2) are not on this machine; nothing is downloaded."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -102,12 +108,12 @@ def build_perceptual(kind: str = "auto") -> nn.Module | None:
         except ImportError:
             missing = "the lpips package is not installed"
         if kind == "lpips":
-            raise FileNotFoundError(f"LPIPS unavailable: {missing}")
+            raise MissingWeights(f"LPIPS unavailable: {missing}")
         log.info("perceptual loss: %s, using the structure fallback", missing)
         return StructureLoss()
     if kind == "structure":
         return StructureLoss()
-    raise ValueError(f"unknown perceptual loss {kind!r}: use auto, lpips, structure or none")
+    raise InputError(f"unknown perceptual loss {kind!r}: use auto, lpips, structure or none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +274,7 @@ def load_teacher(spec: str, device: torch.device | str = "cpu") -> nn.Module | N
         return None
     if spec == "dinov2" or (spec == "auto" and dinov2_available()):
         if not dinov2_available():
-            raise FileNotFoundError(f"DINOv2 not in the torch hub cache {torch.hub.get_dir()} (nothing is downloaded)")
+            raise MissingWeights(f"DINOv2 not in the torch hub cache {torch.hub.get_dir()} (nothing is downloaded)")
         model = torch.hub.load(str(Path(torch.hub.get_dir()) / DINOV2_REPO), "dinov2_vitb14", source="local")
         return DinoV2Teacher(model).to(device)
     path = default_classifier_path() if spec == "auto" else Path(spec)

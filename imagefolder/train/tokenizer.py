@@ -37,6 +37,7 @@ from torch import nn
 
 from imagefolder.configs import ModelConfig
 from imagefolder.data import collate, open_dataset
+from imagefolder.errors import InputError
 from imagefolder.models.quantizer import sample_keep_scales
 from imagefolder.models.tokenizer import Tokenizer
 from imagefolder.train.common import (
@@ -217,7 +218,7 @@ class TokenizerTrainer:
             return None, None, False
         if spec == "builtin" or (spec == "auto" and tokenizer.cfg.with_teacher):
             if not tokenizer.cfg.with_teacher:
-                raise ValueError("teacher 'builtin' needs a tokenizer config with_teacher=True")
+                raise InputError("teacher 'builtin' needs a tokenizer config with_teacher=True")
             return None, None, True  # the tokenizer's own semantic_model (tokenizer.teacher_features)
         teacher = load_teacher(spec, self.env.device)
         width = tokenizer.cfg.width

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from imagefolder.errors import InputError
 from imagefolder.export.specs import scale_positions
 from imagefolder.runtime.backends.base import BundleFacts
 from imagefolder.runtime.bundle import Bundle, load_bundle
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 
-class OrtBackendError(RuntimeError):
+class OrtBackendError(InputError):
     """A request the ONNX Runtime backend cannot serve (provider, batch size, input shape)."""
 
 

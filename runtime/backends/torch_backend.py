@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from imagefolder.errors import InputError
 from imagefolder.export.sampler_graph import SamplerGraph
 from imagefolder.models.generator import Generator, KVCache
 from imagefolder.models.tokenizer import Tokenizer
@@ -113,7 +114,7 @@ class TorchBackend:
 
     def session(self, batch: int) -> TorchSession:
         if not 1 <= batch <= self.batch_max:
-            raise ValueError(f"batch {batch} is outside [1, {self.batch_max}]")
+            raise InputError(f"batch {batch} is outside [1, {self.batch_max}]")
         return TorchSession(self, batch)
 
     @torch.no_grad()

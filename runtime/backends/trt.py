@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imagefolder.errors import EngineError, InputError
 from imagefolder.export.trt_build import BUILD_FORMAT, BUILD_RECORD, ENGINE_DIR, import_tensorrt
 from imagefolder.io import atomic_write_text, sha256_file
 from imagefolder.runtime import cuda
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 REBUILD_HINT = "rebuild them on this machine with `imagefolder-export trt BUNDLE`"
 
 
-class EngineMismatch(RuntimeError):
+class EngineMismatch(EngineError):
     """The engines were built for another TensorRT, GPU or bundle, or a plan file is damaged."""
 
 
@@ -190,7 +191,7 @@ class Engine:
             if profile["batch"] == batch and profile["scale_index"] == scale_index:
                 return profile
         built = sorted({p["batch"] for p in self.entry["profiles"]})
-        raise KeyError(
+        raise EngineError(
             f"the {self.name} engine has no profile for batch {batch} (scale {scale_index}); it was built "
             f"for batches {built}: rebuild with `imagefolder-export trt BUNDLE --batch ...`"
         )
@@ -373,7 +374,7 @@ class TrtBackend(BundleFacts):
 
     def session(self, batch: int) -> TrtSession:
         if not 1 <= batch <= self.bundle.batch_max:
-            raise ValueError(f"batch {batch} is outside 1..{self.bundle.batch_max} (the bundle's batch_max)")
+            raise InputError(f"batch {batch} is outside 1..{self.bundle.batch_max} (the bundle's batch_max)")
         session = TrtSession(self, batch)
         self._sessions.append(session)
         return session
