@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m imagefolder.demo
+	$(BIN)/python -m imagefolder.cli.demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -22,13 +22,14 @@ import numpy as np
 import torch
 
 from imagefolder.configs import from_name
+from imagefolder.core.bundle import load_bundle
+from imagefolder.core.schedule import SamplingParams
 from imagefolder.export.onnx_export import export_bundle
 from imagefolder.models.generator import Generator
 from imagefolder.models.tokenizer import Tokenizer
 from imagefolder.runtime.backends.ort import OrtBackend
 from imagefolder.runtime.backends.torch_backend import TorchBackend
-from imagefolder.runtime.bundle import load_bundle
-from imagefolder.runtime.loop import GenerationParams, generate
+from imagefolder.runtime.loop import generate
 from imagefolder.runtime.profiler import StepProfiler
 
 
@@ -47,7 +48,7 @@ def build(preset: str, workdir: Path):
     return OrtBackend(bundle), TorchBackend(tokenizer, generator, bundle.candidates)
 
 
-def measure(backends: dict, batch: int, runs: int, warmup: int, params: GenerationParams) -> dict:
+def measure(backends: dict, batch: int, runs: int, warmup: int, params: SamplingParams) -> dict:
     labels = [i % next(iter(backends.values())).num_classes for i in range(batch)]
     profilers = {name: StepProfiler(warmup=warmup) for name in backends}
     sessions = {name: backend.session(batch) for name, backend in backends.items()}
@@ -91,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}")
-    params = GenerationParams(cfg=3.25, top_k=1, top_p=1.0, seed=0)  # greedy: both must give the same tokens
+    params = SamplingParams(cfg=3.25, top_k=1, top_p=1.0, seed=0)  # greedy: both must give the same tokens
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         for preset in args.preset or ["tiny"]:

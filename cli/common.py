@@ -145,13 +145,13 @@ def open_backend(bundle: Path | None, backend: str, checkpoint: Path | None = No
     if backend in ("ort", "trt") and bundle is None:
         raise InputError(f"--backend {backend} needs --bundle DIR (made by `imagefolder-export onnx`)")
     if backend == "ort":
+        from imagefolder.core.bundle import load_bundle
         from imagefolder.runtime.backends.ort import OrtBackend
-        from imagefolder.runtime.bundle import load_bundle
 
         return OrtBackend(load_bundle(bundle), providers=providers)
     if backend == "trt":
+        from imagefolder.core.bundle import load_bundle
         from imagefolder.runtime.backends.trt import TrtBackend
-        from imagefolder.runtime.bundle import load_bundle
 
         return TrtBackend(load_bundle(bundle), use_cuda_graphs=use_cuda_graphs, layer_profile=layer_profile)
     return open_torch_backend(bundle, checkpoint, trust_checkpoint)
@@ -160,13 +160,13 @@ def open_backend(bundle: Path | None, backend: str, checkpoint: Path | None = No
 def open_torch_backend(bundle: Path | None, checkpoint: Path | None, trust_checkpoint: bool):
     if importlib.util.find_spec("torch") is None:
         raise MissingDependency("PyTorch", "torch", purpose="for --backend torch")
+    from imagefolder.core.sampler import default_candidates
     from imagefolder.default_model import load_models
-    from imagefolder.export.onnx_export import default_candidates
     from imagefolder.runtime.backends.torch_backend import TorchBackend
 
     candidates = None
     if bundle is not None:
-        from imagefolder.runtime.bundle import load_bundle
+        from imagefolder.core.bundle import load_bundle
 
         manifest = load_bundle(bundle).manifest
         candidates = manifest["sampler_candidates"]

@@ -51,9 +51,12 @@ def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candida
 def check(bundle, backend, checkpoint, trust_checkpoint) -> None:
     """Run every graph against its reference and print max abs / relative error per output."""
     if backend == "trt":
-        from imagefolder.export.trt_check import check_engines
+        from imagefolder.core.bundle import load_bundle
+        from imagefolder.export.opcheck import operator_reports
+        from imagefolder.runtime.engine_check import check_engines
 
         report = check_engines(bundle)
+        report.operators = operator_reports(load_bundle(bundle, verify=False))
     else:
         from imagefolder.export.check import check_bundle
 

@@ -75,15 +75,15 @@ def main(verbose: int) -> None:
 def generate(bundle, backend, checkpoint, trust_checkpoint, classes, seed, cfg, top_k, top_p, sampling,
              no_cuda_graphs, providers, output, indices_out) -> None:
     """Generate images of the given classes; several classes make a grid."""
-    labels = np.array(parse_ints(classes, "class id"), dtype=np.int64)
+    labels = parse_ints(classes, "class id")
     if sampling == "official":
         images, indices = _generate_official(bundle, backend, checkpoint, trust_checkpoint, labels, cfg,
                                   top_k, top_p, seed)
     else:
-        from imagefolder.runtime.loop import GenerationParams
+        from imagefolder.core.schedule import SamplingParams
         from imagefolder.runtime.loop import generate as run_generation
 
-        params = GenerationParams(cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
+        params = SamplingParams(cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
         engine = open_backend(bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs,
                          providers=ort_providers(providers))
         try:
@@ -96,7 +96,7 @@ def generate(bundle, backend, checkpoint, trust_checkpoint, classes, seed, cfg, 
     save_grid(output, images)
     if indices_out is not None:
         _save_npy(indices_out, indices)
-    click.echo(f"wrote {output} ({len(labels)} image{'s' * (len(labels) > 1)}, classes {labels.tolist()}, seed {seed})")
+    click.echo(f"wrote {output} ({len(labels)} image{'s' * (len(labels) > 1)}, classes {labels}, seed {seed})")
 
 
 def _generate_official(bundle, backend, checkpoint, trust_checkpoint, labels, cfg, top_k, top_p, seed):
@@ -104,10 +104,12 @@ def _generate_official(bundle, backend, checkpoint, trust_checkpoint, labels, cf
         raise InputError("--sampling official runs on the torch backend only")
     import torch
 
+    from imagefolder.core.schedule import check_labels
     from imagefolder.default_model import load_models
     from imagefolder.generate import generate as official_generate
 
     _, tokenizer, generator, _ = load_models(checkpoint, trust_checkpoint)
+    labels = check_labels(labels, generator.cfg.num_classes)
     images, indices = official_generate(generator, tokenizer, torch.as_tensor(labels), cfg, top_k, top_p, seed)
     return images.numpy(), indices.int().numpy()
 
@@ -164,11 +166,11 @@ def reconstruct(bundle, backend, checkpoint, trust_checkpoint, images, output) -
 def profile(bundle, backend, checkpoint, trust_checkpoint, batches, runs, warmup, cfg, top_k, top_p, no_cuda_graphs,
             providers, layers, json_out, trace_out) -> None:
     """Per-step latency of the generation loop: p50/p90/p99, time to first scale, images/s."""
-    from imagefolder.runtime.loop import GenerationParams
+    from imagefolder.core.schedule import SamplingParams
     from imagefolder.runtime.profiler import profile_generation
 
     sizes = parse_ints(batches, "batch size")
-    params = GenerationParams(cfg=cfg, top_k=top_k, top_p=top_p, seed=0)
+    params = SamplingParams(cfg=cfg, top_k=top_k, top_p=top_p, seed=0)
     engine = open_backend(bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs, layers,
                      ort_providers(providers))
     if layers and engine.name != "trt":

@@ -1,8 +1,8 @@
 """``imagefolder-export check BUNDLE``: every graph on ONNX Runtime against PyTorch, plus operators.
 
-Graphs with a scale input (ar_step, sampler, fold) are checked at every scale they serve, on fresh
-inputs from the same generator the export used, so a check is stronger than the export's own
-single-point parity record.
+Each graph is checked at every scale it serves (``GraphSpec.served_scales``), on fresh inputs made
+as the export's own parity check makes them, so a check is stronger than the single-point parity
+record in the manifest.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from imagefolder.export.check_report import CheckReport
-from imagefolder.export.onnx_export import ExampleInputs, check_parity, graph_plan
-from imagefolder.export.opcheck import check_operators
-from imagefolder.export.specs import ORT_CPU_DTYPES, graph_specs
+from imagefolder.core.compare import CheckReport
+from imagefolder.core.specs import ORT_CPU_DTYPES
+from imagefolder.errors import BundleError
+from imagefolder.export.onnx_export import ExampleInputs, check_parity, graph_modules
+from imagefolder.export.opcheck import operator_reports
 
 
 def check_bundle(bundle_dir: str | Path, checkpoint: str | Path | None = None, trust_checkpoint: bool = False,
@@ -27,8 +28,8 @@ def check_bundle(bundle_dir: str | Path, checkpoint: str | Path | None = None, t
     """
     import onnxruntime as ort
 
+    from imagefolder.core.bundle import load_bundle
     from imagefolder.default_model import load_models
-    from imagefolder.runtime.bundle import BundleError, load_bundle
 
     bundle = load_bundle(bundle_dir)
     manifest = bundle.manifest
@@ -38,25 +39,15 @@ def check_bundle(bundle_dir: str | Path, checkpoint: str | Path | None = None, t
     config, tokenizer, generator, _ = load_models(checkpoint, trust_checkpoint)
     if json.loads(json.dumps(config.to_dict()))["generator"] != manifest["model"]["generator"]:
         raise BundleError("the checkpoint's model differs from the bundle's; pass the checkpoint it came from")
-    dtype, state_dtype, candidates = manifest["dtype"], manifest["state_dtype"], manifest["sampler_candidates"]
-    specs = graph_specs(manifest["model"], candidates)
-    plan = graph_plan(tokenizer, generator, dtype, candidates)
-    examples = ExampleInputs(tokenizer, generator, candidates, seed=1)
-    report = CheckReport()
-    num_scales = len(config.generator.scales)
-    scale_ranges = {"ar_step": range(1, num_scales), "sampler": range(num_scales), "fold": range(num_scales)}
-    for name in specs:
-        path = bundle.path / manifest["graphs"][name]["file"]
-        report.operators[name] = check_operators(path)
-        if dtype not in ORT_CPU_DTYPES and name not in ("sampler", "fold"):
-            continue  # no bf16 kernels on ONNX Runtime's CPU provider
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        _, reference, _, _ = plan[name]
-        for si in scale_ranges.get(name, [0]):
-            parity = check_parity(session, reference, examples.for_graph(name, batch, si), specs[name],
-                                  dtype, state_dtype)
-            for output, entry in parity.items():
-                metric = "max_rel" if "max_rel" in entry else "mismatch"
-                report.rows.append({"graph": name, "scale": si, "output": output, "metric": metric,
-                                    "value": entry[metric], "tolerance": entry["tolerance"], "ok": entry["ok"]})
+    modules = graph_modules(tokenizer, generator, bundle.dtype, bundle.candidates)
+    examples = ExampleInputs(tokenizer, generator, manifest["model"], bundle.candidates, seed=1)
+    report = CheckReport(operators=operator_reports(bundle))
+    for name, spec in bundle.specs.items():
+        if bundle.dtype not in ORT_CPU_DTYPES and not spec.float32_compute:
+            continue  # ONNX Runtime's CPU provider has no bf16 kernels
+        session = ort.InferenceSession(str(bundle.graph_path(name)), providers=["CPUExecutionProvider"])
+        _, reference = modules[name]
+        for si in spec.served_scales(bundle.num_scales):
+            inputs = examples.for_graph(spec, batch, si)
+            report.add(name, si, check_parity(session, reference, inputs, spec, bundle.dtype))
     return report

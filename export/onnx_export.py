@@ -1,10 +1,11 @@
-"""torch → ONNX: the generic export of one graph, and the whole bundle.
+"""torch → ONNX: the export of one graph, and of the whole bundle.
 
 ``export_graph`` takes a wrapper module, its ``GraphSpec`` and example inputs, writes the ONNX file
 atomically, and checks that the file's I/O equals the spec. ``export_bundle`` exports every graph
-of a model, checks each against PyTorch on fresh inputs with ONNX Runtime (the parity report goes
-into the manifest, and an error is raised above the dtype's tolerance), and writes ``manifest.json``
-last, so a folder with a manifest is always complete.
+of a model into a staging folder, checks each against PyTorch on fresh inputs with ONNX Runtime
+(the parity report goes into the manifest, and an error is raised above the dtype's tolerance),
+writes ``manifest.json`` last, and only then puts the new bundle in place of the old one in one
+step; a lock keeps two exports from writing into the same folder.
 
 We use the TorchScript-based exporter at opset 17: it decomposes attention into MatMul/Softmax,
 which every TensorRT 10.x parses (JetPack 6 ships 10.3), where opset ≥ 23 would emit ``Attention``.
@@ -12,11 +13,11 @@ which every TensorRT 10.x parses (JetPack 6 ships 10.3), where opset ≥ 23 woul
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import os
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,28 +26,41 @@ from tqdm.auto import tqdm
 
 import imagefolder
 from imagefolder.configs import ModelConfig
+from imagefolder.core.bundle import (
+    FORMAT,
+    MANIFEST,
+    check_replaceable,
+    external_data_files,
+    file_digest,
+    onnx_io,
+    write_json_atomic,
+)
+from imagefolder.core.compare import compare_outputs
+from imagefolder.core.sampler import default_candidates
+from imagefolder.core.schedule import cfg_rows
+from imagefolder.core.specs import (
+    DTYPES,
+    ORT_CPU_DTYPES,
+    SCHEMA_VERSION,
+    STATE,
+    GraphSpec,
+    example_inputs,
+    graph_specs,
+    state_dtype,
+)
 from imagefolder.errors import ExportError, InputError
-from imagefolder.export import specs as S
-from imagefolder.export.bundle_io import file_digest, write_json_atomic
 from imagefolder.export.graphs import DecoderGraph, EncoderGraph, FoldGraph, PrefillGraph, StepGraph
 from imagefolder.export.opcheck import check_operators
-from imagefolder.export.sampler_graph import SamplerGraph
-from imagefolder.export.specs import ORT_CPU_DTYPES
-from imagefolder.io import atomic_write
+from imagefolder.io import atomic_write, folder_lock, staged_folder
 from imagefolder.models.generator import Generator
+from imagefolder.models.sampler import SamplerGraph
 from imagefolder.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
-# Relative error (max |onnx − torch| / max |torch|) allowed per bundle dtype, against fp32 PyTorch.
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 8e-2}
-# Fraction of code indices allowed to differ from PyTorch in the encoder (argmax near-ties flip).
-INDEX_TOLERANCE = {"fp32": 0.005, "fp16": 0.1, "bf16": 0.2}
-TRT_TOPK_LIMIT = 3840
-
-
+TRACE_BATCH = 2  # ≥ 2 and distinct from every other dimension, so no batch dimension is specialised
+PARITY_BATCH = 3  # ≠ the trace batch: a batch dimension the tracer froze by mistake fails the parity check
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,7 +68,7 @@ TRT_TOPK_LIMIT = 3840
 # ---------------------------------------------------------------------------------------------
 
 
-def dynamic_axes(spec: S.GraphSpec) -> dict[str, dict[int, str]]:
+def dynamic_axes(spec: GraphSpec) -> dict[str, dict[int, str]]:
     """The symbolic dimensions of a spec, in ``torch.onnx.export``'s form."""
     axes = {}
     for tensor in spec.inputs + spec.outputs:
@@ -64,25 +78,7 @@ def dynamic_axes(spec: S.GraphSpec) -> dict[str, dict[int, str]]:
     return axes
 
 
-def onnx_io(path: Path) -> dict[str, list[dict]]:
-    """Names, dtypes and shapes (ints or symbol names) of an ONNX file's inputs and outputs."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    elem = {1: "float32", 10: "float16", 16: "bfloat16", 6: "int32", 7: "int64"}
-
-    def describe(values):
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
-            out.append({"name": v.name, "dtype": elem.get(t.elem_type, str(t.elem_type)), "shape": dims})
-        return out
-
-    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
-
-
-def check_io(path: Path, spec: S.GraphSpec, state_dtype: str) -> None:
+def check_io(path: Path, spec: GraphSpec, state_dtype: str) -> None:
     """Raise ``ExportError`` if the ONNX file's I/O differs from the spec."""
     actual = onnx_io(path)
     expected = {
@@ -93,7 +89,7 @@ def check_io(path: Path, spec: S.GraphSpec, state_dtype: str) -> None:
         raise ExportError(f"{spec.name}: exported I/O {actual} differs from the spec {expected}")
 
 
-def stamp_spec_shapes(path: Path, spec: S.GraphSpec) -> None:
+def stamp_spec_shapes(path: Path, spec: GraphSpec) -> None:
     """Write the spec's shapes onto the graph's inputs and outputs.
 
     The exporter's shape inference sometimes loses a static dimension behind a Cast (naming it
@@ -101,7 +97,7 @@ def stamp_spec_shapes(path: Path, spec: S.GraphSpec) -> None:
     """
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # external weights stay where they are
     for value in list(model.graph.input) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
         shape = spec.tensor(value.name).shape
@@ -117,7 +113,7 @@ def stamp_spec_shapes(path: Path, spec: S.GraphSpec) -> None:
     onnx.save(model, str(path))
 
 
-def export_graph(module: torch.nn.Module, spec: S.GraphSpec, inputs: tuple, path: Path, opset: int, state_dtype: str):
+def export_graph(module: torch.nn.Module, spec: GraphSpec, inputs: tuple, path: Path, opset: int, state_dtype: str):
     """Trace ``module`` on ``inputs`` and write ``path`` atomically; the I/O must equal ``spec``."""
     path = Path(path)
     with atomic_write(path) as tmp, warnings.catch_warnings():
@@ -143,65 +139,49 @@ def export_graph(module: torch.nn.Module, spec: S.GraphSpec, inputs: tuple, path
 
 
 class ExampleInputs:
-    """Realistic inputs for every graph at one (batch, scale): labels through the real prefill,
-    a cache filled with real keys of the same magnitude, f̂ from real tokens."""
+    """Inputs of any graph at one (batch, scale) that look like the real ones.
 
-    def __init__(self, tokenizer: Tokenizer, generator: Generator, candidates: int, seed: int = 0):
-        self.tok, self.gen, self.candidates = tokenizer, generator, candidates
-        self.rng = torch.Generator().manual_seed(seed)
+    Everything is drawn by role (``core.specs.example_inputs``: labels and tokens in range, the
+    scale's own positions, uniform noise) except the hidden states, which the real model computes:
+    the conditioning and a cache of real keys and values from a prefill, f̂ from real tokens of the
+    earlier scales, and the folded input from that f̂. Returns float32 / int64 torch tensors in
+    the spec's input order (the wrappers cast to the state dtype at the boundary).
+    """
 
-    def labels(self, batch: int) -> torch.Tensor:
-        cfg = self.gen.cfg
-        labels = torch.randint(0, cfg.num_classes, (batch,), generator=self.rng)
-        return torch.cat([labels, torch.full_like(labels, cfg.null_class)])
+    def __init__(self, tokenizer: Tokenizer, generator: Generator, model: dict, candidates: int, seed: int = 0):
+        self.tok, self.gen, self.model, self.candidates = tokenizer, generator, model, candidates
+        self.rng = np.random.default_rng(seed)
 
-    def tokens(self, batch: int, si: int) -> torch.Tensor:
-        q, nb = self.gen.cfg.scales[si] ** 2, self.gen.cfg.num_branches
-        return torch.randint(0, self.gen.cfg.codebook_size, (batch, q, nb), generator=self.rng, dtype=torch.int32)
+    def for_graph(self, spec: GraphSpec, batch: int, scale_index: int | None) -> tuple[torch.Tensor, ...]:
+        feeds = example_inputs(spec, self.model, batch, scale_index, self.rng, candidates=self.candidates)
+        states = self._hidden_states(spec, batch, 0 if scale_index is None else scale_index)
+        return tuple(states.get(t.name, torch.from_numpy(feeds[t.name])) for t in spec.inputs)
 
-    def f_hat(self, batch: int, si: int) -> torch.Tensor:
-        k = self.tok.cfg.latent_size
-        f_hat = torch.zeros(batch, self.gen.cfg.folded_dim, k, k)
-        with torch.no_grad():
-            for s in range(si):
-                f_hat += self.tok.embed_scale(self.tokens(batch, s).long(), s)
+    @torch.no_grad()
+    def _hidden_states(self, spec: GraphSpec, batch: int, si: int) -> dict[str, torch.Tensor]:
+        wanted = {t.name for t in spec.inputs if t.dtype == STATE}
+        out: dict[str, torch.Tensor] = {}
+        if wanted & {"cond_blocks", "cond_head", "past_keys", "past_values"}:
+            labels = cfg_rows(self.rng.integers(0, self.gen.cfg.num_classes, batch), self.gen.cfg.null_class)
+            _, keys, values, out["cond_blocks"], out["cond_head"] = self.gen.prefill(torch.from_numpy(labels))
+            positions = self.gen.cfg.positions  # a full cache of real magnitudes, each entry a little different
+            for name, first in (("past_keys", keys), ("past_values", values)):
+                noise = torch.from_numpy(self.rng.standard_normal((*first.shape[:3], positions, first.shape[4])))
+                out[name] = first.repeat(1, 1, 1, positions, 1) + 0.1 * noise.float()
+        if wanted & {"f_hat", "x_folded"}:
+            f_hat = self._f_hat(batch, si)
+            out["f_hat"] = f_hat
+            out["x_folded"] = self.tok.next_scale_input(f_hat, si).repeat(2, 1, 1)
+        return {name: value for name, value in out.items() if name in wanted}
+
+    def _f_hat(self, batch: int, si: int) -> torch.Tensor:
+        """f̂ after scales 0..si−1 with random tokens."""
+        cfg, k = self.gen.cfg, self.tok.cfg.latent_size
+        f_hat = torch.zeros(batch, cfg.folded_dim, k, k)
+        for s in range(si):
+            tokens = self.rng.integers(0, cfg.codebook_size, (batch, cfg.scales[s] ** 2, cfg.num_branches))
+            f_hat += self.tok.embed_scale(torch.from_numpy(tokens), s)
         return f_hat
-
-    def for_graph(self, name: str, batch: int, si: int) -> tuple:
-        """Inputs in float32 / int64 (the wrappers cast to the state dtype at the boundary)."""
-        cfg = self.gen.cfg
-        if name == "encoder":
-            return (torch.rand(batch, 3, self.tok.cfg.image_size, self.tok.cfg.image_size, generator=self.rng) * 2 - 1,)
-        if name == "decoder":
-            p = cfg.positions
-            return (torch.randint(0, cfg.codebook_size, (batch, cfg.num_branches, p), generator=self.rng).int(),)
-        if name == "ar_prefill":
-            return (self.labels(batch),)
-        if name == "ar_step":
-            with torch.no_grad():
-                _, keys, values, cond_blocks, cond_head = self.gen.prefill(self.labels(batch))
-            start, q = cfg.scale_offsets[si], cfg.scales[si] ** 2
-            reps = cfg.positions
-            past_keys = keys.repeat(1, 1, 1, reps, 1) + 0.1 * torch.randn(*keys.shape[:3], reps, keys.shape[4])
-            past_values = values.repeat(1, 1, 1, reps, 1) + 0.1 * torch.randn(*keys.shape[:3], reps, keys.shape[4])
-            x = self.tok.next_scale_input(self.f_hat(batch, si), si).repeat(2, 1, 1)
-            positions = torch.arange(start, start + q)
-            return (x, positions, cond_blocks, cond_head, past_keys, past_values)
-        if name == "sampler":
-            q, v = cfg.scales[si] ** 2, cfg.codebook_size
-            logits = 3 * torch.randn(2 * batch, q, 2 * v, generator=self.rng)
-            noise = torch.rand(batch, q, cfg.num_branches, v, generator=self.rng)
-            return (logits, torch.tensor([1.5]), torch.tensor([min(50, self.candidates)]), torch.tensor([0.9]), noise)
-        if name == "fold":
-            spans = S.scale_positions(cfg.scales)
-            start, q_next = spans[min(si + 1, len(cfg.scales) - 1)]
-            next_positions = torch.arange(start, start + q_next)
-            return (self.tokens(batch, si), self.f_hat(batch, si), torch.tensor([si]), next_positions)
-        raise KeyError(name)
-
-
-def _cast_floats(inputs: tuple, dtype: torch.dtype) -> tuple:
-    return tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,63 +189,32 @@ def _cast_floats(inputs: tuple, dtype: torch.dtype) -> tuple:
 # ---------------------------------------------------------------------------------------------
 
 
-def _relative_error(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
-    diff = float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max())
-    scale = float(np.abs(expected).max()) or 1.0
-    return diff, diff / scale
-
-
-def check_parity(session, reference: Callable, inputs: tuple, spec: S.GraphSpec, dtype: str, state_dtype: str) -> dict:
-    """Run one graph on ONNX Runtime and the fp32 PyTorch reference on the same inputs.
-
-    Returns per output ``max_abs`` and ``max_rel`` (``mismatch``, the fraction of differing values,
-    for integer outputs), the ``tolerance`` of ``dtype`` and ``ok``.
-    """
-    feeds = {}
-    for tensor, value in zip(spec.inputs, inputs, strict=True):
-        np_dtype = NUMPY_DTYPES[state_dtype if tensor.dtype == S.STATE else tensor.dtype]
-        feeds[tensor.name] = value.numpy().astype(np_dtype)
-    actual = session.run(spec.output_names, feeds)
+def check_parity(session, reference, inputs: tuple, spec: GraphSpec, dtype: str) -> dict:
+    """Run one graph on ONNX Runtime and its fp32 PyTorch reference on the same inputs; ``compare_outputs``."""
+    sdt = state_dtype(dtype)
+    feeds = {t.name: x.numpy().astype(t.resolved_dtype(sdt)) for t, x in zip(spec.inputs, inputs, strict=True)}
+    actual = dict(zip(spec.output_names, session.run(spec.output_names, feeds), strict=True))
     with torch.no_grad():
         expected = reference(*inputs)
     expected = expected if isinstance(expected, tuple) else (expected,)
-    report = {}
-    for tensor, a, e in zip(spec.outputs, actual, expected, strict=True):
-        e = e.float().numpy() if e.is_floating_point() else e.numpy()
-        if np.issubdtype(a.dtype, np.integer):
-            # The sampler is exact by construction; code choices may flip at near-ties.
-            limit = 0.0 if spec.name == "sampler" else INDEX_TOLERANCE[dtype]
-            mismatch = float((a != e).mean())
-            report[tensor.name] = {"mismatch": mismatch, "tolerance": limit, "ok": mismatch <= limit}
-        else:
-            max_abs, max_rel = _relative_error(a, e)
-            report[tensor.name] = {"max_abs": max_abs, "max_rel": max_rel, "tolerance": TOLERANCE[dtype],
-                                   "ok": max_rel <= TOLERANCE[dtype]}
-    return report
+    expected = {t.name: (e.float() if e.is_floating_point() else e).numpy() for t, e in zip(spec.outputs, expected,
+                                                                                           strict=True)}
+    return compare_outputs(spec, actual, expected, dtype, reference="torch")
 
 
 def raise_on_failure(graph: str, report: dict) -> None:
     for output, entry in report.items():
         if not entry["ok"]:
-            measured = entry.get("max_rel", entry.get("mismatch"))
             raise ExportError(
-                f"{graph}.{output}: error {measured:.2e} exceeds the tolerance {entry['tolerance']:.0e} "
-                "against PyTorch; the export is not faithful (report this with the model and dtype)"
+                f"{graph}.{output}: {entry['metric']} {entry['value']:.2e} exceeds the tolerance "
+                f"{entry['tolerance']:.0e} against PyTorch; the export is not faithful (report this with the "
+                "model and dtype)"
             )
 
 
 # ---------------------------------------------------------------------------------------------
 # The bundle
 # ---------------------------------------------------------------------------------------------
-
-
-def default_candidates(codebook_size: int, requested: int | None = None) -> int:
-    """Sampler TopK size: the whole codebook when TensorRT allows it, else 1024 (≥ the official top-k 750)."""
-    if requested is not None:
-        if not 1 <= requested <= min(codebook_size, TRT_TOPK_LIMIT - 1):
-            raise InputError(f"--candidates must be in [1, {min(codebook_size, TRT_TOPK_LIMIT - 1)}], got {requested}")
-        return requested
-    return codebook_size if codebook_size < TRT_TOPK_LIMIT else 1024
 
 
 def _versions() -> dict[str, str]:
@@ -276,28 +225,31 @@ def _versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__}
 
 
-def graph_plan(tokenizer: Tokenizer, generator: Generator, dtype: str, candidates: int) -> dict[str, tuple]:
-    """For each graph: (wrapper in the bundle dtype, fp32 PyTorch reference, trace scale, check scale).
-
-    Tracing and checking use different scales and batch sizes, so a dimension that the tracer
-    froze by mistake shows up as a parity failure.
-    """
-    import copy
-
-    cd, sd = TORCH_DTYPES[dtype], getattr(torch, S.state_dtype(dtype))
+def graph_modules(tokenizer: Tokenizer, generator: Generator, dtype: str, candidates: int) -> dict[str, tuple]:
+    """For each graph: (the module exported in the bundle dtype, its fp32 PyTorch reference)."""
+    cd, sd = TORCH_DTYPES[dtype], getattr(torch, state_dtype(dtype))
     tokenizer, generator = tokenizer.eval(), generator.eval()
     tok_c = copy.deepcopy(tokenizer).to(cd)
     gen_c = copy.deepcopy(generator).to(cd)
-    num_scales = len(generator.cfg.scales)
-    mid = num_scales // 2
     return {
-        "encoder": (EncoderGraph(tok_c, cd), EncoderGraph(tokenizer, torch.float32), 0, 0),
-        "decoder": (DecoderGraph(tok_c, cd), DecoderGraph(tokenizer, torch.float32), 0, 0),
-        "ar_prefill": (PrefillGraph(gen_c, sd), PrefillGraph(generator, torch.float32), 0, 0),
-        "ar_step": (StepGraph(gen_c, cd, sd), StepGraph(generator, torch.float32, torch.float32), mid, mid + 1),
-        "sampler": (SamplerGraph(candidates), SamplerGraph(candidates), mid, mid + 1),
-        "fold": (FoldGraph(tokenizer), FoldGraph(tokenizer), mid, num_scales - 1),
+        "encoder": (EncoderGraph(tok_c, cd), EncoderGraph(tokenizer, torch.float32)),
+        "decoder": (DecoderGraph(tok_c, cd), DecoderGraph(tokenizer, torch.float32)),
+        "ar_prefill": (PrefillGraph(gen_c, sd), PrefillGraph(generator, torch.float32)),
+        "ar_step": (StepGraph(gen_c, cd, sd), StepGraph(generator, torch.float32, torch.float32)),
+        "sampler": (SamplerGraph(candidates), SamplerGraph(candidates)),
+        "fold": (FoldGraph(tokenizer), FoldGraph(tokenizer)),
     }
+
+
+def trace_and_check_scales(spec: GraphSpec, num_scales: int) -> tuple[int | None, int | None]:
+    """Two different scales a graph serves (when it serves several): one to trace at, one to check at.
+
+    A dimension the tracer froze to the traced scale's size then shows up as a parity failure.
+    """
+    served = spec.served_scales(num_scales)
+    trace = served[len(served) // 2]
+    check = served[-1] if served[-1] != trace else served[0]
+    return trace, check
 
 
 def export_bundle(
@@ -312,10 +264,11 @@ def export_bundle(
     source: dict | None = None,
     progress: bool = True,
 ) -> Path:
-    """Export all graphs of a model into ``out_dir`` and write its manifest.
+    """Export all graphs of a model into the bundle folder ``out_dir``.
 
     Args:
-        out_dir: bundle folder (created; existing graphs are replaced atomically).
+        out_dir: the bundle folder: absent, empty, or an earlier bundle, which is replaced in one step
+            once the new one is complete and checked (a reader sees the old or the new bundle).
         tokenizer, generator: fp32 models (they are copied, never modified).
         config: their ``ModelConfig``.
         dtype: precision baked into the graphs: fp32, fp16 or bf16.
@@ -325,70 +278,80 @@ def export_bundle(
         source: provenance recorded in the manifest (checkpoint path and sha256).
     Returns:
         The bundle folder.
+    Raises:
+        InputError: a bad dtype, batch_max or candidates. OutputError: ``out_dir`` is something else
+        than a bundle, or another export writes into it now. ExportError: a graph is not faithful.
     """
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if batch_max < 1:
+        raise InputError(f"batch_max must be ≥ 1, got {batch_max}")
+    candidates = default_candidates(config.generator.codebook_size, candidates)
+    out = Path(out_dir)
+    with folder_lock(out):
+        check_replaceable(out)
+        with staged_folder(out) as stage:
+            _write_bundle(stage, tokenizer, generator, config, dtype, opset, batch_max, candidates, source, progress)
+    return out
+
+
+def _write_bundle(out: Path, tokenizer: Tokenizer, generator: Generator, config: ModelConfig, dtype: str, opset: int,
+                  batch_max: int, candidates: int, source: dict | None, progress: bool) -> None:
     import onnx
     import onnxruntime as ort
 
-    if dtype not in S.DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(S.DTYPES)}")
-    if batch_max < 1:
-        raise InputError("batch_max must be ≥ 1")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # a folder without a manifest is an unfinished export
-    model_dict = config.to_dict()
-    candidates = default_candidates(config.generator.codebook_size, candidates)
-    state_dtype = S.state_dtype(dtype)
-    specs = S.graph_specs(model_dict, candidates)
-    sd = getattr(torch, state_dtype)
-    plan = graph_plan(tokenizer, generator, dtype, candidates)
-    examples = ExampleInputs(tokenizer, generator, candidates)
-    graphs = {}
-    bar = tqdm(plan.items(), desc=f"export {config.name} ({dtype})", unit="graph", disable=not progress)
-    for name, (wrapper, reference, trace_si, check_si) in bar:
+    model = config.to_dict()
+    sdt = state_dtype(dtype)
+    specs = graph_specs(model)
+    modules = graph_modules(tokenizer, generator, dtype, candidates)
+    examples = ExampleInputs(tokenizer, generator, model, candidates)
+    num_scales = len(config.generator.scales)
+    graphs, files = {}, {}
+    bar = tqdm(modules.items(), desc=f"export {config.name} ({dtype})", unit="graph", disable=not progress)
+    for name, (module, reference) in bar:
         bar.set_postfix_str(name)
         spec = specs[name]
         path = out / f"{name}.onnx"
-        trace_batch = 2  # ≥ 2 and distinct from other dims, so no batch dimension is specialised
-        inputs = examples.for_graph(name, trace_batch, trace_si)
-        state_inputs = tuple(
-            _cast_floats((x,), sd)[0] if t.dtype == S.STATE else x for t, x in zip(spec.inputs, inputs, strict=True)
-        )
-        export_graph(wrapper, spec, state_inputs, path, opset, state_dtype)
+        trace_si, check_si = trace_and_check_scales(spec, num_scales)
+        inputs = examples.for_graph(spec, TRACE_BATCH, trace_si)
+        sd = getattr(torch, sdt)
+        inputs = tuple(x.to(sd) if t.dtype == STATE else x for t, x in zip(spec.inputs, inputs, strict=True))
+        export_graph(module, spec, inputs, path, opset, sdt)
         if dtype in ORT_CPU_DTYPES:
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            check_inputs = examples.for_graph(name, 3, check_si)
-            parity = check_parity(session, reference, check_inputs, spec, dtype, state_dtype)
+            parity = check_parity(session, reference, examples.for_graph(spec, PARITY_BATCH, check_si), spec, dtype)
             raise_on_failure(name, parity)
         else:
             onnx.checker.check_model(str(path))
             parity = {"skipped": f"ONNX Runtime's CPU provider has no {dtype} kernels; check on the GPU with "
                                  "`imagefolder-export check --backend trt`"}
+        external = external_data_files(path)
         graphs[name] = {
             "file": path.name,
-            "inputs": [t.to_dict(state_dtype) for t in spec.inputs],
-            "outputs": [t.to_dict(state_dtype) for t in spec.outputs],
+            "external_data": external,
+            "inputs": [t.to_dict(sdt) for t in spec.inputs],
+            "outputs": [t.to_dict(sdt) for t in spec.outputs],
             "doc": spec.doc,
-            "parity": {"batch": 3, "scale_index": check_si, "outputs": parity},
+            "parity": {"batch": PARITY_BATCH, "scale_index": check_si, "outputs": parity},
             "operators": check_operators(path).to_dict(),
         }
+        for rel in [path.name, *external]:
+            files[rel] = file_digest(out / rel)
         log.info("exported %s: %s", name, parity)
-    files = {p.name: file_digest(p) for p in sorted(out.glob("*.onnx")) if p.stem in plan}
     manifest = {
-        "format": "imagefolder-bundle",
-        "schema_version": S.SCHEMA_VERSION,
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
         "name": config.name,
-        "model": model_dict,
+        "model": model,
         "dtype": dtype,
-        "state_dtype": state_dtype,
+        "state_dtype": sdt,
         "opset": opset,
         "batch_max": batch_max,
         "sampler_candidates": candidates,
         "graphs": graphs,
-        "files": files,
+        "files": dict(sorted(files.items())),
         "producer": _versions(),
         "source": source or {},
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json_atomic(out / "manifest.json", manifest)
-    return out
+    write_json_atomic(out / MANIFEST, manifest)

@@ -13,9 +13,10 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+from imagefolder.core.sampler import TRT_TOPK_LIMIT
+
 TRT_MAX_OPSET = 20  # TensorRT 10.x parses opsets 9-20 (10.14+ go further; 10.3 does not)
 TRT_MIN_OPSET = 9
-TRT_TOPK_LIMIT = 3840
 
 SUPPORTED = frozenset({
     "Abs", "Acos", "Acosh", "Add", "AffineGrid", "And", "ArgMax", "ArgMin", "Asin", "Asinh", "Atan", "Atanh",
@@ -107,3 +108,8 @@ def check_operators(path: str | os.PathLike) -> OperatorReport:
     if any(t.type.tensor_type.elem_type == 11 for t in list(graph.input) + list(graph.output)):
         report.problems.append("a graph input or output is float64")
     return report
+
+
+def operator_reports(bundle) -> dict[str, OperatorReport]:
+    """The operator-support report of every graph of a loaded ``core.bundle.Bundle``."""
+    return {name: check_operators(bundle.graph_path(name)) for name in bundle.specs}

@@ -22,11 +22,11 @@ import os
 import re
 from pathlib import Path
 
+from imagefolder.core.bundle import load_bundle
+from imagefolder.core.engines import ENGINE_DIR, read_build_record
+from imagefolder.core.schedule import SamplingParams
 from imagefolder.errors import EngineError, ExportError, InputError
 from imagefolder.io import atomic_write_bytes, atomic_write_text
-
-from ..runtime.loop import GenerationParams
-from .trt_build import BUILD_RECORD, ENGINE_DIR, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +167,8 @@ def export_triton_repository(
         the repository folder ``out_dir`` (one subfolder per model).
     """
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
-    manifest = read_manifest(bundle_dir)
-    record_path = bundle_dir / ENGINE_DIR / BUILD_RECORD
-    if not record_path.is_file():
-        raise EngineError(f"{bundle_dir} has no engines: build them with `imagefolder-export trt {bundle_dir}`")
-    record = json.loads(record_path.read_text())
+    manifest = load_bundle(bundle_dir, verify=False).manifest
+    record = read_build_record(bundle_dir)
     built = sorted(record.get("batches", []))
     batches = sorted(set(batches or built))
     unbuilt = [b for b in batches if b not in built]
@@ -204,7 +201,7 @@ def export_triton_repository(
         "codebook_size": manifest["model"]["generator"]["codebook_size"],
         "state_dtype": manifest["state_dtype"],
         "batch_max": max(batches),
-        "defaults": {**dataclasses.asdict(GenerationParams()), **(defaults or {})},
+        "defaults": {**dataclasses.asdict(SamplingParams()), **(defaults or {})},
     }
     atomic_write_text(folder / "1" / "imagefolder.json", json.dumps(settings, indent=2) + "\n")
     atomic_write_bytes(folder / "1" / "model.py", MODEL_PY.read_bytes())

@@ -23,20 +23,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imagefolder.errors import EngineError, InputError, MissingDependency
-from imagefolder.export.specs import GRAPH_NAMES, bindings, resolve_shape
-from imagefolder.io import atomic_write_bytes, atomic_write_text
+from imagefolder.core import cuda
+from imagefolder.core.bundle import load_bundle
+from imagefolder.core.engines import (
+    BUILD_FORMAT,
+    BUILD_RECORD,
+    BUILD_SCHEMA_VERSION,
+    ENGINE_DIR,
+    TIMING_CACHE,
+    import_tensorrt,
+    read_build_record,
+    trt_major,
+)
+from imagefolder.core.specs import GRAPH_NAMES, bindings, graph_specs, resolve_shape
+from imagefolder.errors import EngineError, InputError
+from imagefolder.io import atomic_write_bytes, atomic_write_text, folder_lock
 
 log = logging.getLogger(__name__)
 
-ENGINE_DIR = "engines"
-BUILD_RECORD = "build.json"
-BUILD_FORMAT = "imagefolder-engines"
-BUILD_SCHEMA_VERSION = 1
-TIMING_CACHE = "timing.cache"
 
-# Graphs that get one profile per batch only; the others get one per (batch, scale).
-PER_BATCH_GRAPHS = ("encoder", "decoder", "ar_prefill")
 # Graphs placed on the DLA when a DLA core is requested. The generator (attention, TopK) is no DLA
 # candidate; the convolutional tokenizer graphs may partly be (unsupported layers fall back to the GPU).
 DLA_GRAPHS = ("encoder", "decoder")
@@ -49,26 +54,8 @@ VERSIONED_NAMES: dict[str, tuple[int, ...]] = {
 }
 
 
-class TensorRTUnavailable(MissingDependency):
-    """``import tensorrt`` failed."""
-
-
 class EngineBuildError(EngineError):
     """Parsing or building one graph failed."""
-
-
-def import_tensorrt():
-    """Import tensorrt, or raise ``TensorRTUnavailable`` with the install hint."""
-    try:
-        import tensorrt
-    except ImportError as err:
-        hint = "TensorRT itself comes from NVIDIA's index or JetPack"
-        raise TensorRTUnavailable("TensorRT", "gpu", err, hint=hint) from err
-    return tensorrt
-
-
-def trt_major(trt) -> int:
-    return int(str(trt.__version__).split(".")[0])
 
 
 def _versioned(trt, name: str):
@@ -88,17 +75,6 @@ def _versioned(trt, name: str):
 # Manifest and profiles
 
 
-def read_manifest(bundle_dir: str | os.PathLike) -> dict:
-    """The checked ``manifest.json`` of a bundle (``runtime.bundle.load_bundle`` without hashing the files)."""
-    from ..runtime.bundle import load_bundle
-
-    return load_bundle(bundle_dir, verify=False).manifest
-
-
-def manifest_scales(manifest: dict) -> list[int]:
-    return list(manifest["model"]["generator"]["scales"])
-
-
 @dataclass(frozen=True)
 class ProfileSpec:
     """One fixed-shape optimization profile: every input of ``graph`` at one batch (and scale)."""
@@ -114,14 +90,6 @@ class ProfileSpec:
             "scale_index": self.scale_index,
             "shapes": {name: list(shape) for name, shape in self.shapes.items()},
         }
-
-
-def _profile_scales(graph: str, num_scales: int) -> list[int | None]:
-    if graph in PER_BATCH_GRAPHS:
-        return [None]
-    if graph == "ar_step":
-        return list(range(1, num_scales))  # scale 0 is the prefill
-    return list(range(num_scales))  # sampler, fold
 
 
 def plan_profiles(manifest: dict, batches: list[int]) -> dict[str, list[ProfileSpec]]:
@@ -141,7 +109,8 @@ def plan_profiles(manifest: dict, batches: list[int]) -> dict[str, list[ProfileS
     for b in batches:
         if b < 1 or (batch_max is not None and b > batch_max):
             raise InputError(f"batch {b} is outside 1..{batch_max} (the bundle's batch_max)")
-    scales = manifest_scales(manifest)
+    scales = list(manifest["model"]["generator"]["scales"])
+    specs = graph_specs(manifest["model"])
     plan: dict[str, list[ProfileSpec]] = {}
     for graph in GRAPH_NAMES:
         if graph not in manifest["graphs"]:
@@ -149,16 +118,12 @@ def plan_profiles(manifest: dict, batches: list[int]) -> dict[str, list[ProfileS
         inputs = manifest["graphs"][graph]["inputs"]
         profiles = []
         for batch in sorted(set(batches)):
-            for si in _profile_scales(graph, len(scales)):
+            for si in specs[graph].served_scales(len(scales)):
                 symbols = bindings(scales, batch, 0 if si is None else si)
                 shapes = {t["name"]: resolve_shape(t["shape"], symbols) for t in inputs}
                 profiles.append(ProfileSpec(graph, batch, si, shapes))
         plan[graph] = profiles
     return plan
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Files
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -286,8 +251,6 @@ def _add_profiles(trt_builder, trt_config, trt_network, profiles: list[ProfileSp
 
 def gpu_info() -> dict:
     """Name and compute capability of the current CUDA device (through cuda-python)."""
-    from ..runtime import cuda
-
     props = cuda.device_properties()
     return {"name": props["name"], "compute_capability": props["compute_capability"]}
 
@@ -339,8 +302,6 @@ def build_engines(
         EngineBuildError: a graph fails to parse or build (the message names the failing nodes).
     """
     trt = import_tensorrt()
-    from ..runtime.bundle import load_bundle
-
     bundle = load_bundle(bundle_dir, verify=True)  # hashes every graph: engines are built from what was exported
     bundle_dir, manifest = bundle.path, bundle.manifest
     if isinstance(hardware_compat, bool):
@@ -356,84 +317,86 @@ def build_engines(
         if graph not in plan:
             raise InputError(f"graph {graph!r} is not in the bundle (it has {', '.join(plan)})")
 
-    engine_dir = bundle_dir / ENGINE_DIR
-    engine_dir.mkdir(parents=True, exist_ok=True)
-    cache_path = Path(timing_cache) if timing_cache is not None else engine_dir / TIMING_CACHE
-    logger = _logger(trt, verbose)
-    trt_builder = trt.Builder(logger)
-    if dla_core is not None and not 0 <= dla_core < trt_builder.num_DLA_cores:
-        raise InputError(f"DLA core {dla_core} requested; this device has {trt_builder.num_DLA_cores} DLA cores")
+    with folder_lock(bundle_dir):  # no export may swap the bundle while its engines are written
+        engine_dir = bundle_dir / ENGINE_DIR
+        engine_dir.mkdir(parents=True, exist_ok=True)
+        cache_path = Path(timing_cache) if timing_cache is not None else engine_dir / TIMING_CACHE
+        logger = _logger(trt, verbose)
+        trt_builder = trt.Builder(logger)
+        if dla_core is not None and not 0 <= dla_core < trt_builder.num_DLA_cores:
+            raise InputError(f"DLA core {dla_core} requested; this device has {trt_builder.num_DLA_cores} DLA cores")
 
-    gpu = gpu_info()
-    record_path = engine_dir / BUILD_RECORD
-    record = {
-        "format": BUILD_FORMAT,
-        "schema_version": BUILD_SCHEMA_VERSION,
-        "tensorrt_version": trt.__version__,
-        "gpu": gpu,
-        "bundle": {"name": manifest.get("name"), "dtype": manifest.get("dtype")},
-        "batches": batches,
-        "flags": {
-            "strongly_typed": True,
-            "workspace_mib": workspace_mib,
-            "builder_optimization_level": opt_level,
-            "dla_core": dla_core,
-            "dla_graphs": list(DLA_GRAPHS) if dla_core is not None else [],
-            "hardware_compat": hardware_compat,
-            "version_compat": version_compat,
-            "profiling_verbosity": "detailed" if detailed else "layer_names_only",
-            "tf32": tf32,
-        },
-        "graphs": {},
-    }
-    if graphs is not None and record_path.is_file():
-        old = json.loads(record_path.read_text())
-        if old.get("tensorrt_version") == trt.__version__ and old.get("gpu") == gpu and old.get("batches") == batches:
-            record["graphs"] = {g: r for g, r in old.get("graphs", {}).items() if g not in selected}
-
-    cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
-    trt_cache = None
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(selected, desc="TensorRT engines", unit="graph", disable=not progress)
-    for graph in bar:
-        bar.set_description(f"TensorRT {graph}")
-        entry = manifest["graphs"][graph]
-        onnx_path = bundle_dir / entry["file"]
-        started = time.perf_counter()
-        trt_network, trt_parser = _parse_onnx(trt, trt_builder, onnx_path, logger)
-        trt_config, trt_cache = _configure(
-            trt, trt_builder, graph, workspace_mib, opt_level, trt_cache, cache_bytes, dla_core, hardware_compat,
-            version_compat, detailed, tf32,
-        )
-        monitor = _progress_monitor(trt, bar if progress else None)
-        if monitor is not None:
-            trt_config.progress_monitor = monitor
-        _add_profiles(trt_builder, trt_config, trt_network, plan[graph])
-        log.info("building %s (%d profiles)", graph, len(plan[graph]))
-        serialized = trt_builder.build_serialized_network(trt_network, trt_config)
-        if serialized is None:
-            raise EngineBuildError(
-                f"TensorRT failed to build {graph} from {onnx_path.name} (see the TensorRT log above; "
-                "on Jetson, a smaller --workspace often helps)"
-            )
-        data = bytes(serialized)
-        plan_path = engine_dir / f"{graph}.plan"
-        atomic_write_bytes(plan_path, data)
-        atomic_write_bytes(cache_path, bytes(trt_cache.serialize()))
-        onnx_sha = (manifest.get("files") or {}).get(entry["file"], {}).get("sha256")
-        record["graphs"][graph] = {
-            "file": f"{ENGINE_DIR}/{graph}.plan",
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data),
-            "onnx_file": entry["file"],
-            "onnx_sha256": onnx_sha,
-            "build_seconds": round(time.perf_counter() - started, 2),
-            "profiles": [dict(index=i, **p.to_dict()) for i, p in enumerate(plan[graph])],
+        gpu = gpu_info()
+        record_path = engine_dir / BUILD_RECORD
+        record = {
+            "format": BUILD_FORMAT,
+            "schema_version": BUILD_SCHEMA_VERSION,
+            "tensorrt_version": trt.__version__,
+            "gpu": gpu,
+            "bundle": {"name": manifest.get("name"), "dtype": manifest.get("dtype")},
+            "batches": batches,
+            "flags": {
+                "strongly_typed": True,
+                "workspace_mib": workspace_mib,
+                "builder_optimization_level": opt_level,
+                "dla_core": dla_core,
+                "dla_graphs": list(DLA_GRAPHS) if dla_core is not None else [],
+                "hardware_compat": hardware_compat,
+                "version_compat": version_compat,
+                "profiling_verbosity": "detailed" if detailed else "layer_names_only",
+                "tf32": tf32,
+            },
+            "graphs": {},
         }
-        del trt_parser, trt_network, trt_config, serialized
-        # The record is rewritten after every graph, so an interrupted build still describes its plans.
-        atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
-    bar.close()
-    return engine_dir
+        if graphs is not None and record_path.is_file():
+            old = read_build_record(bundle_dir)
+            built = (old.get("tensorrt_version"), old.get("gpu"), old.get("batches"))
+            if built == (trt.__version__, gpu, batches):
+                record["graphs"] = {g: r for g, r in old.get("graphs", {}).items() if g not in selected}
+
+        cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
+        trt_cache = None
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(selected, desc="TensorRT engines", unit="graph", disable=not progress)
+        for graph in bar:
+            bar.set_description(f"TensorRT {graph}")
+            entry = manifest["graphs"][graph]
+            onnx_path = bundle_dir / entry["file"]
+            started = time.perf_counter()
+            trt_network, trt_parser = _parse_onnx(trt, trt_builder, onnx_path, logger)
+            trt_config, trt_cache = _configure(
+                trt, trt_builder, graph, workspace_mib, opt_level, trt_cache, cache_bytes, dla_core, hardware_compat,
+                version_compat, detailed, tf32,
+            )
+            monitor = _progress_monitor(trt, bar if progress else None)
+            if monitor is not None:
+                trt_config.progress_monitor = monitor
+            _add_profiles(trt_builder, trt_config, trt_network, plan[graph])
+            log.info("building %s (%d profiles)", graph, len(plan[graph]))
+            serialized = trt_builder.build_serialized_network(trt_network, trt_config)
+            if serialized is None:
+                raise EngineBuildError(
+                    f"TensorRT failed to build {graph} from {onnx_path.name} (see the TensorRT log above; "
+                    "on Jetson, a smaller --workspace often helps)"
+                )
+            data = bytes(serialized)
+            plan_path = engine_dir / f"{graph}.plan"
+            atomic_write_bytes(plan_path, data)
+            atomic_write_bytes(cache_path, bytes(trt_cache.serialize()))
+            onnx_sha = (manifest.get("files") or {}).get(entry["file"], {}).get("sha256")
+            record["graphs"][graph] = {
+                "file": f"{ENGINE_DIR}/{graph}.plan",
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "bytes": len(data),
+                "onnx_file": entry["file"],
+                "onnx_sha256": onnx_sha,
+                "build_seconds": round(time.perf_counter() - started, 2),
+                "profiles": [dict(index=i, **p.to_dict()) for i, p in enumerate(plan[graph])],
+            }
+            del trt_parser, trt_network, trt_config, serialized
+            # The record is rewritten after every graph, so an interrupted build still describes its plans.
+            atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+        bar.close()
+        return engine_dir

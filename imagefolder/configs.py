@@ -12,6 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from imagefolder.core.schedule import num_positions, scale_spans
 from imagefolder.errors import InputError
 
 OFFICIAL_SCALES: tuple[int, ...] = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)
@@ -78,7 +79,7 @@ class TokenizerConfig:
     @property
     def positions(self) -> int:
         """P: tokens per branch over all scales (286 officially)."""
-        return sum(pn * pn for pn in self.scales)
+        return num_positions(self.scales)
 
     @property
     def phi_index(self) -> tuple[int, ...]:
@@ -109,7 +110,7 @@ class GeneratorConfig:
 
     @property
     def positions(self) -> int:
-        return sum(pn * pn for pn in self.scales)
+        return num_positions(self.scales)
 
     @property
     def folded_dim(self) -> int:
@@ -122,11 +123,7 @@ class GeneratorConfig:
     @property
     def scale_offsets(self) -> tuple[int, ...]:
         """Index of the first position of each scale in the concatenated sequence."""
-        offsets, total = [], 0
-        for pn in self.scales:
-            offsets.append(total)
-            total += pn * pn
-        return tuple(offsets)
+        return tuple(start for start, _ in scale_spans(self.scales))
 
 
 @dataclass(frozen=True)

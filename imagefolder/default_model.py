@@ -40,7 +40,7 @@ def load_models(
         where the weights came from (path and sha256), for bundle manifests.
     """
     from imagefolder.checkpoint import CheckpointError, load_any
-    from imagefolder.export.bundle_io import sha256_file
+    from imagefolder.core.bundle import sha256_file
 
     path = Path(checkpoint) if checkpoint is not None else default_weights_path()
     if checkpoint is None and not path.exists():

@@ -4,14 +4,14 @@ Ten forward passes (one per scale) over 2B rows under classifier-free guidance, 
 by this loop, guidance ramped as t = cfg·si/(SN−1) over all 2V logits, then each branch's half
 sampled with top-k, top-p and ``torch.multinomial`` from a seeded generator (branch 0 first, then
 branch 1, at every scale: the official draw order). The exported runtime uses Gumbel-max with
-explicit noise instead (``imagefolder.runtime.sampler``); with ``top_k=1`` both are greedy and agree.
+explicit noise instead (``imagefolder.core.sampler``); with ``top_k=1`` both are greedy and agree.
 """
 
 from __future__ import annotations
 
 import torch
 
-from imagefolder.errors import InputError
+from imagefolder.core.schedule import SamplingParams, cfg_rows, check_labels, guidance, positions
 from imagefolder.models.generator import Generator, KVCache
 from imagefolder.models.tokenizer import Tokenizer
 
@@ -47,32 +47,29 @@ def generate(
     generator: Generator,
     tokenizer: Tokenizer,
     labels: torch.Tensor,
-    cfg: float = 3.25,
-    top_k: int = 750,
-    top_p: float = 0.95,
-    seed: int | None = 0,
+    cfg: float = SamplingParams.cfg,
+    top_k: int = SamplingParams.top_k,
+    top_p: float = SamplingParams.top_p,
+    seed: int = SamplingParams.seed,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-conditional generation.
+    """Class-conditional generation with the official draw order.
 
     Args:
         generator, tokenizer: models in eval mode on the same device.
         labels: (B,) int64 class ids in [0, num_classes).
-        cfg: guidance at the last scale (the official evaluation uses 3.25).
-        top_k, top_p: per-branch filtering (official: 750, 0.95); ``top_k=1`` is greedy.
-        seed: seeds the sampling generator; None draws from the global generator.
+        cfg, top_k, top_p, seed: as ``core.schedule.SamplingParams`` (validated the same way on every
+            path); ``top_k=1`` is greedy. The seed seeds a ``torch.Generator`` on the labels' device.
     Returns:
         images (B, 3, H, W) in [-1, 1] and indices (B, 2, P) int64.
     """
+    params = SamplingParams(cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
     gcfg = generator.cfg
     device = labels.device
-    if labels.min() < 0 or labels.max() >= gcfg.num_classes:
-        raise InputError(f"class ids must be in [0, {gcfg.num_classes}), got {labels.tolist()}")
-    rng = None
-    if seed is not None:
-        rng = torch.Generator(device=device)
-        rng.manual_seed(seed)
+    rows = torch.as_tensor(cfg_rows(check_labels(labels.cpu().numpy(), gcfg.num_classes), gcfg.null_class),
+                           device=device)
+    rng = torch.Generator(device=device)
+    rng.manual_seed(params.seed)
     b, v, num_scales = labels.shape[0], gcfg.codebook_size, len(gcfg.scales)
-    rows = torch.cat([labels, torch.full_like(labels, gcfg.null_class)])  # (N,) conditional rows first
     logits, keys, values, cond_blocks, cond_head = generator.prefill(rows)
     cache = KVCache.allocate(gcfg, 2 * b, keys.dtype, device)
     cache.append(keys, values)
@@ -80,18 +77,17 @@ def generate(
     f_hat = torch.zeros(b, gcfg.folded_dim, k, k, device=device)
     per_scale = []
     for si in range(num_scales):
-        t = cfg * si / (num_scales - 1)
+        t = guidance(params.cfg, si, num_scales)
         mixed = (1 + t) * logits[:b] - t * logits[b:]  # (B, q, 2V)
         halves = [mixed[..., i * v : (i + 1) * v] for i in range(gcfg.num_branches)]  # branch 0 drawn first
-        tokens = torch.stack([sample_official(h, top_k, top_p, rng) for h in halves], dim=-1)  # (B, q, 2)
-        per_scale.append(tokens)
+        tokens = torch.stack([sample_official(h, params.top_k, params.top_p, rng) for h in halves], dim=-1)
+        per_scale.append(tokens)  # (B, q, 2)
         f_hat = f_hat + tokenizer.embed_scale(tokens, si)
         if si == num_scales - 1:
             break
         x_next = tokenizer.next_scale_input(f_hat, si + 1).repeat(2, 1, 1)  # (N, q', 2Z)
-        start, count = gcfg.scale_offsets[si + 1], gcfg.scales[si + 1] ** 2
-        positions = torch.arange(start, start + count, device=device)
-        logits, keys, values = generator.step(x_next, positions, cond_blocks, cond_head, cache.keys, cache.values)
+        next_positions = torch.as_tensor(positions(gcfg.scales, si + 1), device=device)
+        logits, keys, values = generator.step(x_next, next_positions, cond_blocks, cond_head, cache.keys, cache.values)
         cache.append(keys, values)
     indices = torch.cat(per_scale, dim=1).permute(0, 2, 1)  # (B, 2, P)
     return tokenizer.fhat_to_img(f_hat), indices

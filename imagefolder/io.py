@@ -1,4 +1,4 @@
-"""Crash-safe file writing for every file the package produces.
+"""Crash-safe writing for every file and folder the package produces.
 
 A reader must never see a half-written checkpoint, engine or report, and a failed write must never
 destroy the previous version. ``atomic_write`` gives the writer a temporary path in the destination's
@@ -10,14 +10,19 @@ it was. Importing this module imports no torch.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import hashlib
 import os
+import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from imagefolder.errors import output_error
+from imagefolder.errors import OutputError, output_error
 
 
 def _fsync_path(path: Path) -> None:
@@ -95,3 +100,104 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Folders: a lock for writers, and staged replacement
+
+
+@contextmanager
+def folder_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the writers' lock of folder ``path`` (which need not exist yet) for the block.
+
+    The lock is an exclusive ``flock`` on the hidden file ``.<name>.lock`` beside the folder; the
+    operating system releases it when the holder exits, however it exits. A second writer is refused
+    at once with an ``OutputError`` that names the holder, rather than waiting or mixing its files in.
+    """
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise output_error(path, err, "folder") from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise OutputError(
+                f"{path} is being written by another process (pid {holder}); wait for it to finish or choose "
+                "another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
+def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder; when the block succeeds it replaces ``path`` in one step.
+
+    Readers see the old folder or the new one, never a mixture or nothing: the staging folder sits
+    beside ``path`` (same file system) and is exchanged with it atomically (Linux ``renameat2``
+    with ``RENAME_EXCHANGE``; elsewhere two renames, the old folder kept until the new one is in
+    place). The old contents are then deleted. On any exception, Ctrl-C included, the staging
+    folder is deleted and ``path`` is left as it was. Call it under ``folder_lock``: leftovers of a
+    writer that was killed (``.<name>.staging-*``) are removed first.
+    """
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = path.with_name(f".{path.name}.staging-{uuid.uuid4().hex[:12]}")
+    try:
+        stage.mkdir(parents=True)
+        yield stage
+        _fsync_tree(stage)
+        if path.exists():
+            _exchange(stage, path)  # stage now holds the old folder
+            shutil.rmtree(stage)
+        else:
+            os.rename(stage, path)
+        if os.name == "posix":
+            _fsync_path(path.parent)
+    except OSError as err:
+        shutil.rmtree(stage, ignore_errors=True)
+        if _concerns(err, path, stage):
+            raise output_error(path, err, "folder") from err
+        raise
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in folder.rglob("*"):
+        if file.is_file():
+            _fsync_path(file)
+    _fsync_path(folder)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths atomically where the kernel can, else by two renames with the old one kept until the end."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL):  # not "unsupported here": a real failure
+            raise OSError(code, os.strerror(code), os.fspath(b))
+    backup = b.with_name(f".{b.name}.staging-old-{uuid.uuid4().hex[:12]}")
+    os.rename(b, backup)
+    try:
+        os.rename(a, b)
+    except BaseException:
+        os.rename(backup, b)
+        raise
+    os.rename(backup, a)

@@ -306,7 +306,7 @@ def profile_generation(
     Args:
         backend: any backend of ``runtime.backends``.
         batches: batch sizes to measure.
-        params: ``loop.GenerationParams`` (the seed is the same for every run).
+        params: ``loop.SamplingParams`` (the seed is the same for every run).
         runs: measured runs per batch size (≥ 1).
         warmup: runs before them, excluded from the statistics.
         progress: called with a line of text before each batch size.

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from imagefolder.configs import tiny
+from imagefolder.core.bundle import load_bundle
+from imagefolder.core.schedule import SamplingParams, num_positions
 from imagefolder.export.onnx_export import export_bundle
 from imagefolder.generate import generate as official_generate
 from imagefolder.runtime.backends.ort import OrtBackend
 from imagefolder.runtime.backends.torch_backend import TorchBackend
-from imagefolder.runtime.bundle import load_bundle
-from imagefolder.runtime.loop import GenerationParams, generate
+from imagefolder.runtime.loop import generate
 from tests.models import official_width, randomized
 
 
@@ -40,7 +41,7 @@ def _assert_same(ort_result, torch_result):
 
 def test_greedy_tokens_identical_ort_vs_torch_tiny(tiny_setup):
     _, ort_backend, torch_backend, _ = tiny_setup
-    params = GenerationParams(cfg=2.5, top_k=1, top_p=1.0, seed=0)
+    params = SamplingParams(cfg=2.5, top_k=1, top_p=1.0, seed=0)
     labels = np.array([0, 4, 9])
     ort_result = generate(ort_backend, labels, params)
     _assert_same(ort_result, generate(torch_backend, labels, params))
@@ -50,22 +51,22 @@ def test_greedy_tokens_identical_ort_vs_torch_tiny(tiny_setup):
 def test_seeded_sampling_identical_ort_vs_torch_tiny(tiny_setup):
     _, ort_backend, torch_backend, _ = tiny_setup
     labels = np.array([1, 2])
-    for params in (GenerationParams(cfg=3.25, top_k=40, top_p=0.9, seed=11), GenerationParams(cfg=0, top_k=256,
+    for params in (SamplingParams(cfg=3.25, top_k=40, top_p=0.9, seed=11), SamplingParams(cfg=0, top_k=256,
                                                                                                 top_p=1.0, seed=5)):
         ort_result = generate(ort_backend, labels, params)
         _assert_same(ort_result, generate(torch_backend, labels, params))
     # A different seed changes the sample: the noise really drives the tokens.
-    other = generate(ort_backend, labels, GenerationParams(cfg=0, top_k=256, top_p=1.0, seed=6))
+    other = generate(ort_backend, labels, SamplingParams(cfg=0, top_k=256, top_p=1.0, seed=6))
     assert not np.array_equal(other.indices, ort_result.indices)
 
 
 def test_sessions_are_reusable_on_every_backend(tiny_setup):
     _, ort_backend, torch_backend, _ = tiny_setup
-    params = GenerationParams(cfg=1.0, top_k=30, seed=4)
+    params = SamplingParams(cfg=1.0, top_k=30, seed=4)
     for backend in (ort_backend, torch_backend):
         session = backend.session(2)
         first = generate(backend, [5, 6], params, session=session)
-        generate(backend, [1, 2], GenerationParams(seed=99), session=session)
+        generate(backend, [1, 2], SamplingParams(seed=99), session=session)
         again = generate(backend, [5, 6], params, session=session)
         np.testing.assert_array_equal(first.indices, again.indices)
         session.close()
@@ -74,7 +75,7 @@ def test_sessions_are_reusable_on_every_backend(tiny_setup):
 def test_runtime_greedy_equals_official_reference(tiny_setup):
     _, ort_backend, _, (tokenizer, generator) = tiny_setup
     labels = np.array([3, 7])
-    result = generate(ort_backend, labels, GenerationParams(cfg=3.25, top_k=1, seed=0))
+    result = generate(ort_backend, labels, SamplingParams(cfg=3.25, top_k=1, seed=0))
     _, indices = official_generate(generator, tokenizer, torch.as_tensor(labels), cfg=3.25, top_k=1, seed=0)
     np.testing.assert_array_equal(result.indices, indices.int().numpy())
 
@@ -90,12 +91,12 @@ def test_encode_decode_round_trip_ort_vs_torch(tiny_setup):
 @pytest.mark.slow
 def test_greedy_tokens_identical_official_width(official_setup):
     bundle, ort_backend, torch_backend, _ = official_setup
-    assert bundle.positions == 286 and bundle.model["generator"]["width"] == 1088
-    params = GenerationParams(cfg=3.25, top_k=1, seed=0)
+    assert num_positions(bundle.scales) == 286 and bundle.model["generator"]["width"] == 1088
+    params = SamplingParams(cfg=3.25, top_k=1, seed=0)
     labels = np.array([207])
     ort_result = generate(ort_backend, labels, params)
     _assert_same(ort_result, generate(torch_backend, labels, params))
-    sampled = GenerationParams(cfg=3.25, top_k=750, top_p=0.95, seed=1)
+    sampled = SamplingParams(cfg=3.25, top_k=750, top_p=0.95, seed=1)
     np.testing.assert_array_equal(generate(ort_backend, labels, sampled).indices,
                                   generate(torch_backend, labels, sampled).indices)
 
@@ -106,7 +107,7 @@ def test_fp16_bundle_generates_like_fp32(tmp_path):
     half = OrtBackend(export_bundle(tmp_path / "16", tokenizer, generator, config, dtype="fp16", progress=False))
     full = OrtBackend(export_bundle(tmp_path / "32", tokenizer, generator, config, dtype="fp32", progress=False))
     assert half.bundle.state_dtype == "float16"
-    params = GenerationParams(cfg=3.0, top_k=1, seed=0)
+    params = SamplingParams(cfg=3.0, top_k=1, seed=0)
     a, b = generate(half, [0, 3, 7], params), generate(full, [0, 3, 7], params)
     # Stated tolerance: greedy tokens agree on ≥ 99% of positions, images within 2e-2.
     assert (a.indices == b.indices).mean() >= 0.99

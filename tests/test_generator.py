@@ -140,5 +140,5 @@ def test_seeded_sampling_reproducible_and_seed_sensitive(tiny_models):
 
 def test_class_ids_out_of_range_rejected(tiny_models):
     tok, gen = tiny_models
-    with pytest.raises(ValueError, match=r"class ids must be in \[0, 10\)"):
+    with pytest.raises(ValueError, match=r"class id\(s\) \[10\] outside \[0, 10\)"):
         generate(gen, tok, torch.tensor([10]))

@@ -12,19 +12,21 @@ import json
 import numpy as np
 import pytest
 
+from imagefolder.core.sampler import default_candidates
+from imagefolder.core.schedule import SamplingParams
 from imagefolder.default_model import load_models
-from imagefolder.export.onnx_export import default_candidates, export_bundle
+from imagefolder.export.onnx_export import export_bundle
 from imagefolder.runtime.backends.ort import OrtBackend
 from imagefolder.runtime.backends.torch_backend import TorchBackend
-from imagefolder.runtime.loop import GenerationParams, generate
+from imagefolder.runtime.loop import generate
 from tests.reference import DATA
 
 GOLDEN = DATA / "golden-default-model.json"
 LABELS = np.arange(10)
 REQUESTS = {
-    "greedy": GenerationParams(top_k=1, top_p=1.0, seed=0),
-    "default-seed0": GenerationParams(seed=0),
-    "cfg1.5-topk100-topp0.8-seed7": GenerationParams(cfg=1.5, top_k=100, top_p=0.8, seed=7),
+    "greedy": SamplingParams(top_k=1, top_p=1.0, seed=0),
+    "default-seed0": SamplingParams(seed=0),
+    "cfg1.5-topk100-topp0.8-seed7": SamplingParams(cfg=1.5, top_k=100, top_p=0.8, seed=7),
 }
 
 

@@ -11,8 +11,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from imagefolder.configs import tiny
-from imagefolder.export.specs import GRAPH_NAMES, SCHEMA_VERSION, graph_specs
-from imagefolder.runtime.bundle import BundleError, load_bundle
+from imagefolder.core.bundle import BundleError, load_bundle
+from imagefolder.core.schedule import num_positions
+from imagefolder.core.specs import GRAPH_NAMES, SCHEMA_VERSION, graph_specs
 
 CANDIDATES = 16
 ONNX_TYPES = {"float32": TensorProto.FLOAT, "int32": TensorProto.INT32, "int64": TensorProto.INT64}
@@ -41,7 +42,7 @@ def _record(folder: Path, rel: str) -> dict:
 def make_bundle(folder: Path, graph_files: dict[str, bytes] | None = None) -> Path:
     """Write a tiny-config bundle; ``graph_files`` replaces the I/O-only graphs (e.g. with runnable ones)."""
     model = tiny().to_dict()
-    specs = graph_specs(model, CANDIDATES)
+    specs = graph_specs(model)
     folder.mkdir(parents=True, exist_ok=True)
     graphs, files = {}, {}
     for name in GRAPH_NAMES:
@@ -49,6 +50,7 @@ def make_bundle(folder: Path, graph_files: dict[str, bytes] | None = None) -> Pa
         files[f"{name}.onnx"] = _record(folder, f"{name}.onnx")
         graphs[name] = {
             "file": f"{name}.onnx",
+            "external_data": [],
             "inputs": [t.to_dict("float32") for t in specs[name].inputs],
             "outputs": [t.to_dict("float32") for t in specs[name].outputs],
             "doc": specs[name].doc,
@@ -90,7 +92,7 @@ def bundle_dir(tmp_path) -> Path:
 def test_loads_and_resolves_shapes(bundle_dir):
     bundle = load_bundle(bundle_dir)
     assert load_bundle(bundle_dir / "manifest.json").manifest == bundle.manifest
-    assert bundle.scales == (1, 2, 3, 4, 6) and bundle.num_scales == 5 and bundle.positions == 66
+    assert bundle.scales == (1, 2, 3, 4, 6) and bundle.num_scales == 5 and num_positions(bundle.scales) == 66
     assert bundle.spans[3] == (14, 16)
     assert (bundle.batch_max, bundle.candidates, bundle.num_classes, bundle.image_size) == (4, CANDIDATES, 10, 64)
     shapes = bundle.shapes("ar_step", batch=2, scale_index=3)
@@ -145,7 +147,7 @@ def test_newer_schema_asks_for_an_upgrade(bundle_dir):
     [
         (lambda m: m.update(format="something-else"), "not an imagefolder bundle"),
         (lambda m: m.pop("sampler_candidates"), "lacks"),
-        (lambda m: m["graphs"].pop("fold"), "no graph"),
+        (lambda m: m["graphs"].pop("fold"), "graphs lacks the field .fold."),
         (lambda m: m.update(dtype="fp16"), "policies"),
         (lambda m: m["graphs"]["sampler"]["inputs"][0].update(name="scores"), "graph sampler I/O differs"),
         (lambda m: m["files"].update({"../outside.onnx": {"sha256": "0", "bytes": 0}}), "outside the bundle"),
@@ -160,7 +162,7 @@ def test_malformed_manifests(bundle_dir, edit, message):
 
 
 def test_onnx_io_must_match_the_manifest(bundle_dir):
-    specs = graph_specs(tiny().to_dict(), CANDIDATES)
+    specs = graph_specs(tiny().to_dict())
     (bundle_dir / "ar_step.onnx").write_bytes(_onnx_graph(specs["ar_step"], rename={"past_keys": "cache_k"}))
     manifest = _manifest(bundle_dir)
     manifest["files"]["ar_step.onnx"] = _record(bundle_dir, "ar_step.onnx")  # a consistent hash, wrong I/O
@@ -170,7 +172,7 @@ def test_onnx_io_must_match_the_manifest(bundle_dir):
 
 
 def test_onnx_fixed_dimension_must_match(bundle_dir):
-    specs = graph_specs(tiny().to_dict(), CANDIDATES)
+    specs = graph_specs(tiny().to_dict())
     model = onnx.load_from_string(_onnx_graph(specs["sampler"]))
     model.graph.input[4].type.tensor_type.shape.dim[3].dim_value = 257
     onnx.save(model, str(bundle_dir / "sampler.onnx"))

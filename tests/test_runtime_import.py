@@ -7,11 +7,11 @@ import sys
 
 MODULES = (
     "imagefolder.runtime",
-    "imagefolder.runtime.bundle",
+    "imagefolder.core.bundle",
     "imagefolder.runtime.loop",
     "imagefolder.runtime.backends.ort",
     "imagefolder.runtime.profiler",
-    "imagefolder.runtime.sampler",
+    "imagefolder.core.sampler",
     "imagefolder.runtime.images",
     "imagefolder.runtime.backends.trt",
     "imagefolder.cli.main",  # the runtime commands start without torch; train/eval load it lazily

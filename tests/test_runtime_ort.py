@@ -19,14 +19,16 @@ import torch
 import torch.nn as nn
 
 from imagefolder.configs import tiny
-from imagefolder.export.sampler_graph import SamplerGraph
-from imagefolder.export.specs import graph_specs, scale_positions
+from imagefolder.core.bundle import load_bundle
+from imagefolder.core.sampler import sample_tokens
+from imagefolder.core.schedule import SamplingParams, guidance, scale_spans
+from imagefolder.core.specs import graph_specs
+from imagefolder.errors import InputError
+from imagefolder.models.sampler import SamplerGraph
 from imagefolder.runtime.backends.ort import OrtBackend, OrtBackendError
-from imagefolder.runtime.bundle import load_bundle
 from imagefolder.runtime.images import save_grid, save_png, to_uint8
-from imagefolder.runtime.loop import GenerationError, GenerationParams, generate
+from imagefolder.runtime.loop import generate
 from imagefolder.runtime.profiler import StepProfiler, profile_generation
-from imagefolder.runtime.sampler import guidance_for, sample_tokens
 from tests.test_runtime_bundle import CANDIDATES, make_bundle
 
 CFG = tiny()
@@ -92,7 +94,7 @@ def _export(module: nn.Module, spec, example: tuple, path) -> bytes:
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ort")
-    specs = graph_specs(CFG.to_dict(), CANDIDATES)
+    specs = graph_specs(CFG.to_dict())
     q, qn, B, N = 4, 9, 2, 4
     examples = {
         "ar_prefill": (Prefill(), (torch.tensor([1, 2, 10, 10]),)),
@@ -109,11 +111,11 @@ def bundle_dir(tmp_path_factory):
     return make_bundle(tmp / "bundle", files)
 
 
-def _reference(bundle_dir, labels, params: GenerationParams) -> np.ndarray:
+def _reference(bundle_dir, labels, params: SamplingParams) -> np.ndarray:
     """The loop with plain ``run`` calls, fresh arrays and the numpy sampler."""
     run = {g: ort.InferenceSession(str(bundle_dir / f"{g}.onnx"), providers=["CPUExecutionProvider"]).run
            for g in ("ar_prefill", "ar_step", "fold")}
-    spans, B = scale_positions(CFG.generator.scales), len(labels)
+    spans, B = scale_spans(CFG.generator.scales), len(labels)
     rng = np.random.default_rng(params.seed)
     rows = np.concatenate([labels, np.full(B, CFG.generator.num_classes)]).astype(np.int64)
     logits, keys, values, cond_blocks, cond_head = run["ar_prefill"](None, {"labels": rows})
@@ -122,7 +124,7 @@ def _reference(bundle_dir, labels, params: GenerationParams) -> np.ndarray:
     f_hat, indices = np.zeros((B, Z2, K, K), np.float32), np.zeros((B, 2, P), np.int32)
     for si, (start, q) in enumerate(spans):
         noise = rng.random((B, q, 2, V2 // 2), dtype=np.float32)
-        t = guidance_for(params.cfg, si, len(spans))
+        t = guidance(params.cfg, si, len(spans))
         tokens = sample_tokens(logits, t, params.top_k, params.top_p, noise, CANDIDATES)
         indices[:, :, start : start + q] = tokens.transpose(0, 2, 1)
         nxt = spans[min(si + 1, len(spans) - 1)]
@@ -139,7 +141,7 @@ def _reference(bundle_dir, labels, params: GenerationParams) -> np.ndarray:
 
 def test_generate_matches_the_reference_loop(bundle_dir):
     backend = OrtBackend(load_bundle(bundle_dir), threads=1)
-    params = GenerationParams(cfg=2.0, top_k=8, top_p=0.9, seed=3)
+    params = SamplingParams(cfg=2.0, top_k=8, top_p=0.9, seed=3)
     labels = np.array([3, 7])
     result = generate(backend, labels, params)
     assert result.images.shape == (2, 3, IMG, IMG) and result.images.dtype == np.float32
@@ -155,7 +157,7 @@ def test_generate_matches_the_reference_loop(bundle_dir):
             np.testing.assert_array_equal(again.indices, result.indices)
     report = prof.report()
     assert report["runs"] == 2 and len(report["stages"]) == 1 + 2 * 5 + 4 + 1
-    other = generate(backend, labels, GenerationParams(cfg=2.0, top_k=8, top_p=0.9, seed=4))
+    other = generate(backend, labels, SamplingParams(cfg=2.0, top_k=8, top_p=0.9, seed=4))
     assert not np.array_equal(other.indices, result.indices)
     for batch in (1, 3):  # every batch size up to batch_max through the same graphs
         labels = np.arange(batch)
@@ -169,14 +171,14 @@ def test_errors_are_clear(bundle_dir):
         backend.session(5)
     with pytest.raises(OrtBackendError, match="available: .*CPUExecutionProvider"):
         OrtBackend(bundle_dir, providers=["NoSuchExecutionProvider"])
-    with pytest.raises(GenerationError, match=r"class id\(s\) \[10, -1\] outside \[0, 10\)"):
+    with pytest.raises(InputError, match=r"class id\(s\) \[10, -1\] outside \[0, 10\)"):
         generate(backend, [1, 10, -1])
-    with pytest.raises(GenerationError, match="top_p"):
-        GenerationParams(top_p=0.0)
-    with pytest.raises(GenerationError, match="top_k"):
-        GenerationParams(top_k=0)
-    with pytest.raises(GenerationError, match="cfg"):
-        GenerationParams(cfg=-1.0)
+    with pytest.raises(InputError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(InputError, match="top_k"):
+        SamplingParams(top_k=0)
+    with pytest.raises(InputError, match="cfg"):
+        SamplingParams(cfg=-1.0)
     with backend.session(1) as session, pytest.raises(OrtBackendError, match="noise of scale 0"):
         session.prefill(np.array([1]))
         session.sample(0, 0.0, 5, 0.9, np.zeros((1, 1, 2, CANDIDATES + 1), np.float32))
@@ -201,7 +203,7 @@ def test_encode_decode_and_images(bundle_dir, tmp_path):
 
 
 def test_profile_generation(bundle_dir, tmp_path):
-    result = profile_generation(OrtBackend(bundle_dir), [1, 2], GenerationParams(), runs=2, warmup=1)
+    result = profile_generation(OrtBackend(bundle_dir), [1, 2], SamplingParams(), runs=2, warmup=1)
     assert [r["batch"] for r in result.reports] == [1, 2] and all(r["runs"] == 2 for r in result.reports)
     assert "batch 2" in result.table()
     report = json.loads(result.write_json(tmp_path / "p.json").read_text())

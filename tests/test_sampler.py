@@ -12,8 +12,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from imagefolder.export.sampler_graph import SamplerGraph
-from imagefolder.runtime.sampler import guidance_for, sample_tokens
+from imagefolder.core.sampler import sample_tokens
+from imagefolder.core.schedule import guidance
+from imagefolder.models.sampler import SamplerGraph
 
 NAMES = ("logits", "guidance", "top_k", "top_p", "noise")
 V = 48
@@ -154,7 +155,7 @@ def test_rejects_bad_shapes():
 
 
 def test_guidance_schedule():
-    assert guidance_for(3.25, 0, 10) == 0.0
-    assert guidance_for(3.25, 9, 10) == pytest.approx(3.25)
-    assert guidance_for(1.8, 3, 10) == pytest.approx(0.6)
-    assert guidance_for(2.0, 0, 1) == 2.0
+    assert guidance(3.25, 0, 10) == 0.0
+    assert guidance(3.25, 9, 10) == pytest.approx(3.25)
+    assert guidance(1.8, 3, 10) == pytest.approx(0.6)
+    assert guidance(2.0, 0, 1) == 2.0

@@ -20,7 +20,7 @@ def has_trt_and_gpu() -> bool:
     try:
         import tensorrt  # noqa: F401
 
-        from imagefolder.runtime import cuda
+        from imagefolder.core import cuda
 
         count = cuda.check(cuda.cudart().cudaGetDeviceCount())
     except Exception:
@@ -62,9 +62,10 @@ def ort_backend(bundle):
 
 
 def _generate(backend, labels, **params):
-    from imagefolder.runtime.loop import GenerationParams, generate
+    from imagefolder.core.schedule import SamplingParams
+    from imagefolder.runtime.loop import generate
 
-    return generate(backend, labels, GenerationParams(**params))
+    return generate(backend, labels, SamplingParams(**params))
 
 
 def test_engines_and_record(bundle):
@@ -115,19 +116,20 @@ def test_encode_decode_match_ort(bundle, ort_backend):
 
 
 def test_step_latency_with_and_without_cuda_graphs(bundle):
+    from imagefolder.core.schedule import SamplingParams
     from imagefolder.runtime.backends.trt import TrtBackend
-    from imagefolder.runtime.loop import GenerationParams, generate
+    from imagefolder.runtime.loop import generate
 
     for use_cuda_graphs in (False, True):
         with TrtBackend(bundle, use_cuda_graphs=use_cuda_graphs) as backend:
             session = backend.session(1)
             for _ in range(2):
-                generate(backend, [0], GenerationParams(seed=1), session=session)
+                generate(backend, [0], SamplingParams(seed=1), session=session)
             session.device_timer.collect()  # discard warm-up
             timer = session.device_timer
             for _ in range(3):
                 timer.start("run")
-                generate(backend, [0], GenerationParams(seed=1), session=session)
+                generate(backend, [0], SamplingParams(seed=1), session=session)
                 timer.stop("run")
             times = [ms for label, ms in timer.collect() if label == "run"]
             assert len(times) == 3 and all(t > 0 for t in times)
@@ -152,7 +154,8 @@ def test_layer_profile_and_inspector(bundle, tmp_path):
 def test_mismatched_engines_are_refused(bundle, tmp_path):
     import shutil
 
-    from imagefolder.runtime.backends.trt import EngineMismatch, TrtBackend
+    from imagefolder.core.engines import EngineMismatch
+    from imagefolder.runtime.backends.trt import TrtBackend
 
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)

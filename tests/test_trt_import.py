@@ -9,17 +9,18 @@ import sys
 import pytest
 
 from imagefolder.configs import tiny
+from imagefolder.core import cuda
+from imagefolder.core.engines import EngineMismatch, TensorRTUnavailable, check_build_record
 from imagefolder.export import trt_build
-from imagefolder.export.trt_build import TensorRTUnavailable, build_engines
+from imagefolder.export.trt_build import build_engines
 from imagefolder.io import atomic_write_bytes
-from imagefolder.runtime import cuda
-from imagefolder.runtime.backends.trt import EngineMismatch, TrtBackend, check_build_record
+from imagefolder.runtime.backends.trt import TrtBackend
 from tests.trt_helpers import fake_build_record, make_manifest, write_fake_bundle
 
 MODULES = (
     "imagefolder.export.trt_build",
     "imagefolder.export.triton",
-    "imagefolder.runtime.cuda",
+    "imagefolder.core.cuda",
     "imagefolder.runtime.backends.trt",
 )
 
@@ -123,7 +124,7 @@ def test_trt_check_runs_without_torch_and_its_inputs_fit_every_graph(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys, imagefolder.export.trt_check, imagefolder.export.trt_build, imagefolder.export.triton; "
+    code = ("import sys, imagefolder.runtime.engine_check, imagefolder.export.trt_build, imagefolder.export.triton; "
             "assert 'torch' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode == 0
 
@@ -131,21 +132,21 @@ def test_trt_check_runs_without_torch_and_its_inputs_fit_every_graph(tmp_path):
     import onnxruntime as ort
 
     from imagefolder.configs import tiny
+    from imagefolder.core.bundle import load_bundle
+    from imagefolder.core.specs import example_inputs
     from imagefolder.export.onnx_export import export_bundle
-    from imagefolder.export.trt_check import random_feeds
-    from imagefolder.runtime.bundle import load_bundle
     from tests.models import randomized
 
     config = tiny()
     tokenizer, generator = randomized(config)
     bundle = load_bundle(export_bundle(tmp_path / "b", tokenizer, generator, config, progress=False))
     rng = np.random.default_rng(0)
-    for graph in ("encoder", "decoder", "ar_prefill", "ar_step", "sampler", "fold"):
+    for graph, spec in bundle.specs.items():
         session = ort.InferenceSession(str(bundle.graph_path(graph)), providers=["CPUExecutionProvider"])
-        scales = range(1, bundle.num_scales) if graph == "ar_step" else range(bundle.num_scales)
-        for si in scales if graph in ("ar_step", "sampler", "fold") else [0]:
-            outputs = session.run(None, random_feeds(bundle, graph, 2, si, rng))
-            expected = bundle.shapes(graph, 2, si)
+        for si in spec.served_scales(bundle.num_scales):
+            feeds = example_inputs(spec, bundle.model, 2, si, rng, bundle.state_dtype, bundle.candidates)
+            outputs = session.run(None, feeds)
+            expected = bundle.shapes(graph, 2, si or 0)
             for out, meta in zip(outputs, session.get_outputs(), strict=True):
                 assert out.shape == expected[meta.name], (graph, si, meta.name)
                 assert np.isfinite(out).all() if out.dtype.kind == "f" else True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from imagefolder.configs import official, tiny
-from imagefolder.export.specs import scale_positions
+from imagefolder.core.schedule import scale_spans
 from imagefolder.export.trt_build import plan_profiles
 from tests.trt_helpers import make_manifest
 
@@ -33,7 +33,7 @@ def test_profile_counts(case):
 def test_profile_shapes(case):
     cfg, scales = CASES[case]
     gen, tok = cfg.generator, cfg.tokenizer
-    spans = scale_positions(scales)
+    spans = scale_spans(scales)
     P, L, H, D = sum(p * p for p in scales), gen.depth, gen.heads, gen.width // gen.heads
     plan = plan_profiles(make_manifest(cfg, candidates=64), [8, 1])  # order of the request does not matter
 

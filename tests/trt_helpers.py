@@ -7,15 +7,16 @@ import json
 from pathlib import Path
 
 from imagefolder.configs import ModelConfig
-from imagefolder.export.specs import SCHEMA_VERSION, graph_specs, state_dtype
+from imagefolder.core.specs import SCHEMA_VERSION, graph_specs, state_dtype
 
 
 def make_manifest(cfg: ModelConfig, dtype: str = "fp32", batch_max: int = 8, candidates: int = 64) -> dict:
     sd = state_dtype(dtype)
-    specs = graph_specs(cfg.to_dict(), candidates)
+    specs = graph_specs(cfg.to_dict())
     graphs = {
         name: {
             "file": f"{name}.onnx",
+            "external_data": [],
             "inputs": [t.to_dict(sd) for t in spec.inputs],
             "outputs": [t.to_dict(sd) for t in spec.outputs],
         }
@@ -48,7 +49,8 @@ def write_fake_bundle(root: Path, manifest: dict, plan_record: dict | None = Non
 
 def fake_build_record(manifest: dict, batches: list[int]) -> dict:
     """What ``build_engines`` would record, without TensorRT."""
-    from imagefolder.export.trt_build import BUILD_FORMAT, BUILD_SCHEMA_VERSION, plan_profiles
+    from imagefolder.core.engines import BUILD_FORMAT, BUILD_SCHEMA_VERSION
+    from imagefolder.export.trt_build import plan_profiles
 
     plan = plan_profiles(manifest, batches)
     return {

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagefolder.configs import TokenizerConfig
+from imagefolder.core.schedule import num_positions, scale_spans
 from imagefolder.resample import area_matrix, bicubic_matrix
 
 HIT_EMA = 0.99  # decay of the codebook usage statistics (ema_vocab_hit_SV)
@@ -94,10 +95,7 @@ class MultiScaleQuantizer(nn.Module):
     @property
     def offsets(self) -> list[int]:
         """Start of each scale in the concatenated (P,) token sequence, plus P at the end."""
-        out = [0]
-        for pn in self.scales:
-            out.append(out[-1] + pn * pn)
-        return out
+        return [start for start, _ in scale_spans(self.scales)] + [num_positions(self.scales)]
 
     def downsample(self, x: torch.Tensor, si: int) -> torch.Tensor:
         """Area-downsample (B, C, K, K) to scale si, flattened: (B, C, pn²)."""

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from imagefolder.runtime.bundle import Bundle
+    from imagefolder.core.bundle import Bundle
 
 
 class DeviceTimer(Protocol):

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from imagefolder.core.bundle import Bundle, load_bundle
+from imagefolder.core.schedule import cfg_rows, positions
 from imagefolder.errors import InputError
-from imagefolder.export.specs import scale_positions
 from imagefolder.runtime.backends.base import BundleFacts
-from imagefolder.runtime.bundle import Bundle, load_bundle
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class OrtSession:
     def __init__(self, backend: OrtBackend, batch: int):
         self.backend, self.batch = backend, batch
         bundle = backend.bundle
-        self._spans = scale_positions(bundle.scales)
+        self._spans = bundle.spans
         state = np.dtype(bundle.state_dtype)
         last = len(self._spans) - 1
         prefill = bundle.shapes("ar_prefill", batch)
@@ -157,7 +157,7 @@ class OrtSession:
         self._guidance = np.zeros(1, np.float32)
         self._top_k = np.ones(1, np.int64)
         self._top_p = np.ones(1, np.float32)
-        self._positions = [np.arange(start, start + q, dtype=np.int64) for start, q in self._spans]
+        self._positions = [positions(bundle.scales, si) for si in range(len(self._spans))]
         self._scale_index = [np.array([si], np.int64) for si in range(len(self._spans))]
         self._bindings: dict[tuple[str, int], ort.IOBinding] = {}
 
@@ -244,8 +244,7 @@ class OrtSession:
         labels = np.asarray(labels)
         if labels.shape != (self.batch,) or not np.issubdtype(labels.dtype, np.integer):
             raise OrtBackendError(f"labels must be ({self.batch},) integers, got {labels.dtype} {labels.shape}")
-        self._labels[: self.batch] = labels
-        self._labels[self.batch :] = self.backend.bundle.num_classes  # the null class
+        self._labels[:] = cfg_rows(labels, self.backend.bundle.num_classes)
         self._f_hat[0].fill(0)  # fold(0) reads buffer 0; a reused session starts from an empty f̂
         self._run("ar_prefill", 0)
         self._append_to_cache(0)

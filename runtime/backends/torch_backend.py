@@ -11,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from imagefolder.core.schedule import cfg_rows, positions
 from imagefolder.errors import InputError
-from imagefolder.export.sampler_graph import SamplerGraph
 from imagefolder.models.generator import Generator, KVCache
+from imagefolder.models.sampler import SamplerGraph
 from imagefolder.models.tokenizer import Tokenizer
 
 
@@ -36,11 +37,10 @@ class TorchSession:
 
     @torch.no_grad()
     def prefill(self, labels: np.ndarray) -> None:
-        labels = torch.as_tensor(labels, dtype=torch.int64, device=self.backend.device)
         self.cache.length = 0  # a new generation: the session is reused across calls
         self.f_hat.zero_()
         self.tokens.clear()
-        rows = torch.cat([labels, torch.full_like(labels, self.cfg.null_class)])
+        rows = torch.as_tensor(cfg_rows(labels, self.cfg.null_class), device=self.backend.device)
         self.logits, keys, values, self.cond_blocks, self.cond_head = self.backend.generator.prefill(rows)
         self.cache.append(keys, values)
 
@@ -65,11 +65,10 @@ class TorchSession:
 
     @torch.no_grad()
     def step(self, scale_index: int) -> None:
-        start, q = self.cfg.scale_offsets[scale_index], self.cfg.scales[scale_index] ** 2
-        positions = torch.arange(start, start + q, device=self.backend.device)
+        scale_positions = torch.as_tensor(positions(self.cfg.scales, scale_index), device=self.backend.device)
         dtype = self.backend.dtype
         self.logits, keys, values = self.backend.generator.step(
-            self.x_next.to(dtype), positions, self.cond_blocks, self.cond_head, self.cache.keys, self.cache.values
+            self.x_next.to(dtype), scale_positions, self.cond_blocks, self.cond_head, self.cache.keys, self.cache.values
         )
         self.cache.append(keys, values)
 

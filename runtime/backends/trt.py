@@ -18,74 +18,28 @@ call against the TensorRT 10.3 and 11.4 API listings.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
+from imagefolder.core import cuda
+from imagefolder.core.bundle import Bundle, load_bundle
+from imagefolder.core.engines import (
+    ENGINE_DIR,
+    REBUILD_HINT,
+    EngineMismatch,
+    check_build_record,
+    import_tensorrt,
+    read_build_record,
+)
+from imagefolder.core.schedule import cfg_rows, positions
 from imagefolder.errors import EngineError, InputError
-from imagefolder.export.trt_build import BUILD_FORMAT, BUILD_RECORD, ENGINE_DIR, import_tensorrt
 from imagefolder.io import atomic_write_text, sha256_file
-from imagefolder.runtime import cuda
 from imagefolder.runtime.backends.base import BundleFacts
-from imagefolder.runtime.bundle import Bundle, load_bundle
 
 log = logging.getLogger(__name__)
 
-REBUILD_HINT = "rebuild them on this machine with `imagefolder-export trt BUNDLE`"
-
-
-class EngineMismatch(EngineError):
-    """The engines were built for another TensorRT, GPU or bundle, or a plan file is damaged."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Build record
-
-
-def read_build_record(bundle_dir: Path) -> dict:
-    path = bundle_dir / ENGINE_DIR / BUILD_RECORD
-    if not path.is_file():
-        raise EngineMismatch(f"{bundle_dir} has no TensorRT engines ({path} is missing); build them with "
-                             f"`imagefolder-export trt {bundle_dir}`")
-    record = json.loads(path.read_text())
-    if record.get("format") != BUILD_FORMAT:
-        raise EngineMismatch(f"{path}: not an imagefolder engine record; {REBUILD_HINT}")
-    return record
-
-
-def check_build_record(record: dict, trt_version: str, gpu: dict, manifest: dict) -> None:
-    """Raise ``EngineMismatch`` unless the engines of ``record`` can run here, on this bundle.
-
-    Plans are tied to the TensorRT version and the GPU unless built version- or hardware-compatible:
-    version-compatible plans run on the same or a later major version; ``ampere_plus`` plans on any
-    GPU of compute capability ≥ 8.0; ``same_cc`` plans on any GPU of the same compute capability.
-    """
-    flags = record.get("flags", {})
-    built_trt, built_gpu = record.get("tensorrt_version"), record.get("gpu", {})
-    where = f"built with TensorRT {built_trt} on {built_gpu.get('name')} (sm {built_gpu.get('compute_capability')})"
-    here = f"this is TensorRT {trt_version} on {gpu['name']} (sm {gpu['compute_capability']})"
-    if flags.get("version_compat"):
-        trt_ok = int(str(trt_version).split(".")[0]) >= int(str(built_trt).split(".")[0])
-    else:
-        trt_ok = built_trt == trt_version
-    compat = flags.get("hardware_compat", "none")
-    if compat == "ampere_plus":
-        gpu_ok = float(gpu["compute_capability"]) >= 8.0
-    elif compat == "same_cc":
-        gpu_ok = gpu["compute_capability"] == built_gpu.get("compute_capability")
-    else:
-        gpu_ok = (gpu["name"], gpu["compute_capability"]) == (
-            built_gpu.get("name"), built_gpu.get("compute_capability")
-        )
-    if not (trt_ok and gpu_ok):
-        raise EngineMismatch(f"the engines were {where}; {here}: {REBUILD_HINT}")
-    files = manifest.get("files") or {}
-    for graph, entry in record.get("graphs", {}).items():
-        built_from, now = entry.get("onnx_sha256"), files.get(entry.get("onnx_file", ""), {}).get("sha256")
-        if built_from and now and built_from != now:
-            raise EngineMismatch(f"the {graph} engine was built from another {entry['onnx_file']}; {REBUILD_HINT}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -474,7 +428,7 @@ class TrtSession:
         return self.backend.bundle.shapes(graph, self.batch, si)[name]
 
     def _dtype(self, graph: str, name: str) -> np.dtype:
-        return np.dtype(self.backend.bundle.specs[graph].tensor(name).dtype)
+        return np.dtype(self.backend.bundle.tensor_dtype(graph, name))
 
     def _array(self, shape, dtype) -> cuda.DeviceArray:
         array = cuda.DeviceArray(shape, dtype)
@@ -518,10 +472,10 @@ class TrtSession:
         # Constant per-scale inputs, uploaded once: positions of each scale, the scale index, the next positions.
         self.positions, self.scale_index, self.next_positions = {}, {}, {}
         pos_dtype = self._dtype("ar_step", "positions")
-        for si, (start, q) in enumerate(self.spans):
-            positions = np.arange(start, start + q, dtype=pos_dtype)
-            self.positions[si] = self._array(positions.shape, pos_dtype)
-            self.positions[si].upload(positions, stream)
+        for si in range(sn):
+            scale_positions = positions(self.scales, si).astype(pos_dtype)
+            self.positions[si] = self._array(scale_positions.shape, pos_dtype)
+            self.positions[si].upload(scale_positions, stream)
             index = np.array([si], dtype=self._dtype("fold", "scale_index"))
             self.scale_index[si] = self._array(index.shape, index.dtype)
             self.scale_index[si].upload(index, stream)
@@ -572,9 +526,8 @@ class TrtSession:
         labels = np.asarray(labels, dtype=self.labels.dtype).reshape(-1)
         if labels.shape != (self.batch,):
             raise ValueError(f"labels of shape {labels.shape} for a session of batch {self.batch}")
-        rows = np.concatenate([labels, np.full_like(labels, self.null_class)])  # conditional rows, then null class
         stream = self.backend.stream
-        self.labels.upload(rows, stream)
+        self.labels.upload(cfg_rows(labels, self.null_class).astype(self.labels.dtype), stream)
         addresses = {
             "labels": self.labels.ptr, "logits": self.logits_buffer.ptr,
             "keys": self.new_keys.ptr, "values": self.new_values.ptr,

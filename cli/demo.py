@@ -22,13 +22,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
+    from imagefolder.core.bundle import load_bundle
+    from imagefolder.core.schedule import SamplingParams
     from imagefolder.default_model import load_models
     from imagefolder.export.onnx_export import export_bundle
     from imagefolder.runtime.backends.ort import OrtBackend
     from imagefolder.runtime.backends.torch_backend import TorchBackend
-    from imagefolder.runtime.bundle import load_bundle
     from imagefolder.runtime.images import save_grid
-    from imagefolder.runtime.loop import GenerationParams, generate
+    from imagefolder.runtime.loop import generate
     from imagefolder.runtime.profiler import profile_generation
 
     config, tokenizer, generator, source = load_models()
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"exported {bundle_dir}: {', '.join(sorted(bundle.manifest['graphs']))}")
 
     labels = np.arange(config.generator.num_classes)
-    params = GenerationParams(cfg=3.0, top_k=40, top_p=0.95, seed=args.seed)
+    params = SamplingParams(cfg=3.0, top_k=40, top_p=0.95, seed=args.seed)
     with OrtBackend(bundle) as ort_backend:
         result = generate(ort_backend, labels, params)
         samples = save_grid(args.out / "samples.png", result.images, columns=5)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from imagefolder.runtime.sampler import U_MAX, U_MIN
+from imagefolder.core.sampler import U_MAX, U_MIN
 
 
 class SamplerGraph(nn.Module):

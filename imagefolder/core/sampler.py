@@ -1,6 +1,6 @@
 """The numpy reference of the exported ``sampler`` graph: CFG mix, top-k/top-p, Gumbel-max.
 
-The same algorithm lives in ``export/sampler_graph.py`` as the torch module that becomes the graph;
+The same algorithm lives in ``imagefolder/models/sampler.py`` as the torch module that becomes the graph;
 both give the same tokens for the same inputs. Each step is one ONNX operator TensorRT parses at
 opset 17 (TopK with a constant K, Softmax, CumSum, Where, Log, ArgMax, GatherElements), so the graph
 has no Multinomial, Sort or If, and sampling runs where the logits are.
@@ -30,17 +30,27 @@ from __future__ import annotations
 
 import numpy as np
 
+from imagefolder.errors import InputError
+
 # Clipping of the uniform noise before the double log, identical in the torch graph: u = 0 would
 # give g = -inf (harmless), u = 1 would give g = +inf and pick a masked candidate.
 U_MIN = np.float32(1e-20)
 U_MAX = np.float32(1.0 - 2.0**-24)  # largest float32 below 1
 
 
-def guidance_for(cfg: float, scale_index: int, num_scales: int) -> float:
-    """The CFG weight t of one scale: grows linearly from 0 at scale 0 to ``cfg`` at the last scale."""
-    if num_scales < 2:
-        return float(cfg)
-    return float(cfg) * scale_index / (num_scales - 1)
+# TensorRT's TopK takes K < 3840 (a constant); the sampler keeps at most this many candidates per branch.
+TRT_TOPK_LIMIT = 3840
+
+
+def default_candidates(codebook_size: int, requested: int | None = None) -> int:
+    """The sampler's TopK size Kc: ``requested`` if valid, else the whole codebook when TensorRT allows
+    it, else 1024 (≥ the official top-k of 750)."""
+    limit = min(codebook_size, TRT_TOPK_LIMIT - 1)
+    if requested is not None:
+        if not 1 <= requested <= limit:
+            raise InputError(f"the sampler's candidates must be in [1, {limit}], got {requested}")
+        return requested
+    return codebook_size if codebook_size < TRT_TOPK_LIMIT else 1024
 
 
 def _top_candidates(mixed: np.ndarray, candidates: int) -> tuple[np.ndarray, np.ndarray]:

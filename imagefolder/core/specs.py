@@ -1,8 +1,11 @@
-"""The I/O contract of every exported graph, declared once as data.
+"""The I/O contract and the behaviour of every exported graph, declared once as data.
 
 Export, the bundle manifest, the ONNX Runtime and TensorRT backends, the TensorRT optimization
-profiles and the tests all read these specs; a test fails when an exported graph's actual ONNX
-inputs or outputs differ from them. This module imports neither torch nor tensorrt.
+profiles, the checks and the tests all read these specs. Besides names, dtypes and shapes, a spec
+says which scales its graph serves (``scales``), what each input means (``TensorSpec.role``, from
+which ``example_inputs`` makes valid inputs at any batch and scale) and, through its outputs'
+roles, how its outputs are compared (``imagefolder.core.compare``). Adding a graph touches its spec
+and its module, nothing else. No torch, no onnx.
 
 Symbols in shapes: ``B`` images, ``N`` rows (2B: conditional rows first, then the null class),
 ``q`` positions of the current scale, ``q_next`` positions of the next scale. Every other dimension
@@ -13,6 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from imagefolder.core.schedule import cfg_rows, guidance, positions, scale_spans
+
 SCHEMA_VERSION = 2  # 2: sampler noise per vocabulary entry (B, q, nb, V)
 
 GRAPH_NAMES = ("encoder", "decoder", "ar_prefill", "ar_step", "sampler", "fold")
@@ -22,16 +29,30 @@ FLOAT32, INT32, INT64, STATE = "float32", "int32", "int64", "state"
 DTYPES = ("fp32", "fp16", "bf16")
 ORT_CPU_DTYPES = ("fp32", "fp16")  # bundle dtypes ONNX Runtime's CPU provider has kernels for
 
+# Which scales a graph serves: one profile per batch ("batch"), every scale ("all"), or the
+# scales after the first, which the prefill covers ("steps").
+SCALE_USES = ("batch", "all", "steps")
+
+# What a tensor holds; ``example_inputs`` draws inputs by role and ``compare`` picks tolerances by it.
+ROLES = (
+    "image", "indices", "labels", "tokens", "positions", "next_positions", "scale_index",
+    "guidance", "top_k", "top_p", "uniform", "logits", "state",
+)
+
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str  # float32 | int32 | int64 | state
     shape: tuple[int | str, ...]
+    role: str = "state"
 
     def to_dict(self, state_dtype: str) -> dict:
         dtype = state_dtype if self.dtype == STATE else self.dtype
         return {"name": self.name, "dtype": dtype, "shape": list(self.shape)}
+
+    def resolved_dtype(self, state_dtype: str) -> str:
+        return state_dtype if self.dtype == STATE else self.dtype
 
 
 @dataclass(frozen=True)
@@ -40,6 +61,8 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     doc: str
+    scales: str = "batch"  # one of SCALE_USES
+    float32_compute: bool = False  # computes in float32 whatever the bundle dtype (ONNX Runtime can check bf16 ones)
 
     @property
     def input_names(self) -> list[str]:
@@ -54,6 +77,12 @@ class GraphSpec:
             if t.name == name:
                 return t
         raise KeyError(f"graph {self.name} has no tensor {name!r}")
+
+    def served_scales(self, num_scales: int) -> list[int | None]:
+        """The scales this graph runs at (None: once per batch, whatever the scale)."""
+        if self.scales == "batch":
+            return [None]
+        return list(range(1 if self.scales == "steps" else 0, num_scales))
 
 
 def state_dtype(dtype: str) -> str:
@@ -74,6 +103,7 @@ def model_dims(model_config: dict) -> dict[str, int]:
         "P": sum(pn * pn for pn in scales),
         "K": scales[-1],
         "Z2": gen["code_dim"] * gen["num_branches"],
+        "V": gen["codebook_size"],
         "V2": gen["codebook_size"] * gen["num_branches"],
         "L": gen["depth"],
         "Hd": gen["heads"],
@@ -83,15 +113,8 @@ def model_dims(model_config: dict) -> dict[str, int]:
     }
 
 
-def graph_specs(model_config: dict, candidates: int) -> dict[str, GraphSpec]:
-    """The specs of all graphs for one model.
-
-    Args:
-        model_config: ``ModelConfig.to_dict()``.
-        candidates: tokens the sampler keeps per branch before top-k/top-p (its TopK size;
-            at most the codebook size, and below TensorRT's TopK limit of 3840). The noise has
-            one value per vocabulary entry, so it does not depend on it.
-    """
+def graph_specs(model_config: dict) -> dict[str, GraphSpec]:
+    """The specs of all graphs for one model (``ModelConfig.to_dict()``)."""
     d = model_dims(model_config)
     img = ("B", 3, d["H_img"], d["H_img"])
     cache = (d["L"], "N", d["Hd"], d["P"], d["D"])
@@ -99,24 +122,25 @@ def graph_specs(model_config: dict, candidates: int) -> dict[str, GraphSpec]:
     cond_blocks = TensorSpec("cond_blocks", STATE, ("N", d["L"], 6, d["C"]))
     cond_head = TensorSpec("cond_head", STATE, ("N", 2, d["C"]))
     fhat = ("B", d["Z2"], d["K"], d["K"])
+    indices = ("B", d["nb"], d["P"])
     specs = [
         GraphSpec(
             "encoder",
-            (TensorSpec("image", FLOAT32, img),),
-            (TensorSpec("indices", INT32, ("B", d["nb"], d["P"])),),
+            (TensorSpec("image", FLOAT32, img, "image"),),
+            (TensorSpec("indices", INT32, indices, "indices"),),
             "image in [-1, 1] → code indices per branch (0 = detail, 1 = semantic), scales in raster order",
         ),
         GraphSpec(
             "decoder",
-            (TensorSpec("indices", INT32, ("B", d["nb"], d["P"])),),
-            (TensorSpec("image", FLOAT32, img),),
+            (TensorSpec("indices", INT32, indices, "indices"),),
+            (TensorSpec("image", FLOAT32, img, "image"),),
             "code indices → image in [-1, 1]",
         ),
         GraphSpec(
             "ar_prefill",
-            (TensorSpec("labels", INT64, ("N",)),),
+            (TensorSpec("labels", INT64, ("N",), "labels"),),
             (
-                TensorSpec("logits", FLOAT32, ("N", 1, d["V2"])),
+                TensorSpec("logits", FLOAT32, ("N", 1, d["V2"]), "logits"),
                 TensorSpec("keys", STATE, (d["L"], "N", d["Hd"], 1, d["D"])),
                 TensorSpec("values", STATE, (d["L"], "N", d["Hd"], 1, d["D"])),
                 cond_blocks,
@@ -128,56 +152,52 @@ def graph_specs(model_config: dict, candidates: int) -> dict[str, GraphSpec]:
             "ar_step",
             (
                 TensorSpec("x_folded", STATE, ("N", "q", d["Z2"])),
-                TensorSpec("positions", INT64, ("q",)),
+                TensorSpec("positions", INT64, ("q",), "positions"),
                 cond_blocks,
                 cond_head,
                 TensorSpec("past_keys", STATE, cache),
                 TensorSpec("past_values", STATE, cache),
             ),
             (
-                TensorSpec("logits", FLOAT32, ("N", "q", d["V2"])),
+                TensorSpec("logits", FLOAT32, ("N", "q", d["V2"]), "logits"),
                 TensorSpec("keys", STATE, new_kv),
                 TensorSpec("values", STATE, new_kv),
             ),
             "one scale: folded input + explicit KV cache → logits and this scale's keys/values",
+            scales="steps",
         ),
         GraphSpec(
             "sampler",
             (
-                TensorSpec("logits", FLOAT32, ("N", "q", d["V2"])),
-                TensorSpec("guidance", FLOAT32, (1,)),
-                TensorSpec("top_k", INT64, (1,)),
-                TensorSpec("top_p", FLOAT32, (1,)),
-                TensorSpec("noise", FLOAT32, ("B", "q", d["nb"], d["V2"] // d["nb"])),
+                TensorSpec("logits", FLOAT32, ("N", "q", d["V2"]), "logits"),
+                TensorSpec("guidance", FLOAT32, (1,), "guidance"),
+                TensorSpec("top_k", INT64, (1,), "top_k"),
+                TensorSpec("top_p", FLOAT32, (1,), "top_p"),
+                TensorSpec("noise", FLOAT32, ("B", "q", d["nb"], d["V"]), "uniform"),
             ),
-            (TensorSpec("tokens", INT32, ("B", "q", d["nb"])),),
+            (TensorSpec("tokens", INT32, ("B", "q", d["nb"]), "tokens"),),
             "CFG mix, per-branch top-k/top-p, Gumbel-max with the given uniform noise → tokens",
+            scales="all",
+            float32_compute=True,
         ),
         GraphSpec(
             "fold",
             (
-                TensorSpec("tokens", INT32, ("B", "q", d["nb"])),
+                TensorSpec("tokens", INT32, ("B", "q", d["nb"]), "tokens"),
                 TensorSpec("f_hat", STATE, fhat),
-                TensorSpec("scale_index", INT64, (1,)),
-                TensorSpec("next_positions", INT64, ("q_next",)),
+                TensorSpec("scale_index", INT64, (1,), "scale_index"),
+                TensorSpec("next_positions", INT64, ("q_next",), "next_positions"),
             ),
             (
                 TensorSpec("f_hat_out", STATE, fhat),
                 TensorSpec("x_next", STATE, ("N", "q_next", d["Z2"])),
             ),
             "tokens of one scale + running f̂ → updated f̂ and the next scale's folded input (both CFG halves)",
+            scales="all",
+            float32_compute=True,
         ),
     ]
     return {spec.name: spec for spec in specs}
-
-
-def scale_positions(scales: list[int] | tuple[int, ...]) -> list[tuple[int, int]]:
-    """(start, count) of every scale in the concatenated sequence."""
-    out, start = [], 0
-    for pn in scales:
-        out.append((start, pn * pn))
-        start += pn * pn
-    return out
 
 
 def bindings(scales: list[int] | tuple[int, ...], batch: int, scale_index: int) -> dict[str, int]:
@@ -185,7 +205,7 @@ def bindings(scales: list[int] | tuple[int, ...], batch: int, scale_index: int) 
 
     For the last scale ``q_next`` equals ``q``: the fold's next input is then unused.
     """
-    spans = scale_positions(scales)
+    spans = scale_spans(scales)
     q = spans[scale_index][1]
     q_next = spans[min(scale_index + 1, len(scales) - 1)][1]
     return {"B": batch, "N": 2 * batch, "q": q, "q_next": q_next}
@@ -197,3 +217,56 @@ def resolve_shape(shape: list | tuple, symbols: dict[str, int]) -> tuple[int, ..
         return tuple(dim if isinstance(dim, int) else symbols[dim] for dim in shape)
     except KeyError as err:
         raise KeyError(f"shape {list(shape)} uses symbol {err} with no value") from None
+
+
+def example_inputs(
+    spec: GraphSpec,
+    model_config: dict,
+    batch: int,
+    scale_index: int | None,
+    rng: np.random.Generator,
+    state_dtype: str = "float32",
+    candidates: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Valid inputs of one graph at one (batch, scale), drawn by role, in the graph's dtypes.
+
+    Labels, tokens and indices are in range, positions are the scale's own, the noise is uniform,
+    hidden states are standard normal at the scale of real activations. Used by the engine check
+    (TensorRT against ONNX Runtime) and the tests; the export's parity check feeds activations
+    computed by the real model instead (``export/onnx_export.ExampleInputs``).
+    """
+    gen = model_config["generator"]
+    scales = list(gen["scales"])
+    si = 0 if scale_index is None else scale_index
+    shapes = {t.name: resolve_shape(t.shape, bindings(scales, batch, si)) for t in spec.inputs}
+    num_scales, last = len(scales), len(scales) - 1
+    feeds = {}
+    for tensor in spec.inputs:
+        shape = shapes[tensor.name]
+        role = tensor.role
+        if role == "labels":
+            value = cfg_rows(rng.integers(0, gen["num_classes"], batch), gen["num_classes"])
+        elif role in ("tokens", "indices"):
+            value = rng.integers(0, gen["codebook_size"], shape)
+        elif role == "positions":
+            value = positions(scales, si)
+        elif role == "next_positions":
+            value = positions(scales, min(si + 1, last))
+        elif role == "scale_index":
+            value = np.array([si])
+        elif role == "image":
+            value = rng.random(shape) * 2 - 1
+        elif role == "uniform":
+            value = rng.random(shape)
+        elif role == "guidance":
+            value = np.array([guidance(3.0, max(si, 1), num_scales)])
+        elif role == "top_k":
+            value = np.array([min(50, candidates or gen["codebook_size"])])
+        elif role == "top_p":
+            value = np.array([0.9])
+        elif role == "logits":
+            value = 3.0 * rng.standard_normal(shape)
+        else:  # hidden states: real activations are O(1)
+            value = 0.5 * rng.standard_normal(shape)
+        feeds[tensor.name] = np.ascontiguousarray(value, dtype=tensor.resolved_dtype(state_dtype))
+    return feeds

@@ -1,0 +1,110 @@
+"""Comparing a graph's outputs with a reference, and the report of ``imagefolder-export check``.
+
+One routine (``compare_outputs``) serves every comparison the project makes: the export's parity
+check (ONNX Runtime against fp32 PyTorch), ``imagefolder-export check --backend ort`` (the same, at
+every scale) and ``--backend trt`` (TensorRT engines against ONNX Runtime). Tolerances depend on
+what is compared with what, the bundle dtype, and the output's role (``core.specs``):
+
+- floating outputs: relative error ``max |actual − expected| / max |expected|``;
+- code indices (role ``indices``): the fraction that differs, since a nearest-code choice flips
+  where two codes are nearly equally close;
+- sampled tokens (role ``tokens``): the fraction that differs; the sampler is a deterministic
+  function of its inputs, so only rounding at a near-tie of two scores can flip one.
+
+No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from imagefolder.core.specs import GraphSpec
+
+# reference → bundle dtype → {"relative": floats, "indices": code choices, "tokens": sampled tokens}
+TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
+    # ONNX Runtime (CPU) against the fp32 PyTorch model the graphs were exported from.
+    "torch": {
+        "fp32": {"relative": 1e-4, "indices": 0.005, "tokens": 0.0},
+        "fp16": {"relative": 2e-2, "indices": 0.1, "tokens": 0.0},
+        "bf16": {"relative": 8e-2, "indices": 0.2, "tokens": 0.0},
+    },
+    # TensorRT engines against ONNX Runtime on the same bundle (TF32 and fp16 kernels differ in the last bits).
+    "ort": {
+        "fp32": {"relative": 1e-3, "indices": 0.01, "tokens": 1e-3},
+        "fp16": {"relative": 3e-2, "indices": 0.1, "tokens": 1e-3},
+        "bf16": {"relative": 1e-1, "indices": 0.2, "tokens": 1e-3},
+    },
+}
+
+
+def compare_outputs(
+    spec: GraphSpec, actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], dtype: str, reference: str
+) -> dict[str, dict]:
+    """Per output of ``spec``: the metric, its value, the tolerance and whether it holds.
+
+    Args:
+        actual, expected: output name → array (the graph under test, the reference).
+        dtype: the bundle dtype (fp32, fp16, bf16).
+        reference: what ``expected`` comes from, a key of ``TOLERANCES`` ("torch" or "ort").
+    """
+    limits = TOLERANCES[reference][dtype]
+    report = {}
+    for tensor in spec.outputs:
+        got, want = np.asarray(actual[tensor.name]), np.asarray(expected[tensor.name])
+        if got.shape != want.shape:
+            report[tensor.name] = {"metric": "shape", "value": float("inf"), "tolerance": 0.0, "ok": False,
+                                   "detail": f"{got.shape} != {want.shape}"}
+        elif np.issubdtype(want.dtype, np.integer):
+            limit = limits["tokens" if tensor.role == "tokens" else "indices"]
+            mismatch = float((got != want).mean()) if want.size else 0.0
+            report[tensor.name] = {"metric": "mismatch", "value": mismatch, "tolerance": limit, "ok": mismatch <= limit}
+        else:
+            diff = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max()) if want.size else 0.0
+            scale = float(np.abs(want.astype(np.float64)).max()) if want.size else 0.0
+            relative = diff / (scale or 1.0)
+            limit = limits["relative"]
+            report[tensor.name] = {"metric": "max_rel", "value": relative, "max_abs": diff, "tolerance": limit,
+                                   "ok": bool(np.isfinite(relative)) and relative <= limit}
+    return report
+
+
+class OperatorSummary(Protocol):
+    """What the report needs of an operator-support report (``export.opcheck.OperatorReport``)."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    def summary(self) -> str: ...
+
+
+@dataclass
+class CheckReport:
+    """Rows of graph, scale, output, metric, value, tolerance, ok; plus each graph's operator support."""
+
+    rows: list[dict] = field(default_factory=list)
+    operators: dict[str, OperatorSummary] = field(default_factory=dict)
+
+    def add(self, graph: str, scale: int | None, comparison: dict[str, dict]) -> None:
+        """Add the rows of one ``compare_outputs`` result."""
+        for output, entry in comparison.items():
+            self.rows.append({"graph": graph, "scale": "-" if scale is None else scale, "output": output,
+                              "metric": entry["metric"], "value": entry["value"], "tolerance": entry["tolerance"],
+                              "ok": entry["ok"]})
+
+    @property
+    def ok(self) -> bool:
+        return all(r["ok"] for r in self.rows) and all(op.ok for op in self.operators.values())
+
+    def table(self) -> str:
+        lines = [f"{'graph':<11} {'scale':>5}  {'output':<12} {'metric':<9} {'value':>10} {'tolerance':>10}  ok"]
+        for r in self.rows:
+            lines.append(f"{r['graph']:<11} {r['scale']:>5}  {r['output']:<12} {r['metric']:<9} "
+                         f"{r['value']:>10.3e} {r['tolerance']:>10.0e}  {'yes' if r['ok'] else 'NO'}")
+        if self.operators:
+            lines += ["", "TensorRT 10.3 ONNX operator support:"]
+            for name, report in self.operators.items():
+                lines.append(f"  {name:<11} " + report.summary().replace("\n", "\n" + " " * 14))
+        return "\n".join(lines)
