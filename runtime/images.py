@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import struct
 import warnings
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def _decode(path: str | os.PathLike, file) -> Image.Image:
             with Image.open(file) as img:
                 _check_size(path, img.width, img.height)
                 img.load()
-                upright = ImageOps.exif_transpose(img)
+                upright = _upright(path, img)
         except Image.DecompressionBombError as err:  # over twice Pillow's limit, so over ours too
             raise _too_large(path, _pixels_in(err)) from err
         except UnidentifiedImageError as err:
@@ -103,6 +104,15 @@ def _decode(path: str | os.PathLike, file) -> Image.Image:
         if not issubclass(warning.category, Image.DecompressionBombWarning):
             log.warning("%s: %s", path, warning.message)
     return upright
+
+
+def _upright(path: str | os.PathLike, img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation. Damaged EXIF is refused: guessing around it could turn the picture."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except (OSError, ValueError, SyntaxError, TypeError, struct.error) as err:  # what Pillow's EXIF parser raises
+        raise ImageFileError(f"the image {path} has damaged EXIF metadata ({err}); save it again without EXIF, "
+                             "upright") from err
 
 
 def _pixel_limit() -> tuple[int, str]:
