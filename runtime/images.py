@@ -10,8 +10,9 @@ what is wrong and what to do.
 Every pixel mode is converted by its meaning, not by Pillow's 8-bit shortcuts (which clip 16-bit
 grey to white): 8-bit modes (1, L, P, RGB, CMYK, YCbCr, LAB, HSV and their alpha variants) through
 Pillow's conversions to RGB; 16-bit grey (``I;16*``, and ``I`` holding 0..65535) scaled by 65535;
-float grey ``F`` read as [0, 1]. Alpha is composited onto ``BACKGROUND`` before any resampling. EXIF
-orientation is applied. Of a multi-frame file (GIF, TIFF pages), the first frame is used.
+float grey ``F`` read as [0, 1] (values outside a mode's range are refused, never clipped). Alpha is
+composited onto ``BACKGROUND`` before any resampling. EXIF orientation is applied, and damaged EXIF
+refused. Of a multi-frame file (GIF, TIFF pages), the first frame is used.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def read_image(path: str | os.PathLike) -> Image.Image:
 
     Raises:
         ImageFileError: the file cannot be read, is not an image, is over the pixel limit, is
-            truncated or damaged, or holds values outside its mode's range.
+            truncated or damaged (its EXIF included), or holds values outside its mode's range.
     """
     try:
         file = open(path, "rb")  # noqa: SIM115 -- closed below; Pillow reads from it lazily
@@ -83,7 +84,9 @@ def _decode(path: str | os.PathLike, file) -> Image.Image:
 
     Pillow's bomb warning is recorded rather than printed: our own size check, made on the header
     before decoding, refuses the same images with the exact pixel count. Other warnings Pillow
-    raises while reading a file that then decodes are logged against the file's name.
+    raises while reading a file that then decodes are logged against the file's name. (Recording
+    warnings changes process-wide state, as ``warnings.catch_warnings`` does: read images from one
+    thread.)
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
