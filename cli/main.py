@@ -126,17 +126,22 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 @BACKEND
 @CHECKPOINT
 @TRUST
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+# no exists=True: read_image reports a missing or unreadable file like any other bad image (one line, exit 1)
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="reconstruction.png",
               show_default=True, help="Grid: each input above its reconstruction.")
 def reconstruct(bundle, backend, checkpoint, trust_checkpoint, images, output) -> None:
-    """Encode images to indices and decode them back; prints PSNR per image."""
-    from imagefolder.runtime.images import load_images, psnr, save_grid
+    """Encode images to indices and decode them back; prints PSNR per image.
 
+    Each image is centre-cropped and resized to the model's size; PSNR compares the reconstruction
+    with that input, as both are saved in the grid.
+    """
+    from imagefolder.runtime.images import psnr, read_image, save_grid, to_batch
+
+    pictures = [read_image(path) for path in images]  # every file checked before the backend loads
     engine = open_backend(bundle, backend, checkpoint, trust_checkpoint)
     try:
-        size = engine.image_size
-        batch = load_images(images, size)
+        batch = to_batch(pictures, engine.image_size)
         recon = engine.decode(engine.encode(batch))
     finally:
         engine.close()
