@@ -149,14 +149,14 @@ def _evaluate(checkpoint: str | None, data: str, classifier_path: str | None, co
               generation: bool, sampling: dict, seed: int) -> dict:
     import torch
 
-    from imagefolder.checkpoint import load_any
+    from imagefolder.checkpoints import load_checkpoint_models
     from imagefolder.data import open_dataset
     from imagefolder.default_model import default_weights_path
     from imagefolder.train.classifier import default_classifier_path, load_classifier
     from imagefolder.train.eval import evaluate_generation, evaluate_reconstruction
 
     path = Path(checkpoint) if checkpoint else default_weights_path()
-    config, tokenizer, generator = load_any(path)
+    config, tokenizer, generator = load_checkpoint_models(path)
     heldout = open_dataset(data, config.tokenizer.image_size, heldout=True)
     result: dict = {"checkpoint": str(path), "data": data}
     torch.manual_seed(seed)

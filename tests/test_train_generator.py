@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from imagefolder.checkpoint import save_checkpoint
+from imagefolder.checkpoints import save_checkpoint
 from imagefolder.configs import ModelConfig, tiny
 from imagefolder.models.tokenizer import Tokenizer
 from imagefolder.train.common import (

@@ -12,7 +12,7 @@ The official AR recipe (``imagefolder-official.md`` §3, §7) at any size:
 
 Runs on one process or under torchrun (DistributedDataParallel). The run folder holds ``state.pt``
 (exact resume), ``metrics.jsonl`` and, at the end, ``model.safetensors`` (tokenizer + generator,
-loadable by ``imagefolder.checkpoint.load_any``).
+loadable by ``imagefolder.checkpoints.load_checkpoint_models``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import nn
 
 from imagefolder.configs import ModelConfig
 from imagefolder.data import collate, open_dataset
-from imagefolder.errors import InputError
+from imagefolder.errors import CheckpointError, InputError
 from imagefolder.models.generator import Generator
 from imagefolder.models.tokenizer import Tokenizer
 from imagefolder.train.common import (
@@ -94,10 +94,10 @@ def teacher_forcing_batch(tokenizer: Tokenizer, img: torch.Tensor) -> tuple[torc
 
 
 def load_frozen_tokenizer(path: str | Path, device: torch.device) -> tuple[ModelConfig, Tokenizer]:
-    """The tokenizer of a checkpoint (``load_any``), in eval mode, without gradients."""
-    from imagefolder.checkpoint import CheckpointError, load_any
+    """The tokenizer of a checkpoint (``load_checkpoint_models``), in eval mode, without gradients."""
+    from imagefolder.checkpoints import load_checkpoint_models
 
-    config, tokenizer, _ = load_any(Path(path), device=str(device))
+    config, tokenizer, _ = load_checkpoint_models(Path(path), device=str(device))
     if tokenizer is None:
         raise CheckpointError(f"{path} holds no tokenizer")
     return config, tokenizer.eval().requires_grad_(False)
@@ -190,8 +190,8 @@ class GeneratorTrainer:
             log.info("saved %s at step %d", self.state_path, self.step_count)
 
     def export(self, path: Path) -> None:
-        """Tokenizer + generator weights with their config (``imagefolder.checkpoint`` format)."""
-        from imagefolder.checkpoint import save_checkpoint
+        """Tokenizer + generator weights with their config (``imagefolder.checkpoints`` format)."""
+        from imagefolder.checkpoints import save_checkpoint
 
         save_checkpoint(
             path, self.config, self.tokenizer.state_dict(), unwrap(self.model).state_dict(),

@@ -358,8 +358,8 @@ class TokenizerTrainer:
             log.info("saved %s at step %d", self.state_path, self.step_count)
 
     def export(self, path: Path) -> None:
-        """The EMA tokenizer with its config (``imagefolder.checkpoint`` format, no generator)."""
-        from imagefolder.checkpoint import save_checkpoint
+        """The EMA tokenizer with its config (``imagefolder.checkpoints`` format, no generator)."""
+        from imagefolder.checkpoints import save_checkpoint
 
         save_checkpoint(
             path, self.config, self.ema.state_dict(), None,
