@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from imagefolder.checkpoints.strict import load_strict
 from imagefolder.data import collate, open_dataset
 from imagefolder.errors import CheckpointError
 from imagefolder.io import atomic_write
@@ -95,6 +96,7 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Cla
 
     Raises:
         ClassifierError: the file is missing, unreadable, or not a classifier.
+        CheckpointError: a tensor is missing, unexpected, of the wrong shape or dtype, or not finite.
     """
     path = Path(path)
     if not path.is_file():
@@ -107,8 +109,11 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Cla
         raise ClassifierError(f"cannot read classifier {path}: {err}") from err
     if metadata.get("format") != CLASSIFIER_FORMAT:
         raise ClassifierError(f"{path} is not an imagefolder classifier (format {metadata.get('format')!r})")
-    model = Classifier(ClassifierConfig(**json.loads(metadata["config"])))
-    model.load_state_dict(state)
+    try:
+        model = Classifier(ClassifierConfig(**json.loads(metadata["config"])))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ClassifierError(f"{path}: invalid classifier config metadata ({err})") from err
+    load_strict(model, state, "classifier", str(path))
     return model.to(device).eval()
 
 
