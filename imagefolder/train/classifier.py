@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from imagefolder.checkpoints.native import write_safetensors
 from imagefolder.checkpoints.strict import load_strict
 from imagefolder.data import collate, open_dataset
 from imagefolder.errors import CheckpointError
-from imagefolder.io import atomic_write
 from imagefolder.train.common import IndexStream, lr_factor, seed_everything
 
 log = logging.getLogger(__name__)
@@ -85,10 +84,9 @@ def default_classifier_path() -> Path:
 
 
 def save_classifier(path: str | Path, model: Classifier, meta: dict | None = None) -> None:
+    """Write the classifier's weights, config and ``meta`` as one ``.safetensors`` file, atomically."""
     metadata = {"format": CLASSIFIER_FORMAT, "config": json.dumps(asdict(model.cfg)), "meta": json.dumps(meta or {})}
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_write(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+    write_safetensors(path, model.state_dict(), metadata)
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Classifier:
