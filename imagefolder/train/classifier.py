@@ -28,6 +28,7 @@ from imagefolder.checkpoints.strict import load_strict
 from imagefolder.data import collate, open_dataset
 from imagefolder.errors import CheckpointError
 from imagefolder.train.common import IndexStream, lr_factor, seed_everything
+from imagefolder.train.options import COUNT, POSITIVE, SEED, check_options
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +131,20 @@ def degrade(img: torch.Tensor) -> torch.Tensor:
     return img.clamp(-1, 1)
 
 
+_CLASSIFIER_RANGES = {"steps": COUNT, "batch_size": COUNT, "lr": POSITIVE, "seed": SEED, "eval_count": COUNT}
+
+
 def train_classifier(
     data: str, out: str | Path, steps: int = 600, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
     config: ClassifierConfig | None = None, progress: bool = True, eval_count: int = 500,
 ) -> tuple[Classifier, float]:
-    """Train on ``data`` and save to ``out``; returns the model and its accuracy on ``eval_count`` held-out images."""
+    """Train on ``data`` and save to ``out``; returns the model and its accuracy on ``eval_count`` held-out images.
+
+    Raises:
+        InputError: a numeric argument out of its range (checked before anything is trained or written).
+    """
+    arguments = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "eval_count": eval_count}
+    check_options(arguments, _CLASSIFIER_RANGES)
     seed_everything(seed)
     train_set = open_dataset(data, (config or ClassifierConfig()).image_size)
     num_classes = getattr(train_set, "num_classes", 10)

@@ -42,6 +42,17 @@ from imagefolder.train.common import (
     shard,
     unwrap,
 )
+from imagefolder.train.options import (
+    BETAS,
+    COUNT,
+    FRACTION,
+    POSITIVE,
+    SEED,
+    START_STEP,
+    STEPS_OR_NONE,
+    WEIGHT,
+    check_options,
+)
 from imagefolder.train.state import RunTrainer
 
 log = logging.getLogger(__name__)
@@ -49,7 +60,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GeneratorTrainConfig:
-    """Options of one generator run (the command's flags)."""
+    """Options of one generator run (the command's flags); out-of-range values raise ``InputError``."""
 
     out: str
     tokenizer: str  # checkpoint holding the frozen tokenizer (its EMA weights)
@@ -67,6 +78,25 @@ class GeneratorTrainConfig:
     save_every: int = 500
     stop_at: int | None = None  # leave the loop after this step (the schedule still spans ``steps``)
     resume: bool = True
+
+    def __post_init__(self) -> None:
+        check_options(vars(self), _GENERATOR_RANGES)
+
+
+_GENERATOR_RANGES = {
+    "steps": COUNT,
+    "batch_size": COUNT,
+    "lr": POSITIVE,
+    "weight_decay": WEIGHT,
+    "betas": BETAS,
+    "warmup": START_STEP,
+    "final_lr": FRACTION,
+    "grad_clip": POSITIVE,
+    "seed": SEED,
+    "log_every": COUNT,
+    "save_every": COUNT,
+    "stop_at": STEPS_OR_NONE,
+}
 
 
 def branch_cross_entropy(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,18 @@ from imagefolder.train.losses import (
     hinge_g_loss,
     load_teacher,
 )
+from imagefolder.train.options import (
+    BETAS,
+    COUNT,
+    DECAY,
+    FRACTION,
+    POSITIVE,
+    SEED,
+    START_STEP,
+    STEPS_OR_NONE,
+    WEIGHT,
+    check_options,
+)
 from imagefolder.train.state import RunTrainer
 
 log = logging.getLogger(__name__)
@@ -69,7 +81,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TokenizerTrainConfig:
-    """Options of one tokenizer run (the command's flags)."""
+    """Options of one tokenizer run (the command's flags); out-of-range values raise ``InputError``."""
 
     out: str
     data: str = "shapes"
@@ -103,6 +115,35 @@ class TokenizerTrainConfig:
     save_every: int = 500
     stop_at: int | None = None
     resume: bool = True
+
+    def __post_init__(self) -> None:
+        check_options(vars(self), _TOKENIZER_RANGES)
+
+
+_TOKENIZER_RANGES = {
+    "steps": COUNT,
+    "batch_size": COUNT,
+    "lr": POSITIVE,
+    "betas": BETAS,
+    "weight_decay": WEIGHT,
+    "warmup": START_STEP,
+    "final_lr": FRACTION,
+    "ema_decay": DECAY,
+    "layer_scale_init": POSITIVE,
+    "latent_warmup": START_STEP,
+    "latent_warmup_weight": WEIGHT,
+    "perceptual_weight": WEIGHT,
+    "sem_weight": WEIGHT,
+    "disc_weight": WEIGHT,
+    "disc_start": START_STEP,
+    "disc_lr": POSITIVE,
+    "disc_weight_decay": WEIGHT,
+    "lecam_weight": WEIGHT,
+    "seed": SEED,
+    "log_every": COUNT,
+    "save_every": COUNT,
+    "stop_at": STEPS_OR_NONE,
+}
 
 
 def sincos_2d(grid: int, width: int) -> torch.Tensor:
