@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from imagefolder.checkpoints import save_checkpoint
 from imagefolder.configs import ModelConfig
 from imagefolder.errors import CheckpointError
 from imagefolder.io import atomic_write
@@ -188,13 +189,11 @@ class RunTrainer(ABC):
         self.stream.consumed = state["consumed"]
         set_rng_state(state["rng"][self.env.rank])
 
-    def resume(self) -> bool:
-        """Continue from ``state.pt`` when the run folder has one; returns whether it did."""
-        if not self.state_path.is_file():
-            return False
-        self.load_state(load_training_state(self.state_path))
-        log.info("resumed %s at step %d", self.state_path, self.step_count)
-        return True
+    def resume(self) -> None:
+        """Continue from ``state.pt`` when the run folder has one."""
+        if self.state_path.is_file():
+            self.load_state(load_training_state(self.state_path))
+            log.info("resumed %s at step %d", self.state_path, self.step_count)
 
     def save(self) -> None:
         """Write ``state.pt`` (rank 0; every rank takes part in the RNG gather)."""
@@ -205,8 +204,6 @@ class RunTrainer(ABC):
 
     def export(self, path: Path) -> None:
         """Write the finished run's weights with their config (``imagefolder.checkpoints`` format)."""
-        from imagefolder.checkpoints import save_checkpoint
-
         tokenizer_state, generator_state = self.exported_states()
         meta = {"trainer": self.kind, "step": self.step_count, "data": self.opts.data, **self.export_meta}
         save_checkpoint(path, self.config, tokenizer_state, generator_state, extra_meta=meta)
