@@ -161,7 +161,7 @@ def open_torch_backend(bundle: Path | None, checkpoint: Path | None, trust_check
     if importlib.util.find_spec("torch") is None:
         raise MissingDependency("PyTorch", "torch", purpose="for --backend torch")
     from imagefolder.core.sampler import default_candidates
-    from imagefolder.default_model import load_models
+    from imagefolder.default_model import load_default_or_checkpoint
     from imagefolder.runtime.backends.torch_backend import TorchBackend
 
     candidates = None
@@ -172,6 +172,6 @@ def open_torch_backend(bundle: Path | None, checkpoint: Path | None, trust_check
         candidates = manifest["sampler_candidates"]
         if checkpoint is None and manifest.get("source", {}).get("checkpoint") not in (None, "default"):
             checkpoint = Path(manifest["source"]["checkpoint"])
-    config, tokenizer, generator, _ = load_models(checkpoint, trust_checkpoint)
+    config, tokenizer, generator, _ = load_default_or_checkpoint(checkpoint, trust_checkpoint)
     candidates = candidates or default_candidates(config.generator.codebook_size)
     return TorchBackend(tokenizer, generator, candidates)

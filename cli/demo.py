@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from imagefolder.core.bundle import load_bundle
     from imagefolder.core.schedule import SamplingParams
-    from imagefolder.default_model import load_models
+    from imagefolder.default_model import load_default_or_checkpoint
     from imagefolder.export.onnx_export import export_bundle
     from imagefolder.runtime.backends.ort import OrtBackend
     from imagefolder.runtime.backends.torch_backend import TorchBackend
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     from imagefolder.runtime.loop import generate
     from imagefolder.runtime.profiler import profile_generation
 
-    config, tokenizer, generator, source = load_models()
+    config, tokenizer, generator, source = load_default_or_checkpoint()
     print(f"default model: {config.name} ({sum(p.numel() for p in generator.parameters()) / 1e6:.1f} M generator "
           f"parameters, {config.generator.num_classes} classes, scales {list(config.generator.scales)})")
     batch_max = max(8, config.generator.num_classes)  # one image per class in one batch

@@ -32,10 +32,10 @@ def main(verbose: int) -> None:
 @click.option("--candidates", type=int, help="Sampler TopK size (default: the codebook, or 1024 if ≥ 3840).")
 def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candidates) -> None:
     """Export encoder, decoder, ar_prefill, ar_step, sampler and fold graphs plus manifest.json."""
-    from imagefolder.default_model import load_models
+    from imagefolder.default_model import load_default_or_checkpoint
     from imagefolder.export.onnx_export import export_bundle
 
-    config, tokenizer, generator, source = load_models(checkpoint, trust_checkpoint)
+    config, tokenizer, generator, source = load_default_or_checkpoint(checkpoint, trust_checkpoint)
     out = export_bundle(out_dir, tokenizer, generator, config, dtype=dtype, opset=opset,
                   batch_max=batch_max, candidates=candidates, source=source)
     click.echo(f"wrote bundle {out} ({config.name}, {dtype}, opset {opset})")

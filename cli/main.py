@@ -105,10 +105,10 @@ def _generate_official(bundle, backend, checkpoint, trust_checkpoint, labels, cf
     import torch
 
     from imagefolder.core.schedule import check_labels
-    from imagefolder.default_model import load_models
+    from imagefolder.default_model import load_default_or_checkpoint
     from imagefolder.generate import generate as official_generate
 
-    _, tokenizer, generator, _ = load_models(checkpoint, trust_checkpoint)
+    _, tokenizer, generator, _ = load_default_or_checkpoint(checkpoint, trust_checkpoint)
     labels = check_labels(labels, generator.cfg.num_classes)
     images, indices = official_generate(generator, tokenizer, torch.as_tensor(labels), cfg, top_k, top_p, seed)
     return images.numpy(), indices.int().numpy()
@@ -207,7 +207,7 @@ def profile(bundle, backend, checkpoint, trust_checkpoint, batches, runs, warmup
 @TRUST
 def convert(source, destination, trust_checkpoint) -> None:
     """Convert an official checkpoint (ar-ckpt-last.pth, best_ckpt.pt) to safetensors + JSON config."""
-    from imagefolder.checkpoint import convert as convert_checkpoint
+    from imagefolder.checkpoints import convert as convert_checkpoint
 
     out = convert_checkpoint(source, destination, trust_checkpoint=trust_checkpoint)
     click.echo(f"wrote {out} and {Path(out).with_suffix('.json')}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import click
 
@@ -39,6 +38,11 @@ def _common_options(fn):
     return fn
 
 
+def _given(**options) -> dict:
+    """The options the user gave (not None), so that the dataclass's own defaults apply to the rest."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 @click.group("train")
 def train_group() -> None:
     """Train the tokenizer, the generator, or the evaluation classifier."""
@@ -64,7 +68,7 @@ def tokenizer_command(preset: str, verbose: int, device: str | None, no_resume: 
     from imagefolder.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
     setup_logging(verbose)
-    opts = TokenizerTrainConfig(resume=not no_resume, steps=steps or TokenizerTrainConfig.steps, **kw)
+    opts = TokenizerTrainConfig(resume=not no_resume, **_given(steps=steps), **kw)  # checks every option first
     env = setup_distributed(device)
     try:
         trainer = train_tokenizer(opts, env, from_name(preset))
@@ -87,8 +91,7 @@ def generator_command(tokenizer_path: str, verbose: int, device: str | None, no_
     from imagefolder.train.generator import GeneratorTrainConfig, train_generator
 
     setup_logging(verbose)
-    opts = GeneratorTrainConfig(tokenizer=tokenizer_path, resume=not no_resume,
-                                steps=steps or GeneratorTrainConfig.steps, **kw)
+    opts = GeneratorTrainConfig(tokenizer=tokenizer_path, resume=not no_resume, **_given(steps=steps), **kw)
     env = setup_distributed(device)
     try:
         trainer = train_generator(opts, env)
@@ -134,37 +137,15 @@ def eval_command(checkpoint: str | None, data: str, classifier: str | None, num_
                  generation: bool, cfg: float, top_k: int, top_p: float, seed: int, json_out: str | None,
                  verbose: int) -> None:
     """Reconstruction PSNR/SSIM on held-out images; class accuracy and classifier Fréchet distance of samples."""
+    from imagefolder.train.eval import EvalConfig, evaluate_checkpoint
+
     setup_logging(verbose)
-    result = _evaluate(checkpoint, data, classifier, num_images, reconstruction, generation,
-                     {"cfg": cfg, "top_k": top_k, "top_p": top_p}, seed)
-    text = json.dumps(result, indent=2)
+    opts = EvalConfig(checkpoint=checkpoint, data=data, classifier=classifier, num_images=num_images,
+                      reconstruction=reconstruction, generation=generation, cfg=cfg, top_k=top_k, top_p=top_p,
+                      seed=seed)
+    text = json.dumps(evaluate_checkpoint(opts), indent=2)
     click.echo(text)
     if json_out:
         from imagefolder.io import atomic_write_text
 
         atomic_write_text(json_out, text + "\n")
-
-
-def _evaluate(checkpoint: str | None, data: str, classifier_path: str | None, count: int, reconstruction: bool,
-              generation: bool, sampling: dict, seed: int) -> dict:
-    import torch
-
-    from imagefolder.checkpoint import load_any
-    from imagefolder.data import open_dataset
-    from imagefolder.default_model import default_weights_path
-    from imagefolder.train.classifier import default_classifier_path, load_classifier
-    from imagefolder.train.eval import evaluate_generation, evaluate_reconstruction
-
-    path = Path(checkpoint) if checkpoint else default_weights_path()
-    config, tokenizer, generator = load_any(path)
-    heldout = open_dataset(data, config.tokenizer.image_size, heldout=True)
-    result: dict = {"checkpoint": str(path), "data": data}
-    torch.manual_seed(seed)
-    if reconstruction and tokenizer is not None:
-        result["reconstruction"] = evaluate_reconstruction(tokenizer.eval(), heldout, count)
-    if generation and generator is not None:
-        judge = load_classifier(classifier_path or default_classifier_path())
-        result["generation"] = evaluate_generation(generator.eval(), tokenizer.eval(), judge, heldout, count, seed,
-                                                   **sampling)
-        result["generation"]["sampling"] = sampling
-    return result

@@ -29,14 +29,14 @@ def check_bundle(bundle_dir: str | Path, checkpoint: str | Path | None = None, t
     import onnxruntime as ort
 
     from imagefolder.core.bundle import load_bundle
-    from imagefolder.default_model import load_models
+    from imagefolder.default_model import load_default_or_checkpoint
 
     bundle = load_bundle(bundle_dir)
     manifest = bundle.manifest
     if checkpoint is None:
         recorded = manifest.get("source", {}).get("checkpoint")
         checkpoint = None if recorded in (None, "default") else Path(recorded)
-    config, tokenizer, generator, _ = load_models(checkpoint, trust_checkpoint)
+    config, tokenizer, generator, _ = load_default_or_checkpoint(checkpoint, trust_checkpoint)
     if json.loads(json.dumps(config.to_dict()))["generator"] != manifest["model"]["generator"]:
         raise BundleError("the checkpoint's model differs from the bundle's; pass the checkpoint it came from")
     modules = graph_modules(tokenizer, generator, bundle.dtype, bundle.candidates)

@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from imagefolder.configs import ModelConfig
-from imagefolder.errors import ImagefolderError
+from imagefolder.errors import CheckpointError, ImagefolderError
 from imagefolder.models.generator import Generator
 from imagefolder.models.tokenizer import Tokenizer
 
@@ -30,24 +30,30 @@ def default_weights_path() -> Path:
     return Path(str(resources.files("imagefolder") / "assets" / DEFAULT_WEIGHTS))
 
 
-def load_models(
+def load_default_or_checkpoint(
     checkpoint: str | Path | None = None, trust_checkpoint: bool = False, device: str = "cpu"
 ) -> tuple[ModelConfig, Tokenizer, Generator, dict]:
-    """Build the tokenizer and generator from a checkpoint, or the default model when None.
+    """The tokenizer + generator pair that generation needs: from ``checkpoint``, or the default model.
+
+    Unlike ``imagefolder.checkpoints.load_checkpoint_models``, which returns whichever parts a file
+    holds, this requires both and records where they came from.
 
     Returns:
         (config, tokenizer, generator, source) with both models in eval mode; ``source`` records
         where the weights came from (path and sha256), for bundle manifests.
+    Raises:
+        DefaultModelMissing: no checkpoint given and the package has no default weights.
+        CheckpointError: the checkpoint cannot be loaded, or lacks one of the two models.
     """
-    from imagefolder.checkpoint import CheckpointError, load_any
-    from imagefolder.core.bundle import sha256_file
+    from imagefolder.checkpoints import load_checkpoint_models
+    from imagefolder.io import sha256_file
 
     path = Path(checkpoint) if checkpoint is not None else default_weights_path()
     if checkpoint is None and not path.exists():
         raise DefaultModelMissing(
             f"the default model's weights are missing ({path}); reinstall imagefolder or pass --checkpoint"
         )
-    config, tokenizer, generator = load_any(path, trust_checkpoint=trust_checkpoint, device=device)
+    config, tokenizer, generator = load_checkpoint_models(path, trust_checkpoint=trust_checkpoint, device=device)
     if tokenizer is None or generator is None:
         missing = "tokenizer" if tokenizer is None else "generator"
         raise CheckpointError(f"{path} holds no {missing}; generation needs both (an AR checkpoint or ours)")

@@ -16,11 +16,29 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from imagefolder import checkpoint as ck
+from imagefolder.checkpoints import (
+    convert,
+    load_checkpoint_models,
+    native,
+    read_checkpoint,
+    read_official,
+    save_checkpoint,
+    sidecar_path,
+)
+from imagefolder.checkpoints.infer import infer_config
+from imagefolder.checkpoints.native import FORMAT
+from imagefolder.checkpoints.unpickle import YamlFloat, YamlInt, YamlMap, YamlSeq, YamlStr, plain, safe_load
 from imagefolder.configs import PRESETS, ModelConfig, official, tiny
+from imagefolder.errors import CheckpointError
 from imagefolder.io import atomic_write
 from imagefolder.models.generator import Generator
 from imagefolder.models.tokenizer import Tokenizer
+from tests.official_files import (
+    official_ar_payload,
+    official_tokenizer_payload,
+    write_official_ar_checkpoint,
+    write_official_tokenizer_checkpoint,
+)
 from tests.reference import official_keys
 
 
@@ -58,7 +76,7 @@ def _assert_same(expected: torch.nn.Module | dict, loaded: torch.nn.Module | dic
 def _save_ar(path: Path, models, edit=None) -> Path:
     """Official AR layout, optionally edited (``edit(payload)``) before saving."""
     tok, gen = models
-    payload = ck.official_ar_payload(tiny(), gen, tok)
+    payload = official_ar_payload(tiny(), gen, tok)
     if edit is not None:
         edit(payload)
     torch.save(payload, path)
@@ -71,13 +89,13 @@ def _save_ar(path: Path, models, edit=None) -> Path:
 
 
 def test_official_ar_layout_round_trip(tmp_path, models):
-    path = ck.write_official_ar_checkpoint(tmp_path / "ar-ckpt-last.pth", tiny(), models[1], models[0])
-    config, tok, gen = ck.load_models(path)
+    path = write_official_ar_checkpoint(tmp_path / "ar-ckpt-last.pth", tiny(), models[1], models[0])
+    config, tok, gen = load_checkpoint_models(path)
     assert config == tiny()
     assert not tok.training and not gen.training
     _assert_same(models[0], tok)
     _assert_same(models[1], gen)
-    meta = ck.load_official(path).meta
+    meta = read_official(path).meta
     assert meta["layout"] == "ar" and meta["epoch"] == 350
     assert meta["trainer_config"]["patch_nums"] == tiny().generator.scales
 
@@ -85,14 +103,14 @@ def test_official_ar_layout_round_trip(tmp_path, models):
 def test_tokenizer_layout_prefers_ema(tmp_path, models):
     cfg = tiny()
     ema = _randomize(Tokenizer(cfg.tokenizer), 3)
-    path = ck.write_official_tokenizer_checkpoint(tmp_path / "best_ckpt.pt", models[0], ema=ema)
-    config, tok, gen = ck.load_models(path)
+    path = write_official_tokenizer_checkpoint(tmp_path / "best_ckpt.pt", models[0], ema=ema)
+    config, tok, gen = load_checkpoint_models(path)
     assert config == cfg and gen is None
     _assert_same(ema, tok)
-    assert ck.load_official(path).meta["weights"] == "ema"
+    assert read_official(path).meta["weights"] == "ema"
     # Without EMA weights the plain model is taken.
-    path = ck.write_official_tokenizer_checkpoint(tmp_path / "no-ema.pt", models[0])
-    _assert_same(models[0], ck.load_models(path)[1])
+    path = write_official_tokenizer_checkpoint(tmp_path / "no-ema.pt", models[0])
+    _assert_same(models[0], load_checkpoint_models(path)[1])
 
 
 def test_padded_attn_bias_and_wrapper_prefixes(tmp_path, models):
@@ -103,7 +121,7 @@ def test_padded_attn_bias_and_wrapper_prefixes(tmp_path, models):
         trainer["var_wo_ddp"] = {f"module.{k}": v for k, v in trainer["var_wo_ddp"].items()}
         trainer["vae_local"] = {f"_orig_mod.{k}": v for k, v in trainer["vae_local"].items()}
 
-    _, tok, gen = ck.load_models(_save_ar(tmp_path / "ar.pth", models, edit))
+    _, tok, gen = load_checkpoint_models(_save_ar(tmp_path / "ar.pth", models, edit))
     _assert_same(models[0], tok)
     _assert_same(models[1], gen)
     positions = tiny().generator.positions
@@ -120,7 +138,7 @@ def test_official_width_generator_bare_state_dict(tmp_path):
     state["attn_bias_for_masking"] = F.pad(state["attn_bias_for_masking"], (0, 2, 0, 2), value=float("-inf"))
     assert state["attn_bias_for_masking"].shape == (1, 1, 288, 288)
     torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "var.pth")
-    config, tok, gen = ck.load_models(tmp_path / "var.pth")
+    config, tok, gen = load_checkpoint_models(tmp_path / "var.pth")
     assert tok is None
     assert config.generator == gen_cfg
     assert config.tokenizer == official().tokenizer
@@ -134,18 +152,18 @@ def test_infer_config_from_official_key_listing():
         return {k: torch.empty(shape, dtype=dtypes[dt], device="meta") for k, shape, dt in official_keys(section)}
 
     tok, gen = meta_state("VAE"), meta_state("VAR")
-    assert ck.infer_config(tok, gen) == PRESETS["imagefolder-d17"]
-    assert ck.infer_config(tok, None).name == ck.infer_config(None, gen).name == "imagefolder-d17"
+    assert infer_config(tok, gen) == PRESETS["imagefolder-d17"]
+    assert infer_config(tok, None).name == infer_config(None, gen).name == "imagefolder-d17"
     with torch.device("meta"):
         cfg = official(8192)
-        assert ck.infer_config(Tokenizer(cfg.tokenizer).state_dict(), None) == cfg
+        assert infer_config(Tokenizer(cfg.tokenizer).state_dict(), None) == cfg
 
 
 def test_non_official_scales_need_a_config(tmp_path, models):
     torch.save(models[1].state_dict(), tmp_path / "gen.pth")
-    with pytest.raises(ck.CheckpointError, match="pass a config"):
-        ck.load_models(tmp_path / "gen.pth")
-    config, tok, gen = ck.load_models(tmp_path / "gen.pth", config=tiny())
+    with pytest.raises(CheckpointError, match="pass a config"):
+        load_checkpoint_models(tmp_path / "gen.pth")
+    config, tok, gen = load_checkpoint_models(tmp_path / "gen.pth", config=tiny())
     assert tok is None
     _assert_same(models[1], gen)
 
@@ -188,8 +206,8 @@ def _replace(part: str, key: str, value: torch.Tensor):
 )
 def test_mismatch_names_the_key(tmp_path, models, edit, message):
     path = _save_ar(tmp_path / "bad.pth", models, edit)
-    with pytest.raises(ck.CheckpointError, match=message) as info:
-        ck.load_models(path)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint_models(path)
     assert str(path) in str(info.value)
 
 
@@ -198,8 +216,8 @@ def test_truncated_file(tmp_path, models, keep):
     path = _save_ar(tmp_path / "ar.pth", models)
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(ck.CheckpointError, match="truncated or not a torch checkpoint") as info:
-        ck.load_models(path)
+    with pytest.raises(CheckpointError, match="truncated or not a torch checkpoint") as info:
+        load_checkpoint_models(path)
     assert str(path) in str(info.value)
 
 
@@ -207,14 +225,14 @@ def test_truncated_file(tmp_path, models, keep):
 def test_not_a_checkpoint(tmp_path, content):
     path = tmp_path / "junk.pt"
     path.write_bytes(content)
-    with pytest.raises(ck.CheckpointError, match="truncated or not a torch checkpoint"):
-        ck.load_any(path)
+    with pytest.raises(CheckpointError, match="truncated or not a torch checkpoint"):
+        load_checkpoint_models(path)
 
 
 def test_missing_file(tmp_path):
     for name in ("nope.pth", "nope.safetensors"):
-        with pytest.raises(ck.CheckpointError, match="no such file"):
-            ck.load_any(tmp_path / name)
+        with pytest.raises(CheckpointError, match="no such file"):
+            load_checkpoint_models(tmp_path / name)
 
 
 def test_unknown_global_needs_trust(tmp_path, models):
@@ -222,12 +240,12 @@ def test_unknown_global_needs_trust(tmp_path, models):
         payload["args"]["hook"] = Marker()
 
     path = _save_ar(tmp_path / "ar.pth", models, edit)
-    with pytest.raises(ck.CheckpointError) as info:
-        ck.load_models(path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_models(path)
     text = str(info.value)
     assert f"{Marker.__module__}.Marker" in text
     assert "trust_checkpoint=True" in text and "--trust-checkpoint" in text
-    checkpoint = ck.load_official(path, trust_checkpoint=True)
+    checkpoint = read_official(path, trust_checkpoint=True)
     assert isinstance(checkpoint.meta["args"]["hook"], Marker)
     _assert_same(models[1], checkpoint.generator_state)
 
@@ -242,15 +260,15 @@ class Exploit:
 def test_code_execution_is_refused(tmp_path, models, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({"model": models[0].state_dict(), "args": Exploit()}, tmp_path / "evil.pt")
-    with pytest.raises(ck.CheckpointError, match=r"refusing to unpickle global '(posix|nt|os)\.system'"):
-        ck.load_official(tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match=r"refusing to unpickle global '(posix|nt|os)\.system'"):
+        read_official(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()
 
 
 def test_legacy_pickle_format(tmp_path, models):
-    payload = ck.official_ar_payload(tiny(), models[1], models[0])
+    payload = official_ar_payload(tiny(), models[1], models[0])
     torch.save(payload, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
-    _, tok, gen = ck.load_models(tmp_path / "legacy.pth")
+    _, tok, gen = load_checkpoint_models(tmp_path / "legacy.pth")
     _assert_same(models[0], tok)
     _assert_same(models[1], gen)
 
@@ -308,24 +326,24 @@ def test_ruamel_args_load_with_stand_ins(tmp_path, models, monkeypatch):
     args = argparse.Namespace(**loader.load(OFFICIAL_STYLE_YAML))
     assert type(args.v_patch_nums).__module__ == "ruamel.yaml.comments"
     path = tmp_path / "best_ckpt.pt"
-    torch.save(ck.official_tokenizer_payload(models[0], args=args), path)
+    torch.save(official_tokenizer_payload(models[0], args=args), path)
 
     # As on a machine without ruamel: nothing may import it.
     for name in [m for m in sys.modules if m == "ruamel" or m.startswith("ruamel.")]:
         monkeypatch.setitem(sys.modules, name, None)
-    raw = ck.safe_load(path)["args"]
+    raw = safe_load(path)["args"]
     assert isinstance(raw, argparse.Namespace)
-    assert type(raw.v_patch_nums) is ck.YamlSeq
-    assert type(raw.schedule) is ck.YamlMap and type(raw.schedule["milestones"]) is ck.YamlSeq
-    assert type(raw.lr) is ck.YamlFloat and type(raw.disc_epoch_start) is ck.YamlInt
-    assert type(raw.encoder_model) is ck.YamlStr and type(raw.note) is ck.YamlStr
+    assert type(raw.v_patch_nums) is YamlSeq
+    assert type(raw.schedule) is YamlMap and type(raw.schedule["milestones"]) is YamlSeq
+    assert type(raw.lr) is YamlFloat and type(raw.disc_epoch_start) is YamlInt
+    assert type(raw.encoder_model) is YamlStr and type(raw.note) is YamlStr
     assert all(not type(v).__module__.startswith("ruamel") for v in vars(raw).values())
-    assert ck.plain(raw) == OFFICIAL_STYLE_VALUES
+    assert plain(raw) == OFFICIAL_STYLE_VALUES
 
-    checkpoint = ck.load_official(path)  # the tiny scales come from args.v_patch_nums
+    checkpoint = read_official(path)  # the tiny scales come from args.v_patch_nums
     assert checkpoint.config == tiny()
     assert checkpoint.meta["args"] == OFFICIAL_STYLE_VALUES
-    _assert_same(models[0], ck.load_models(path)[1])
+    _assert_same(models[0], load_checkpoint_models(path)[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,42 +356,42 @@ def test_safetensors_round_trip_bit_exact(tmp_path, models):
     # Shared and non-contiguous tensors, which safetensors refuses unless copied.
     gen_state["head.weight"] = gen_state["head.weight"].t().contiguous().t()
     tok_state["decoder.model.cls_token"] = tok_state["encoder.model.cls_token"]
-    path = ck.save_checkpoint(tmp_path / "model.safetensors", tiny(), tok_state, gen_state, {"note": "x", "step": 5})
-    config, tok_loaded, gen_loaded = ck.load_checkpoint(path)
+    path = save_checkpoint(tmp_path / "model.safetensors", tiny(), tok_state, gen_state, {"note": "x", "step": 5})
+    config, tok_loaded, gen_loaded = read_checkpoint(path)
     assert config == tiny()
     _assert_same(tok_state, tok_loaded)
     _assert_same(gen_state, gen_loaded)
-    sidecar = json.loads(ck.sidecar_path(path).read_text())
+    sidecar = json.loads(sidecar_path(path).read_text())
     assert ModelConfig.from_dict(sidecar["config"]) == tiny() and sidecar["meta"] == {"note": "x", "step": "5"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
 
-    gen_only = ck.save_checkpoint(tmp_path / "gen.safetensors", tiny(), None, models[1].state_dict())
-    config, tok, gen = ck.load_any(gen_only)
+    gen_only = save_checkpoint(tmp_path / "gen.safetensors", tiny(), None, models[1].state_dict())
+    config, tok, gen = load_checkpoint_models(gen_only)
     assert tok is None and not gen.training
     _assert_same(models[1], gen)
 
 
 def test_convert_official_to_ours(tmp_path, models):
-    src = ck.write_official_ar_checkpoint(tmp_path / "ar-ckpt-last.pth", tiny(), models[1], models[0])
-    dst = ck.convert(src, tmp_path / "out" / "tiny.safetensors")
-    assert ck.sidecar_path(dst).is_file()
-    config, tok, gen = ck.load_any(dst)
+    src = write_official_ar_checkpoint(tmp_path / "ar-ckpt-last.pth", tiny(), models[1], models[0])
+    dst = convert(src, tmp_path / "out" / "tiny.safetensors")
+    assert sidecar_path(dst).is_file()
+    config, tok, gen = load_checkpoint_models(dst)
     assert config == tiny()
     _assert_same(models[0], tok)
     _assert_same(models[1], gen)
 
 
 def test_format_version_mismatch(tmp_path):
-    meta = {"format": ck.FORMAT, "format_version": "2", "config": json.dumps(tiny().to_dict())}
+    meta = {"format": FORMAT, "format_version": "2", "config": json.dumps(tiny().to_dict())}
     save_file({"generator.x": torch.zeros(1)}, tmp_path / "future.safetensors", metadata=meta)
-    with pytest.raises(ck.CheckpointError, match="format_version '2' is not supported"):
-        ck.load_checkpoint(tmp_path / "future.safetensors")
+    with pytest.raises(CheckpointError, match="format_version '2' is not supported"):
+        read_checkpoint(tmp_path / "future.safetensors")
     save_file({"x": torch.zeros(1)}, tmp_path / "foreign.safetensors")
-    with pytest.raises(ck.CheckpointError, match="not an imagefolder-checkpoint file"):
-        ck.load_any(tmp_path / "foreign.safetensors")
+    with pytest.raises(CheckpointError, match="not an imagefolder-checkpoint file"):
+        load_checkpoint_models(tmp_path / "foreign.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(os.urandom(64))
-    with pytest.raises(ck.CheckpointError, match="not a safetensors checkpoint"):
-        ck.load_checkpoint(tmp_path / "junk.safetensors")
+    with pytest.raises(CheckpointError, match="not a safetensors checkpoint"):
+        read_checkpoint(tmp_path / "junk.safetensors")
 
 
 def test_atomic_write_keeps_destination_on_failure(tmp_path):
@@ -396,15 +414,15 @@ def test_atomic_write_keeps_destination_on_failure(tmp_path):
 
 
 def test_save_checkpoint_failure_leaves_previous_checkpoint(tmp_path, models, monkeypatch):
-    path = ck.save_checkpoint(tmp_path / "m.safetensors", tiny(), None, models[1].state_dict())
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny(), None, models[1].state_dict())
     before = path.read_bytes()
 
     def broken_save(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "save_file", broken_save)
+    monkeypatch.setattr(native, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        ck.save_checkpoint(path, tiny(), models[0].state_dict(), None)
+        save_checkpoint(path, tiny(), models[0].state_dict(), None)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]

@@ -12,11 +12,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from imagefolder.checkpoint import save_checkpoint, write_official_ar_checkpoint
+from imagefolder.checkpoints import save_checkpoint
 from imagefolder.cli.export import main as export_main
 from imagefolder.cli.main import main
 from imagefolder.configs import tiny
 from tests.models import randomized
+from tests.official_files import write_official_ar_checkpoint
 
 
 def run(command, args, ok=True):

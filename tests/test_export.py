@@ -111,7 +111,7 @@ def test_bf16_bundle_is_valid_onnx_with_fp32_boundary(models, tmp_path):
 
 
 def test_check_command_compares_every_scale(bundle_fp32, models, tmp_path):
-    from imagefolder.checkpoint import save_checkpoint
+    from imagefolder.checkpoints import save_checkpoint
 
     config, tokenizer, generator = models
     ckpt = save_checkpoint(tmp_path / "m.safetensors", config, tokenizer.state_dict(), generator.state_dict())
@@ -178,9 +178,9 @@ def test_fold_graph_matches_tokenizer_at_every_scale(models):
 
 def test_default_bundle_passes_the_tensorrt_operator_check(tmp_path):
     """The bundle of the shipped default model: every graph parses on TensorRT 10.3 (operator check)."""
-    from imagefolder.default_model import load_models
+    from imagefolder.default_model import load_default_or_checkpoint
 
-    config, tokenizer, generator, source = load_models()
+    config, tokenizer, generator, source = load_default_or_checkpoint()
     out = export_bundle(tmp_path / "default", tokenizer, generator, config, source=source, progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"]["checkpoint"] == "default"

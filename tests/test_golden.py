@@ -14,7 +14,7 @@ import pytest
 
 from imagefolder.core.sampler import default_candidates
 from imagefolder.core.schedule import SamplingParams
-from imagefolder.default_model import load_models
+from imagefolder.default_model import load_default_or_checkpoint
 from imagefolder.export.onnx_export import export_bundle
 from imagefolder.runtime.backends.ort import OrtBackend
 from imagefolder.runtime.backends.torch_backend import TorchBackend
@@ -32,7 +32,7 @@ REQUESTS = {
 
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory):
-    config, tokenizer, generator, _ = load_models(None, False)
+    config, tokenizer, generator, _ = load_default_or_checkpoint(None, False)
     bundle = export_bundle(tmp_path_factory.mktemp("golden"), tokenizer, generator, config, batch_max=len(LABELS),
                            progress=False)
     torch_backend = TorchBackend(tokenizer, generator, default_candidates(config.generator.codebook_size))
@@ -48,7 +48,7 @@ def test_default_model_reproduces_its_golden_tokens(backends, backend, request_n
 
 
 def _record() -> None:
-    config, tokenizer, generator, _ = load_models(None, False)
+    config, tokenizer, generator, _ = load_default_or_checkpoint(None, False)
     backend = TorchBackend(tokenizer, generator, default_candidates(config.generator.codebook_size))
     golden = {name: generate(backend, LABELS, params).indices.tolist() for name, params in REQUESTS.items()}
     GOLDEN.write_text(json.dumps(golden, separators=(",", ":")) + "\n")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from imagefolder.checkpoint import save_checkpoint
+from imagefolder.checkpoints import save_checkpoint
 from imagefolder.configs import tiny
 from imagefolder.data import ShapesDataset
 from imagefolder.default_model import default_weights_path
@@ -68,9 +68,9 @@ def test_eval_command_on_a_random_model(tmp_path):
 
 @pytest.mark.skipif(not default_weights_path().is_file(), reason="default model weights not built yet")
 def test_default_model_class_accuracy():
-    from imagefolder.checkpoint import load_any
+    from imagefolder.checkpoints import load_checkpoint_models
 
-    _, tokenizer, generator = load_any(default_weights_path())
+    _, tokenizer, generator = load_checkpoint_models(default_weights_path())
     judge = load_classifier(default_classifier_path())
     metrics = evaluate_generation(generator.eval(), tokenizer.eval(), judge, ShapesDataset(64, seed=1_000_003), 100)
     assert metrics["class_accuracy"] >= 0.80, metrics

@@ -12,17 +12,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from imagefolder.checkpoint import save_checkpoint
+from imagefolder.checkpoints import save_checkpoint
 from imagefolder.configs import ModelConfig, tiny
 from imagefolder.models.tokenizer import Tokenizer
-from imagefolder.train.common import (
-    DistEnv,
-    TrainingStateError,
-    cleanup_distributed,
-    load_training_state,
-    setup_distributed,
-)
+from imagefolder.train.common import DistEnv, cleanup_distributed, setup_distributed
 from imagefolder.train.generator import GeneratorTrainConfig, GeneratorTrainer, load_frozen_tokenizer, train_generator
+from imagefolder.train.state import TrainingStateError, load_training_state
 
 
 def _small_config(cond_drop: float = 0.1) -> ModelConfig:

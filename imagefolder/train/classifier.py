@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from imagefolder.checkpoints.native import write_safetensors
+from imagefolder.checkpoints.strict import load_strict
 from imagefolder.data import collate, open_dataset
 from imagefolder.errors import CheckpointError
-from imagefolder.io import atomic_write
 from imagefolder.train.common import IndexStream, lr_factor, seed_everything
+from imagefolder.train.options import COUNT, POSITIVE, SEED, check_options
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,9 @@ def default_classifier_path() -> Path:
 
 
 def save_classifier(path: str | Path, model: Classifier, meta: dict | None = None) -> None:
+    """Write the classifier's weights, config and ``meta`` as one ``.safetensors`` file, atomically."""
     metadata = {"format": CLASSIFIER_FORMAT, "config": json.dumps(asdict(model.cfg)), "meta": json.dumps(meta or {})}
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_write(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+    write_safetensors(path, model.state_dict(), metadata)
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Classifier:
@@ -95,6 +95,7 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Cla
 
     Raises:
         ClassifierError: the file is missing, unreadable, or not a classifier.
+        CheckpointError: a tensor is missing, unexpected, of the wrong shape or dtype, or not finite.
     """
     path = Path(path)
     if not path.is_file():
@@ -107,8 +108,11 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Cla
         raise ClassifierError(f"cannot read classifier {path}: {err}") from err
     if metadata.get("format") != CLASSIFIER_FORMAT:
         raise ClassifierError(f"{path} is not an imagefolder classifier (format {metadata.get('format')!r})")
-    model = Classifier(ClassifierConfig(**json.loads(metadata["config"])))
-    model.load_state_dict(state)
+    try:
+        model = Classifier(ClassifierConfig(**json.loads(metadata["config"])))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ClassifierError(f"{path}: invalid classifier config metadata ({err})") from err
+    load_strict(model, state, "classifier", str(path))
     return model.to(device).eval()
 
 
@@ -127,11 +131,20 @@ def degrade(img: torch.Tensor) -> torch.Tensor:
     return img.clamp(-1, 1)
 
 
+_CLASSIFIER_RANGES = {"steps": COUNT, "batch_size": COUNT, "lr": POSITIVE, "seed": SEED, "eval_count": COUNT}
+
+
 def train_classifier(
     data: str, out: str | Path, steps: int = 600, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
     config: ClassifierConfig | None = None, progress: bool = True, eval_count: int = 500,
 ) -> tuple[Classifier, float]:
-    """Train on ``data`` and save to ``out``; returns the model and its accuracy on ``eval_count`` held-out images."""
+    """Train on ``data`` and save to ``out``; returns the model and its accuracy on ``eval_count`` held-out images.
+
+    Raises:
+        InputError: a numeric argument out of its range (checked before anything is trained or written).
+    """
+    arguments = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "eval_count": eval_count}
+    check_options(arguments, _CLASSIFIER_RANGES)
     seed_everything(seed)
     train_set = open_dataset(data, (config or ClassifierConfig()).image_size)
     num_classes = getattr(train_set, "num_classes", 10)

@@ -1,20 +1,14 @@
-"""What the trainers share: distributed setup, the data stream, EMA, the LR schedule, training-state
-checkpoints (exact resume, RNG included) and the metrics log.
+"""What the trainers share: distributed setup, the data stream, EMA, the LR schedule, the metrics log
+and the training loop. What a run keeps on disk (training state, export) is ``imagefolder.train.state``.
 
 Distributed runs use ``torchrun`` (or any launcher that sets ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``):
 gloo on CPU, nccl on GPU. Every rank draws the same global batch of indices from ``IndexStream`` and
 keeps its contiguous shard, so a W-process run sees exactly the batch a 1-process run would see.
-
-A training state is one file: an 8-byte magic, the SHA-256 of the payload, then the payload
-(``torch.save`` of plain dicts and tensors, loaded with ``weights_only=True``). A truncated or
-altered file fails the digest check with ``TrainingStateError`` before anything is unpickled.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import io
 import json
 import logging
 import math
@@ -23,24 +17,15 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from imagefolder.errors import CheckpointError, InputError
+from imagefolder.errors import InputError
 
 log = logging.getLogger(__name__)
-
-STATE_MAGIC = b"IFTRAIN1"
-STATE_FORMAT = 1
-
-
-class TrainingStateError(CheckpointError):
-    """A training-state file is missing, corrupted, or does not belong to this run."""
-
 
 # ---------------------------------------------------------------------------------------------
 # Distributed
@@ -138,10 +123,18 @@ class IndexStream:
         return torch.tensor(out, dtype=torch.long)
 
 
+def check_global_batch(batch_size: int, env: DistEnv) -> None:
+    """Refuse a global batch that the ranks cannot split evenly (each rank takes an equal shard)."""
+    if batch_size % env.world_size:
+        raise InputError(
+            f"batch_size {batch_size} is not divisible by the world size {env.world_size}: the batch is global, "
+            f"split evenly over the processes; use a multiple of {env.world_size}"
+        )
+
+
 def shard(indices: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """This rank's contiguous slice of a global batch (the global batch must divide evenly)."""
-    if len(indices) % env.world_size:
-        raise InputError(f"global batch {len(indices)} is not divisible by world size {env.world_size}")
+    check_global_batch(len(indices), env)
     per = len(indices) // env.world_size
     return indices[env.rank * per : (env.rank + 1) * per]
 
@@ -205,7 +198,7 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, 
 
 
 # ---------------------------------------------------------------------------------------------
-# RNG and training-state files
+# RNG
 # ---------------------------------------------------------------------------------------------
 
 
@@ -213,64 +206,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every global RNG this package draws from, as tensors and plain values."""
-    np_state, py_state = np.random.get_state(), random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_training_state(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write a training state atomically: magic, SHA-256 of the payload, payload."""
-    from imagefolder.io import atomic_write
-
-    buf = io.BytesIO()
-    torch.save({"format": STATE_FORMAT, **payload}, buf)
-    data = buf.getvalue()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        f.write(STATE_MAGIC + hashlib.sha256(data).digest() + data)
-
-
-def load_training_state(path: str | Path) -> dict[str, Any]:
-    """Read and verify a training state written by ``save_training_state``.
-
-    Raises:
-        TrainingStateError: the file is missing, not a training state, or corrupted.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingStateError(f"training state {path} does not exist")
-    raw = path.read_bytes()
-    head = len(STATE_MAGIC) + 32
-    if len(raw) < head or raw[: len(STATE_MAGIC)] != STATE_MAGIC:
-        raise TrainingStateError(f"{path} is not an imagefolder training state (bad magic)")
-    digest, data = raw[len(STATE_MAGIC) : head], raw[head:]
-    if hashlib.sha256(data).digest() != digest:
-        raise TrainingStateError(f"{path} is corrupted: SHA-256 mismatch (truncated or modified file)")
-    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if payload.get("format") != STATE_FORMAT:
-        raise TrainingStateError(f"{path}: unsupported training-state format {payload.get('format')}")
-    return payload
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,14 +255,13 @@ def run_training(trainer, opts, env: DistEnv, desc: str, export_name: str, show:
     """The loop both trainers share: resume, step until ``opts.steps`` (or ``opts.stop_at``), log,
     save every ``opts.save_every`` steps, and export ``export_name`` when the schedule is complete.
 
-    ``trainer`` provides ``step() -> metrics row``, ``step_count``, ``state_path``, ``load_state``,
-    ``save`` and ``export(path)``; ``show`` names the row entries shown on the progress bar.
+    ``trainer`` is a ``imagefolder.train.state.RunTrainer`` with ``step() -> metrics row``; ``show``
+    names the row entries shown on the progress bar.
     """
     from tqdm import tqdm
 
-    if opts.resume and trainer.state_path.is_file():
-        trainer.load_state(load_training_state(trainer.state_path))
-        log.info("resumed %s at step %d", trainer.state_path, trainer.step_count)
+    if opts.resume:
+        trainer.resume()
     metrics = MetricsLog(opts.out, env)
     last = opts.steps if opts.stop_at is None else min(opts.steps, opts.stop_at)
     bar = tqdm(total=opts.steps, initial=trainer.step_count, disable=not (progress and env.is_main), desc=desc)

@@ -6,23 +6,29 @@ Sample quality is measured with the classifier trained here on the same data (``
 - ``classifier_frechet_distance``: the Fréchet distance between Gaussians fitted to the classifier's
   pooled features of generated and of held-out real images. It is computed like FID but over a
   different network, so its values are not FID and are not comparable with published FIDs.
+
+``evaluate_checkpoint`` runs both on a checkpoint, as ``imagefolder eval`` does.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from imagefolder.data import collate
+from imagefolder.data import collate, open_dataset
+from imagefolder.errors import CheckpointError, InputError
 from imagefolder.generate import generate
 from imagefolder.models.generator import Generator
 from imagefolder.models.tokenizer import Tokenizer
-from imagefolder.train.classifier import Classifier
+from imagefolder.train.classifier import Classifier, default_classifier_path, load_classifier
 from imagefolder.train.losses import ssim
+from imagefolder.train.options import COUNT, NUCLEUS, SEED, WEIGHT, check_options
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,7 @@ def evaluate_reconstruction(
     tokenizer: Tokenizer, dataset: Dataset, count: int = 200, batch_size: int = 50
 ) -> dict[str, float]:
     """Mean PSNR (dB) and SSIM of the tokenizer's round trip on the first ``count`` items of ``dataset``."""
+    COUNT.check("count", count)
     count = min(count, len(dataset))
     psnrs, ssims = [], []
     for start in range(0, count, batch_size):
@@ -95,9 +102,11 @@ def evaluate_generation(
     Args:
         sampling: ``cfg``, ``top_k``, ``top_p`` of ``imagefolder.generate.generate`` (its defaults otherwise).
     """
+    COUNT.check("count", count)
     if classifier.cfg.num_classes != generator.cfg.num_classes:
-        raise ValueError(
-            f"classifier knows {classifier.cfg.num_classes} classes, the generator {generator.cfg.num_classes}"
+        raise InputError(
+            f"classifier knows {classifier.cfg.num_classes} classes, the generator {generator.cfg.num_classes}; "
+            f"pass a classifier trained on the generator's data (`imagefolder train classifier`)"
         )
     images, labels = generate_balanced(generator, tokenizer, count, seed=seed, **sampling)
     fake_feats, correct = [], 0
@@ -116,3 +125,53 @@ def evaluate_generation(
         "classifier_frechet_distance": fd if math.isfinite(fd) else float("nan"),
         "images": count,
     }
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Options of one evaluation (``imagefolder eval``'s flags); out-of-range values raise ``InputError``."""
+
+    checkpoint: str | None = None  # None: the model that ships with the package
+    data: str = "shapes"  # held-out split of this data set
+    classifier: str | None = None  # the judge of generated samples; None: the shipped shapes classifier
+    num_images: int = 200
+    reconstruction: bool = True
+    generation: bool = True
+    cfg: float = 3.25
+    top_k: int = 750
+    top_p: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_options(vars(self), _EVAL_RANGES)
+
+
+_EVAL_RANGES = {"num_images": COUNT, "cfg": WEIGHT, "top_k": COUNT, "top_p": NUCLEUS, "seed": SEED}
+
+
+def evaluate_checkpoint(opts: EvalConfig) -> dict:
+    """Reconstruction PSNR/SSIM and, for a generator, class accuracy and classifier Fréchet distance.
+
+    Returns:
+        A JSON-ready dict: the checkpoint, the data, ``reconstruction`` when measured and
+        ``generation`` (with its sampling settings) when the checkpoint has a generator.
+    """
+    from imagefolder.checkpoints import load_checkpoint_models
+    from imagefolder.default_model import default_weights_path
+
+    path = Path(opts.checkpoint) if opts.checkpoint else default_weights_path()
+    config, tokenizer, generator = load_checkpoint_models(path)
+    heldout = open_dataset(opts.data, config.tokenizer.image_size, heldout=True)
+    result: dict = {"checkpoint": str(path), "data": opts.data}
+    torch.manual_seed(opts.seed)
+    if opts.reconstruction and tokenizer is not None:
+        result["reconstruction"] = evaluate_reconstruction(tokenizer, heldout, opts.num_images)
+    if opts.generation and generator is not None:
+        if tokenizer is None:
+            raise CheckpointError(f"{path} holds no tokenizer, which generation needs; pass --no-generation")
+        judge = load_classifier(opts.classifier or default_classifier_path())
+        sampling = {"cfg": opts.cfg, "top_k": opts.top_k, "top_p": opts.top_p}
+        result["generation"] = evaluate_generation(generator, tokenizer, judge, heldout, opts.num_images, opts.seed,
+                                                   **sampling)
+        result["generation"]["sampling"] = sampling
+    return result

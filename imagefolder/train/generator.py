@@ -12,48 +12,55 @@ The official AR recipe (``imagefolder-official.md`` §3, §7) at any size:
 
 Runs on one process or under torchrun (DistributedDataParallel). The run folder holds ``state.pt``
 (exact resume), ``metrics.jsonl`` and, at the end, ``model.safetensors`` (tokenizer + generator,
-loadable by ``imagefolder.checkpoint.load_any``).
+loadable by ``imagefolder.checkpoints.load_checkpoint_models``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from imagefolder.configs import ModelConfig
 from imagefolder.data import collate, open_dataset
-from imagefolder.errors import InputError
+from imagefolder.errors import CheckpointError, InputError
 from imagefolder.models.generator import Generator
 from imagefolder.models.tokenizer import Tokenizer
 from imagefolder.train.common import (
     DistEnv,
     IndexStream,
-    TrainingStateError,
     adamw,
     lr_factor,
-    rng_state,
     run_training,
-    save_training_state,
     seed_everything,
     set_lr,
-    set_rng_state,
     shard,
     unwrap,
 )
+from imagefolder.train.options import (
+    BETAS,
+    COUNT,
+    FRACTION,
+    POSITIVE,
+    SEED,
+    START_STEP,
+    STEPS_OR_NONE,
+    WEIGHT,
+    check_options,
+)
+from imagefolder.train.state import RunTrainer
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class GeneratorTrainConfig:
-    """Options of one generator run (the command's flags)."""
+    """Options of one generator run (the command's flags); out-of-range values raise ``InputError``."""
 
     out: str
     tokenizer: str  # checkpoint holding the frozen tokenizer (its EMA weights)
@@ -71,6 +78,25 @@ class GeneratorTrainConfig:
     save_every: int = 500
     stop_at: int | None = None  # leave the loop after this step (the schedule still spans ``steps``)
     resume: bool = True
+
+    def __post_init__(self) -> None:
+        check_options(vars(self), _GENERATOR_RANGES)
+
+
+_GENERATOR_RANGES = {
+    "steps": COUNT,
+    "batch_size": COUNT,
+    "lr": POSITIVE,
+    "weight_decay": WEIGHT,
+    "betas": BETAS,
+    "warmup": START_STEP,
+    "final_lr": FRACTION,
+    "grad_clip": POSITIVE,
+    "seed": SEED,
+    "log_every": COUNT,
+    "save_every": COUNT,
+    "stop_at": STEPS_OR_NONE,
+}
 
 
 def branch_cross_entropy(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -94,22 +120,24 @@ def teacher_forcing_batch(tokenizer: Tokenizer, img: torch.Tensor) -> tuple[torc
 
 
 def load_frozen_tokenizer(path: str | Path, device: torch.device) -> tuple[ModelConfig, Tokenizer]:
-    """The tokenizer of a checkpoint (``load_any``), in eval mode, without gradients."""
-    from imagefolder.checkpoint import CheckpointError, load_any
+    """The tokenizer of a checkpoint (``load_checkpoint_models``), in eval mode, without gradients."""
+    from imagefolder.checkpoints import load_checkpoint_models
 
-    config, tokenizer, _ = load_any(Path(path), device=str(device))
+    config, tokenizer, _ = load_checkpoint_models(Path(path), device=str(device))
     if tokenizer is None:
         raise CheckpointError(f"{path} holds no tokenizer")
     return config, tokenizer.eval().requires_grad_(False)
 
 
-class GeneratorTrainer:
+class GeneratorTrainer(RunTrainer):
     """Owns the models, optimizer and data stream of one run; ``step`` is one optimisation step."""
+
+    kind = "generator"
 
     def __init__(self, opts: GeneratorTrainConfig, config: ModelConfig, tokenizer: Tokenizer, env: DistEnv) -> None:
         if config.tokenizer != tokenizer.cfg:
             raise InputError("the generator's config names a different tokenizer than the frozen one")
-        self.opts, self.config, self.env = opts, config, env
+        super().__init__(opts, config, env)
         self.tokenizer = tokenizer.to(env.device)
         torch.manual_seed(opts.seed)  # identical initial weights on every rank
         model: nn.Module = Generator(config.generator).to(env.device).train()
@@ -122,10 +150,6 @@ class GeneratorTrainer:
         self.dataset = open_dataset(opts.data, config.tokenizer.image_size)
         self.stream = IndexStream(len(self.dataset), opts.seed)
         self.step_count = 0
-
-    @property
-    def state_path(self) -> Path:
-        return Path(self.opts.out) / "state.pt"
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of the next global batch: images (b, 3, H, W), labels (b,)."""
@@ -151,52 +175,14 @@ class GeneratorTrainer:
             acc = (predicted == indices).float()
         return {"loss": loss.item(), "token_acc": acc.mean().item(), "grad_norm": grad_norm.item(), "lr": lr}
 
-    # ----- state
+    # ----- what state.pt holds, and the export
 
-    def state(self) -> dict:
-        """Everything needed to continue bit-identically (gathers every rank's RNG)."""
-        rngs = [rng_state()]
-        if self.env.distributed:
-            rngs = [None] * self.env.world_size
-            dist.all_gather_object(rngs, rng_state())
-        return {
-            "kind": "generator",
-            "config": self.config.to_dict(),
-            "options": dataclasses.asdict(self.opts),
-            "step": self.step_count,
-            "consumed": self.stream.consumed,
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": rngs,
-        }
+    def stateful(self) -> dict[str, Any]:
+        return {"model": unwrap(self.model), "optimizer": self.optimizer}
 
-    def load_state(self, state: dict) -> None:
-        if state.get("kind") != "generator":
-            raise TrainingStateError(f"training state is a {state.get('kind')} run, not a generator run")
-        if state["config"] != self.config.to_dict():
-            raise TrainingStateError("the training state was made with a different model config")
-        if len(state["rng"]) != self.env.world_size:
-            raise TrainingStateError(f"state saved by {len(state['rng'])} ranks cannot resume on {self.env.world_size}")
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step_count = state["step"]
-        self.stream.consumed = state["consumed"]
-        set_rng_state(state["rng"][self.env.rank])
-
-    def save(self) -> None:
-        state = self.state()  # every rank takes part in the RNG gather
-        if self.env.is_main:
-            save_training_state(self.state_path, state)
-            log.info("saved %s at step %d", self.state_path, self.step_count)
-
-    def export(self, path: Path) -> None:
-        """Tokenizer + generator weights with their config (``imagefolder.checkpoint`` format)."""
-        from imagefolder.checkpoint import save_checkpoint
-
-        save_checkpoint(
-            path, self.config, self.tokenizer.state_dict(), unwrap(self.model).state_dict(),
-            extra_meta={"trainer": "generator", "step": self.step_count, "data": self.opts.data},
-        )
+    def exported_states(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The frozen tokenizer and the trained generator, the pair generation needs."""
+        return self.tokenizer.state_dict(), unwrap(self.model).state_dict()
 
 
 def train_generator(

@@ -25,13 +25,11 @@ in ``imagefolder.train.losses``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -44,16 +42,12 @@ from imagefolder.train.common import (
     DistEnv,
     IndexStream,
     ModelEMA,
-    TrainingStateError,
     adamw,
     all_reduce_mean,
     lr_factor,
-    rng_state,
     run_training,
-    save_training_state,
     seed_everything,
     set_lr,
-    set_rng_state,
     shard,
     unwrap,
 )
@@ -68,13 +62,26 @@ from imagefolder.train.losses import (
     hinge_g_loss,
     load_teacher,
 )
+from imagefolder.train.options import (
+    BETAS,
+    COUNT,
+    DECAY,
+    FRACTION,
+    POSITIVE,
+    SEED,
+    START_STEP,
+    STEPS_OR_NONE,
+    WEIGHT,
+    check_options,
+)
+from imagefolder.train.state import RunTrainer
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TokenizerTrainConfig:
-    """Options of one tokenizer run (the command's flags)."""
+    """Options of one tokenizer run (the command's flags); out-of-range values raise ``InputError``."""
 
     out: str
     data: str = "shapes"
@@ -108,6 +115,35 @@ class TokenizerTrainConfig:
     save_every: int = 500
     stop_at: int | None = None
     resume: bool = True
+
+    def __post_init__(self) -> None:
+        check_options(vars(self), _TOKENIZER_RANGES)
+
+
+_TOKENIZER_RANGES = {
+    "steps": COUNT,
+    "batch_size": COUNT,
+    "lr": POSITIVE,
+    "betas": BETAS,
+    "weight_decay": WEIGHT,
+    "warmup": START_STEP,
+    "final_lr": FRACTION,
+    "ema_decay": DECAY,
+    "layer_scale_init": POSITIVE,
+    "latent_warmup": START_STEP,
+    "latent_warmup_weight": WEIGHT,
+    "perceptual_weight": WEIGHT,
+    "sem_weight": WEIGHT,
+    "disc_weight": WEIGHT,
+    "disc_start": START_STEP,
+    "disc_lr": POSITIVE,
+    "disc_weight_decay": WEIGHT,
+    "lecam_weight": WEIGHT,
+    "seed": SEED,
+    "log_every": COUNT,
+    "save_every": COUNT,
+    "stop_at": STEPS_OR_NONE,
+}
 
 
 def sincos_2d(grid: int, width: int) -> torch.Tensor:
@@ -161,11 +197,14 @@ def latent_warmup_loss(tokenizer: Tokenizer, latent_tokens: torch.Tensor, img: t
     return F.mse_loss(f[..., :3], target.repeat(1, nb, 1))
 
 
-class TokenizerTrainer:
+class TokenizerTrainer(RunTrainer):
     """Owns tokenizer, EMA, discriminator, optimizers and data stream; ``step`` is one optimisation step."""
 
+    kind = "tokenizer"
+    export_meta = {"weights": "ema"}
+
     def __init__(self, opts: TokenizerTrainConfig, config: ModelConfig, env: DistEnv) -> None:
-        self.opts, self.config, self.env = opts, config, env
+        super().__init__(opts, config, env)
         dev = env.device
         torch.manual_seed(opts.seed)  # identical initial weights on every rank
         tokenizer = Tokenizer(config.tokenizer)
@@ -224,10 +263,6 @@ class TokenizerTrainer:
         width = tokenizer.cfg.width
         adaptor = None if teacher.dim == width else nn.Linear(teacher.dim, width, bias=False).to(self.env.device)
         return teacher, adaptor, True
-
-    @property
-    def state_path(self) -> Path:
-        return Path(self.opts.out) / "state.pt"
 
     def _teacher_target(self, img: torch.Tensor) -> torch.Tensor:
         """Teacher embedding projected by quant_conv: (B, Z)."""
@@ -303,68 +338,19 @@ class TokenizerTrainer:
         self.lecam.update(all_reduce_mean(d_real.mean(), self.env), all_reduce_mean(d_fake.mean(), self.env))
         return {"d_loss": d_loss.item(), "lecam": lecam.item()}
 
-    # ----- state
+    # ----- what state.pt holds, and the export
 
-    def state(self) -> dict:
-        rngs = [rng_state()]
-        if self.env.distributed:
-            rngs = [None] * self.env.world_size
-            dist.all_gather_object(rngs, rng_state())
-        state = {
-            "kind": "tokenizer",
-            "config": self.config.to_dict(),
-            "options": dataclasses.asdict(self.opts),
-            "step": self.step_count,
-            "consumed": self.stream.consumed,
-            "model": unwrap(self.tokenizer).state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lecam": self.lecam.state_dict(),
-            "rng": rngs,
-        }
+    def stateful(self) -> dict[str, Any]:
+        parts = {"model": unwrap(self.tokenizer), "ema": self.ema, "optimizer": self.optimizer, "lecam": self.lecam}
         if self.sem_adaptor is not None:
-            state["sem_adaptor"] = self.sem_adaptor.state_dict()
+            parts["sem_adaptor"] = self.sem_adaptor
         if self.disc is not None:
-            state["disc"] = self.disc.state_dict()
-            state["disc_optimizer"] = self.disc_optimizer.state_dict()
-        return state
+            parts.update(disc=self.disc, disc_optimizer=self.disc_optimizer)
+        return parts
 
-    def load_state(self, state: dict) -> None:
-        if state.get("kind") != "tokenizer":
-            raise TrainingStateError(f"training state is a {state.get('kind')} run, not a tokenizer run")
-        if state["config"] != self.config.to_dict():
-            raise TrainingStateError("the training state was made with a different model config")
-        if len(state["rng"]) != self.env.world_size:
-            raise TrainingStateError(f"state saved by {len(state['rng'])} ranks cannot resume on {self.env.world_size}")
-        if ("disc" in state) != (self.disc is not None) or ("sem_adaptor" in state) != (self.sem_adaptor is not None):
-            raise TrainingStateError("the training state was made with other loss options (discriminator/teacher)")
-        unwrap(self.tokenizer).load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lecam.load_state_dict(state["lecam"])
-        if self.sem_adaptor is not None:
-            self.sem_adaptor.load_state_dict(state["sem_adaptor"])
-        if self.disc is not None:
-            self.disc.load_state_dict(state["disc"])
-            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
-        self.step_count = state["step"]
-        self.stream.consumed = state["consumed"]
-        set_rng_state(state["rng"][self.env.rank])
-
-    def save(self) -> None:
-        state = self.state()
-        if self.env.is_main:
-            save_training_state(self.state_path, state)
-            log.info("saved %s at step %d", self.state_path, self.step_count)
-
-    def export(self, path: Path) -> None:
-        """The EMA tokenizer with its config (``imagefolder.checkpoint`` format, no generator)."""
-        from imagefolder.checkpoint import save_checkpoint
-
-        save_checkpoint(
-            path, self.config, self.ema.state_dict(), None,
-            extra_meta={"trainer": "tokenizer", "step": self.step_count, "data": self.opts.data, "weights": "ema"},
-        )
+    def exported_states(self) -> tuple[dict[str, torch.Tensor], None]:
+        """The EMA tokenizer (the generator trains on it); no generator."""
+        return self.ema.state_dict(), None
 
 
 def train_tokenizer(
