@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from imagefolder.checkpoints.official import read_official
 from imagefolder.checkpoints.strict import build_models
 from imagefolder.configs import ModelConfig
-from imagefolder.errors import CheckpointError
+from imagefolder.errors import CheckpointError, InputError
 from imagefolder.io import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def save_checkpoint(
     """
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: our checkpoints are .safetensors files")
+        raise InputError(f"{path}: our checkpoints are .safetensors files; give the destination that suffix")
     if tokenizer_state is None and generator_state is None:
         raise ValueError("nothing to save: both tokenizer_state and generator_state are None")
     extra = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra_meta or {}).items()}

@@ -171,6 +171,12 @@ def _check_onnx_io(bundle: Bundle) -> None:
         log.info("onnx is not installed: skipping the check of the graphs' I/O against the manifest")
         return
     for name in bundle.specs:
+        external = external_data_files(bundle.graph_path(name))
+        if external != sorted(bundle.manifest["graphs"][name]["external_data"]):
+            raise BundleError(
+                f"{bundle.path}: {name}.onnx reads weights from {external}, the manifest lists "
+                f"{bundle.manifest['graphs'][name]['external_data']}; re-export the bundle"
+            )
         found = onnx_io(bundle.graph_path(name))
         for kind in ("inputs", "outputs"):
             expected = bundle.manifest["graphs"][name][kind]
