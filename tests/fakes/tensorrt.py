@@ -131,9 +131,9 @@ def enums(major: int) -> dict[str, type[IntEnum]]:
         "DeviceType": _enum("DeviceType", ["GPU", "DLA"]),
         "HardwareCompatibilityLevel": compat,
         "NetworkDefinitionCreationFlag": creation,
-        "ErrorCode": _enum("ErrorCode", ["SUCCESS", "INTERNAL_ERROR", "MEM_ALLOC_FAILED", "MODEL_DESERIALIZE_FAILED",
-                                         "INVALID_VALUE", "INVALID_GRAPH", "INVALID_NODE", "UNSUPPORTED_GRAPH",
-                                         "UNSUPPORTED_NODE"]),
+        "ErrorCode": _enum("ErrorCode", ["SUCCESS", "INTERNAL_ERROR"] + ["MEM_ALLOC_FAILED"] * (major < 11) + [
+            "MODEL_DESERIALIZE_FAILED", "INVALID_VALUE", "INVALID_GRAPH", "INVALID_NODE", "UNSUPPORTED_GRAPH",
+            "UNSUPPORTED_NODE"]),  # the 11.4 listing has no MEM_ALLOC_FAILED
     }
 
 
@@ -168,7 +168,7 @@ class _Interface:
         self.__dict__["_trt_initialised"] = True
 
     @staticmethod
-    def check_initialised(obj, what: str) -> None:
+    def _check_initialised(obj, what: str) -> None:
         if not obj.__dict__.get("_trt_initialised"):
             raise TypeError(f"{type(obj).__name__}.__init__() must call {what}.__init__(self) (pybind11 requires it)")
 

@@ -345,7 +345,7 @@ class Builder:
                                           f"{tensor._shape}")
         monitor = config._monitor
         if monitor is not None:
-            IProgressMonitor.check_initialised(monitor, "IProgressMonitor")
+            IProgressMonitor._check_initialised(monitor, "IProgressMonitor")
             monitor.phase_start("Building engine", None, len(config._profiles))
         onnx_bytes = network._model.SerializeToString()
         session = ort_session(onnx_bytes)

@@ -112,12 +112,12 @@ class ICudaEngine:
         self._io = {t["name"]: dict(t, mode=trt.TensorIOMode.INPUT) for t in header["inputs"]}
         self._io.update({t["name"]: dict(t, mode=trt.TensorIOMode.OUTPUT) for t in header["outputs"]})
 
-    def session(self):
+    def _ort_session(self):
         if self._session is None:
             self._session = ort_session(self._onnx)
         return self._session
 
-    def tensor(self, name: str) -> dict | None:
+    def _tensor(self, name: str) -> dict | None:
         tensor = self._io.get(str(name))
         if tensor is None:
             self._env.report(self._logger, "ERROR", f"ICudaEngine: {name!r} is not the name of an I/O tensor")
@@ -137,11 +137,11 @@ class ICudaEngine:
         return tensor["mode"] if tensor else self._env.trt.TensorIOMode.NONE
 
     def get_tensor_dtype(self, name):
-        tensor = self.tensor(name)
+        tensor = self._tensor(name)
         return getattr(self._env.trt.DataType, tensor["dtype"]) if tensor else None
 
     def get_tensor_shape(self, name):
-        tensor = self.tensor(name)
+        tensor = self._tensor(name)
         return Dims(tensor["shape"]) if tensor else Dims()
 
     def get_tensor_location(self, name):
@@ -228,7 +228,7 @@ class IExecutionContext:
         if profiler is not None:
             if not isinstance(profiler, IProfiler):
                 raise TypeError(f"expected trt.IProfiler, got {profiler!r}")
-            IProfiler.check_initialised(profiler, "IProfiler")
+            IProfiler._check_initialised(profiler, "IProfiler")
         object.__setattr__(self, "_profiler", profiler)
 
     profiler = property(lambda self: self._profiler, _set_profiler)
@@ -287,10 +287,10 @@ class IExecutionContext:
         inputs = {t["name"]: (self._input_shape(t), t["dtype"]) for t in self._inputs()}
         if all(tuple(profile["shapes"][name][1]) == shape for name, (shape, _) in inputs.items()):
             return {name: tuple(s) for name, s in profile["outputs"].items()}
-        return {name: tuple(s) for name, s in output_shapes(self._engine.session(), inputs).items()}
+        return {name: tuple(s) for name, s in output_shapes(self._engine._ort_session(), inputs).items()}
 
     def get_tensor_shape(self, name):
-        tensor = self._engine.tensor(name)
+        tensor = self._engine._tensor(name)
         if tensor is None:
             return Dims()
         if tensor["mode"] == self._env.trt.TensorIOMode.INPUT:
@@ -393,7 +393,7 @@ def _kernel(engine: ICudaEngine, shapes: dict, regions: dict, profile: int):
         targets = {t["name"]: cuda.device_view(*regions[t["name"]], f"output {t['name']} {shapes[t['name']]}")
                    for t in outputs}
         scratch[:] = 0xA5  # activations overwrite whatever the scratch held
-        session = engine.session()
+        session = engine._ort_session()
         for meta, value in zip(session.get_outputs(), session.run(None, feeds), strict=True):
             if tuple(value.shape) != tuple(shapes[meta.name]):
                 raise Fault(E.cudaErrorIllegalAddress, f"output {meta.name} came out {value.shape}, "
