@@ -3,6 +3,7 @@ purpose answering with the error the real runtime returns. Also: the product's w
 
 from __future__ import annotations
 
+import ctypes
 import sys
 
 import numpy as np
@@ -308,3 +309,24 @@ def test_each_fake_gpu_is_its_own_device():
     a, b = FakeCuda(), FakeCuda("Other", (9, 0))
     assert a.cudaMalloc(256)[1] == b.cudaMalloc(256)[1]  # same simulated address space, separate devices
     assert b.cudaGetDeviceProperties(0)[1].major == 9
+
+
+def test_modifying_pinned_memory_before_its_copy_was_synchronised_is_a_race(rt):
+    s, dev = stream(rt), ok(rt.cudaMalloc(64))
+    pinned = ok(rt.cudaMallocHost(64))
+    host = np.frombuffer((ctypes.c_uint8 * 64).from_address(pinned), np.uint8)
+    htod = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+    host[:] = 1
+    ok(rt.cudaMemcpyAsync(dev, pinned, 64, htod, s))
+    ok(rt.cudaStreamSynchronize(s))
+    host[:] = 2  # fine: the copy is known to be complete
+    ok(rt.cudaMemcpyAsync(dev, pinned, 64, htod, s))
+    assert not rt._fake.faults
+    host[:] = 3  # the DMA may not have read it yet
+    ok(rt.cudaStreamSynchronize(s))
+    assert "modified pinned memory" in rt._fake.faults[-1]
+    pageable = np.ones(64, np.uint8)
+    ok(rt.cudaMemcpyAsync(dev, pageable.ctypes.data, 64, htod, s))
+    pageable[:] = 0  # pageable memory was staged before cudaMemcpyAsync returned
+    ok(rt.cudaStreamSynchronize(s))
+    assert len(rt._fake.faults) == 1

@@ -249,3 +249,26 @@ def test_the_real_gpu_tests_pass_on_the_fakes(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.parametrize("cache", ["from the other TensorRT", "damaged"])
+def test_a_foreign_or_damaged_timing_cache_is_replaced(built, tmp_path, cache, caplog):
+    from imagefolder.export.trt_build import build_engines
+
+    root, version = built
+    other = VERSIONS[1 - VERSIONS.index(version)]
+    with installed(other) as fake:
+        config = fake.trt.Builder(fake.trt.Logger()).create_builder_config()
+        foreign = bytes(config.create_timing_cache(b"").serialize())
+    path = tmp_path / "timing.cache"
+    path.write_bytes(foreign if cache.startswith("from") else b"damaged")
+    copy = tmp_path / "bundle"
+    shutil.copytree(root, copy)
+    with installed(version) as fake:
+        build_engines(copy, batches=[1], graphs=["sampler"], timing_cache=path, progress=False)
+        assert len(fake.trt_errors()) == 1 and "imingCache" in fake.trt_errors()[0]  # TensorRT reports it once
+        assert fake.plan_header((copy / "engines" / "sampler.plan").read_bytes())["tensorrt_version"] == version
+    assert "starting a new one" in caplog.text
+    with installed(version) as fake:  # the cache written back is this device's and version's own
+        config = fake.trt.Builder(fake.trt.Logger()).create_builder_config()
+        assert config.set_timing_cache(config.create_timing_cache(path.read_bytes()), False)

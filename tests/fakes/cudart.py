@@ -45,6 +45,10 @@ NVIDIA/cuda-python PR #458):
   ``cudaErrorInvalidPitchValue``; freeing anything but a live allocation's base is
   ``cudaErrorInvalidValue``; unknown or destroyed handles are ``cudaErrorInvalidResourceHandle``
   (streams, events) or ``cudaErrorInvalidValue`` (graphs);
+- the host must not modify pinned memory that an asynchronous copy reads before it synchronised that
+  copy (CUDA Programming Guide, "Asynchronous Concurrent Execution": the copy may read it any time until
+  it completes); checked at every call, recorded in ``faults``. Pageable memory is staged by
+  ``cudaMemcpyAsync`` before it returns, so it may change at once;
 - a fault while work *executes* (a kernel touching freed or too little memory, a replayed copy whose
   buffer is gone) is the sticky ``cudaErrorIllegalAddress``: every later call returns it, as a CUDA
   context is unusable after one.
@@ -218,6 +222,7 @@ class Op:
     label: str
     run: object  # callable(FakeCuda) -> None; raises Fault
     cost_ms: float = 0.001
+    pinned: tuple = ()  # (address, bytes) of pinned host memory the op reads
 
 
 class FakeCuda:
@@ -240,6 +245,7 @@ class FakeCuda:
         self.faults: list[str] = []
         self.clock_ms = 0.0
         self.counters: dict[int, Counter] = defaultdict(Counter)
+        self.pending_reads: list[tuple] = []  # pinned host memory read by copies the host has not synchronised
 
     # -- public helpers for tests and the fake TensorRT ----------------------------------------------------------------
 
@@ -318,15 +324,30 @@ class FakeCuda:
             return OK
         self.counters[s.handle][COUNTER[op.kind]] += 1
         s.seq += 1
-        self._execute(op)
+        self._execute(op, s)
         return OK
 
-    def _execute(self, op: Op) -> None:
+    def _execute(self, op: Op, stream: Stream) -> None:
         try:
             op.run(self)
         except Fault as fault:
             self.fault(E.cudaErrorIllegalAddress, f"{op.label}: {fault}")
         self.clock_ms += op.cost_ms
+        for address, nbytes in op.pinned:  # on a GPU the DMA may read it any time until the stream is synchronised
+            self.pending_reads.append((stream.handle, stream.seq, address, nbytes, ctypes.string_at(address, nbytes)))
+
+    def check_pinned_races(self) -> None:
+        """Pinned memory an asynchronous copy reads must keep its contents until the host synchronised the copy."""
+        pending = []
+        for handle, seq, address, nbytes, snapshot in self.pending_reads:
+            if self.streams[handle].done >= seq:
+                continue
+            if ctypes.string_at(address, nbytes) != snapshot:
+                self.faults.append(f"the host modified pinned memory 0x{address:x} ({nbytes} bytes) while an "
+                                   f"asynchronous copy from it on stream 0x{handle:x} was not yet synchronised")
+                continue
+            pending.append((handle, seq, address, nbytes, snapshot))
+        self.pending_reads = pending
 
     def active_captures(self) -> list[Stream]:
         return [s for s in self.streams.values() if s.capture is not None]
@@ -400,10 +421,13 @@ class FakeCuda:
             for row in range(height):
                 ctypes.memmove(d_addr + row * dpitch, s_addr + row * spitch, width)
 
+        pinned = ()
         if width and height:
             address(src, extent_src, src_dev, "source")
             address(dst, extent_dst, dst_dev, "destination")
-        return Op("memcpy", label, run, cost_ms=0.002 + width * height / 2e7)
+            if not src_dev and self.find(self.pinned, src) is not None:
+                pinned = ((src, extent_src),)
+        return Op("memcpy", label, run, cost_ms=0.002 + width * height / 2e7, pinned=pinned)
 
     # -- the cuda-python API -------------------------------------------------------------------------------------------
 
@@ -422,7 +446,8 @@ class FakeCuda:
         return module
 
     def _gate(self, nvalues: int):
-        """The sticky error, shaped like the call's result, if the context is broken."""
+        """The sticky error, shaped like the call's result, if the context is broken (every call starts here)."""
+        self.check_pinned_races()
         if self.sticky is None:
             return None
         return (self.sticky,) + (None,) * nvalues
@@ -714,7 +739,7 @@ class FakeCuda:
 
         def replay(cuda: FakeCuda) -> None:
             for op in ops:
-                cuda._execute(op)
+                cuda._execute(op, s)
                 if cuda.sticky is not None:
                     return
 
