@@ -272,3 +272,28 @@ def test_a_foreign_or_damaged_timing_cache_is_replaced(built, tmp_path, cache, c
     with installed(version) as fake:  # the cache written back is this device's and version's own
         config = fake.trt.Builder(fake.trt.Logger()).create_builder_config()
         assert config.set_timing_cache(config.create_timing_cache(path.read_bytes()), False)
+
+
+def test_dla_and_hardware_compatibility_reach_the_builder(built, tmp_path):
+    from imagefolder.errors import InputError
+    from imagefolder.export.trt_build import EngineBuildError, build_engines
+
+    root, version = built
+    copy = tmp_path / "bundle"
+    shutil.copytree(root, copy)
+    with installed(version, num_dla_cores=2) as fake:
+        build_engines(copy, batches=[1], graphs=["encoder", "sampler"], dla_core=1, progress=False)
+        encoder = fake.plan_header((copy / "engines" / "encoder.plan").read_bytes())
+        sampler = fake.plan_header((copy / "engines" / "sampler.plan").read_bytes())
+    assert (encoder["device_type"], encoder["dla_core"]) == ("DLA", 1) and "GPU_FALLBACK" in encoder["flags"]
+    assert sampler["device_type"] == "GPU"  # the generator graphs never go to the DLA
+    with installed(version), pytest.raises(InputError, match="0 DLA cores"):
+        build_engines(copy, batches=[1], graphs=["encoder"], dla_core=0, progress=False)
+    with installed(version) as fake:
+        if version.startswith("10."):
+            with pytest.raises(EngineBuildError, match="needs TensorRT 11"):
+                build_engines(copy, batches=[1], graphs=["sampler"], hardware_compat="same_cc", progress=False)
+        else:
+            build_engines(copy, batches=[1], graphs=["sampler"], hardware_compat="same_cc", progress=False)
+            header = fake.plan_header((copy / "engines" / "sampler.plan").read_bytes())
+            assert header["hardware_compatibility_level"] == "SAME_COMPUTE_CAPABILITY"

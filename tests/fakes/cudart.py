@@ -26,7 +26,9 @@ NVIDIA/cuda-python PR #458):
 
 - capture cannot begin on the legacy default stream (``cudaErrorStreamCaptureUnsupported``), nor on a
   stream already capturing (``cudaErrorIllegalState``); ending a capture on a stream that is not
-  capturing is ``cudaErrorIllegalState``;
+  capturing is ``cudaErrorIllegalState``. The rules are in cuda-python's docstring of
+  ``cudaStreamBeginCapture``; these three codes are not named there and follow HIP, which mirrors CUDA
+  (ROCm clr ``hip_graph.cpp``): the one assumption here not read from an NVIDIA source;
 - while a capture in global or thread-local mode is active (this fake is single-threaded, so the two
   coincide), "potentially unsafe" calls (``cudaMalloc``, ``cudaFree``, ``cudaMallocHost``,
   ``cudaFreeHost``, synchronous ``cudaMemcpy``, ``cudaDeviceSynchronize``, ``cudaStreamSynchronize``,
