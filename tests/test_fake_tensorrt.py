@@ -415,6 +415,7 @@ def test_a_bound_region_too_small_for_the_shape_faults_on_the_device(fake_gpu, p
     runner.context.set_tensor_address("y", small)
     assert runner.execute()  # TensorRT cannot know: the kernel faults
     assert runner.rt.cudaStreamSynchronize(runner.stream) == (E.cudaErrorIllegalAddress,)
+    assert not runner.execute() and "cudaErrorIllegalAddress" in runner.errors()  # the context stays broken
     assert "output y (2, 4)" in fake_gpu.cuda.faults[-1] and "overruns" in fake_gpu.cuda.faults[-1]
 
 

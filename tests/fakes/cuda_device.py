@@ -25,7 +25,7 @@ DEFAULT_STREAMS = (0, 1, 2)  # NULL, cudaStreamLegacy, cudaStreamPerThread
 COUNTER = {"memcpy": "memcpy", "memset": "memset", "kernel": "kernels", "graph": "graph_launches"}
 
 
-class cudaError_t(IntEnum):  # noqa: N801 - cuda-python's names
+class cudaError_t(IntEnum):  # the names and values of cuda-python (CUDA driver_types.h)
     cudaSuccess = 0
     cudaErrorInvalidValue = 1
     cudaErrorMemoryAllocation = 2
@@ -44,7 +44,7 @@ class cudaError_t(IntEnum):  # noqa: N801 - cuda-python's names
     cudaErrorCapturedEvent = 907
 
 
-class cudaMemcpyKind(IntEnum):  # noqa: N801
+class cudaMemcpyKind(IntEnum):
     cudaMemcpyHostToHost = 0
     cudaMemcpyHostToDevice = 1
     cudaMemcpyDeviceToHost = 2
@@ -52,13 +52,13 @@ class cudaMemcpyKind(IntEnum):  # noqa: N801
     cudaMemcpyDefault = 4
 
 
-class cudaStreamCaptureMode(IntEnum):  # noqa: N801
+class cudaStreamCaptureMode(IntEnum):
     cudaStreamCaptureModeGlobal = 0
     cudaStreamCaptureModeThreadLocal = 1
     cudaStreamCaptureModeRelaxed = 2
 
 
-class cudaStreamCaptureStatus(IntEnum):  # noqa: N801
+class cudaStreamCaptureStatus(IntEnum):
     cudaStreamCaptureStatusNone = 0
     cudaStreamCaptureStatusActive = 1
     cudaStreamCaptureStatusInvalidated = 2
@@ -77,7 +77,7 @@ class _Handle:
     def __int__(self) -> int:
         return self._value
 
-    def getPtr(self) -> int:  # noqa: N802
+    def getPtr(self) -> int:
         return self._value
 
     def __eq__(self, other) -> bool:
@@ -90,30 +90,30 @@ class _Handle:
         return f"<{type(self).__name__} 0x{self._value:x}>"
 
 
-class cudaStream_t(_Handle):  # noqa: N801
+class cudaStream_t(_Handle):
     pass
 
 
-class cudaEvent_t(_Handle):  # noqa: N801
+class cudaEvent_t(_Handle):
     pass
 
 
-class cudaGraph_t(_Handle):  # noqa: N801
+class cudaGraph_t(_Handle):
     pass
 
 
-class cudaGraphExec_t(_Handle):  # noqa: N801
+class cudaGraphExec_t(_Handle):
     pass
 
 
 @dataclass
-class cudaDeviceProp:  # noqa: N801
+class cudaDeviceProp:
     name: bytes
     major: int
     minor: int
-    totalGlobalMem: int  # noqa: N815
+    totalGlobalMem: int
     integrated: int
-    multiProcessorCount: int = 8  # noqa: N815
+    multiProcessorCount: int = 8
 
 
 class Fault(Exception):

@@ -28,12 +28,16 @@ NVIDIA/cuda-python PR #458):
   stream already capturing (``cudaErrorIllegalState``); ending a capture on a stream that is not
   capturing is ``cudaErrorIllegalState``. The rules are in cuda-python's docstring of
   ``cudaStreamBeginCapture``; these three codes are not named there and follow HIP, which mirrors CUDA
-  (ROCm clr ``hip_graph.cpp``): the one assumption here not read from an NVIDIA source;
+  (ROCm clr ``hip_graph.cpp``) [*];
 - while a capture in global or thread-local mode is active (this fake is single-threaded, so the two
-  coincide), "potentially unsafe" calls (``cudaMalloc``, ``cudaFree``, ``cudaMallocHost``,
-  ``cudaFreeHost``, synchronous ``cudaMemcpy``, ``cudaDeviceSynchronize``, ``cudaStreamSynchronize``,
-  ``cudaEventSynchronize``) return ``cudaErrorStreamCaptureUnsupported`` and invalidate the capture;
-  synchronising the capturing stream itself is refused in every mode. Work enqueued on an invalidated
+  coincide), "potentially unsafe" calls return ``cudaErrorStreamCaptureUnsupported`` and invalidate the
+  capture. ``cudaMalloc`` is NVIDIA's own example (cuda-python docstring of
+  ``cudaThreadExchangeStreamCaptureMode``); ``cudaFree``, ``cudaMallocHost``, ``cudaFreeHost``,
+  synchronous ``cudaMemcpy``, ``cudaDeviceSynchronize``, ``cudaStreamSynchronize`` and
+  ``cudaEventSynchronize`` follow the Programming Guide ("It is invalid to synchronize or query the
+  execution status of a stream which is being captured ... or a broader handle ... such as a device"),
+  pytorch/pytorch#146924 (event queries need relaxed mode) and HIP's checks [*]. Synchronising the
+  capturing stream itself is refused in every mode. Work enqueued on an invalidated
   capture returns ``cudaErrorStreamCaptureInvalidated``, and so does ``cudaStreamEndCapture``, with no
   graph. Legacy-stream work while a *blocking* stream captures is ``cudaErrorStreamCaptureImplicit``;
 - work enqueued during capture is recorded, not executed; ``cudaGraphLaunch`` replays the recorded
@@ -54,6 +58,9 @@ NVIDIA/cuda-python PR #458):
 - a fault while work *executes* (a kernel touching freed or too little memory, a replayed copy whose
   buffer is gone) is the sticky ``cudaErrorIllegalAddress``: every later call returns it, as a CUDA
   context is unusable after one.
+
+[*] Not confirmed in an NVIDIA source (no GPU was available to try): where a code is marked so, the
+rule is documented but the exact error code is inferred.
 
 Counters: ``FakeCuda.counters[stream]`` counts what the host enqueued outside captures on each
 stream (``kernels``, ``memcpy``, ``memset``, ``graph_launches``); ``FakeCuda.launches(stream)`` sums
@@ -105,16 +112,16 @@ class FakeCuda(Device):
         module._fake = self
         return module
 
-    def cudaGetErrorName(self, error):  # noqa: N802
+    def cudaGetErrorName(self, error):
         return OK, E(int(error)).name.encode()
 
-    def cudaGetErrorString(self, error):  # noqa: N802
+    def cudaGetErrorString(self, error):
         return OK, E(int(error)).name.encode()
 
-    def cudaGetDeviceCount(self):  # noqa: N802
+    def cudaGetDeviceCount(self):
         return self._gate(1) or (OK, 1)
 
-    def cudaGetDeviceProperties(self, device):  # noqa: N802
+    def cudaGetDeviceProperties(self, device):
         if gate := self._gate(1):
             return gate
         if int(device) != 0:
@@ -122,7 +129,7 @@ class FakeCuda(Device):
         major, minor = self.compute_capability
         return OK, cudaDeviceProp(self.name.encode(), major, minor, self.total_memory, int(self.integrated))
 
-    def cudaDeviceSynchronize(self):  # noqa: N802
+    def cudaDeviceSynchronize(self):
         if gate := self._gate(0):
             return gate
         if err := self.unsafe("cudaDeviceSynchronize"):
@@ -131,7 +138,7 @@ class FakeCuda(Device):
             self._synchronised(s)
         return (OK,)
 
-    def cudaMalloc(self, size):  # noqa: N802
+    def cudaMalloc(self, size):
         if gate := self._gate(1):
             return gate
         if err := self.unsafe("cudaMalloc"):
@@ -144,7 +151,7 @@ class FakeCuda(Device):
         self.used += alloc.size
         return OK, alloc.base
 
-    def cudaFree(self, devPtr):  # noqa: N802, N803
+    def cudaFree(self, devPtr):
         if gate := self._gate(0):
             return gate
         if err := self.unsafe("cudaFree"):
@@ -153,21 +160,21 @@ class FakeCuda(Device):
             return (OK,)
         return (self._free(self.device, int(devPtr)),)
 
-    def cudaMallocHost(self, size):  # noqa: N802
+    def cudaMallocHost(self, size):
         if gate := self._gate(1):
             return gate
         if err := self.unsafe("cudaMallocHost"):
             return err, None
         return OK, self._allocate(size, self.pinned, device=False).base
 
-    def cudaFreeHost(self, ptr):  # noqa: N802
+    def cudaFreeHost(self, ptr):
         if gate := self._gate(0):
             return gate
         if err := self.unsafe("cudaFreeHost"):
             return (err,)
         return (self._free(self.pinned, int(ptr)),)
 
-    def cudaMemcpy(self, dst, src, count, kind):  # noqa: N802
+    def cudaMemcpy(self, dst, src, count, kind):
         if gate := self._gate(0):
             return gate
         kind = _enum(kind, cudaMemcpyKind)
@@ -183,10 +190,10 @@ class FakeCuda(Device):
                 self._synchronised(s)
         return (err,)
 
-    def cudaMemcpyAsync(self, dst, src, count, kind, stream):  # noqa: N802
+    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
         return self.cudaMemcpy2DAsync(dst, count, src, count, count, 1, kind, stream)
 
-    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):  # noqa: N802
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
         if gate := self._gate(0):
             return gate
         kind = _enum(kind, cudaMemcpyKind)
@@ -201,7 +208,7 @@ class FakeCuda(Device):
             return (fault.code,)
         return (self.enqueue(stream, op),)
 
-    def cudaMemsetAsync(self, devPtr, value, count, stream):  # noqa: N802, N803
+    def cudaMemsetAsync(self, devPtr, value, count, stream):
         if gate := self._gate(0):
             return gate
         ptr, count, value = int(devPtr), int(count), int(value) & 0xFF
@@ -217,7 +224,7 @@ class FakeCuda(Device):
             return (fault.code,)
         return (self.enqueue(stream, Op("memset", "cudaMemsetAsync", run)),)
 
-    def cudaStreamCreateWithFlags(self, flags):  # noqa: N802
+    def cudaStreamCreateWithFlags(self, flags):
         if gate := self._gate(1):
             return gate
         if int(flags) not in (0, 1):
@@ -226,10 +233,10 @@ class FakeCuda(Device):
         self.streams[handle] = Stream(handle, int(flags))
         return OK, cudaStream_t(handle)
 
-    def cudaStreamCreate(self):  # noqa: N802
+    def cudaStreamCreate(self):
         return self.cudaStreamCreateWithFlags(0)
 
-    def cudaStreamSynchronize(self, stream):  # noqa: N802
+    def cudaStreamSynchronize(self, stream):
         if gate := self._gate(0):
             return gate
         try:
@@ -245,7 +252,7 @@ class FakeCuda(Device):
         self._synchronised(s)
         return (OK,)
 
-    def cudaStreamDestroy(self, stream):  # noqa: N802
+    def cudaStreamDestroy(self, stream):
         if gate := self._gate(0):
             return gate
         try:
@@ -257,7 +264,7 @@ class FakeCuda(Device):
         s.live = False
         return (OK,)
 
-    def cudaStreamBeginCapture(self, stream, mode):  # noqa: N802
+    def cudaStreamBeginCapture(self, stream, mode):
         if gate := self._gate(0):
             return gate
         mode = _enum(mode, cudaStreamCaptureMode)
@@ -272,7 +279,7 @@ class FakeCuda(Device):
         s.capture = Capture(mode)
         return (OK,)
 
-    def cudaStreamEndCapture(self, stream):  # noqa: N802
+    def cudaStreamEndCapture(self, stream):
         if gate := self._gate(1):
             return gate
         try:
@@ -288,7 +295,7 @@ class FakeCuda(Device):
         self.graphs[handle] = list(capture.ops)
         return OK, cudaGraph_t(handle)
 
-    def cudaStreamIsCapturing(self, stream):  # noqa: N802
+    def cudaStreamIsCapturing(self, stream):
         if gate := self._gate(1):
             return gate
         try:
@@ -301,7 +308,7 @@ class FakeCuda(Device):
             return OK, cudaStreamCaptureStatus.cudaStreamCaptureStatusInvalidated
         return OK, cudaStreamCaptureStatus.cudaStreamCaptureStatusActive
 
-    def cudaEventCreate(self):  # noqa: N802
+    def cudaEventCreate(self):
         if gate := self._gate(1):
             return gate
         handle = self._handle()
@@ -314,7 +321,7 @@ class FakeCuda(Device):
             raise Fault(E.cudaErrorInvalidResourceHandle, f"event {event!r} does not exist")
         return e
 
-    def cudaEventRecord(self, event, stream):  # noqa: N802
+    def cudaEventRecord(self, event, stream):
         if gate := self._gate(0):
             return gate
         try:
@@ -330,7 +337,7 @@ class FakeCuda(Device):
         e.captured, e.stream, e.seq, e.time_ms = False, s.handle, s.seq, self.clock_ms
         return (OK,)
 
-    def cudaEventSynchronize(self, event):  # noqa: N802
+    def cudaEventSynchronize(self, event):
         if gate := self._gate(0):
             return gate
         try:
@@ -345,7 +352,7 @@ class FakeCuda(Device):
             self._synchronised(self.streams[e.stream], e.seq)
         return (OK,)
 
-    def cudaEventElapsedTime(self, start, end):  # noqa: N802
+    def cudaEventElapsedTime(self, start, end):
         if gate := self._gate(1):
             return gate
         try:
@@ -360,7 +367,7 @@ class FakeCuda(Device):
             return E.cudaErrorNotReady, None
         return OK, events[1].time_ms - events[0].time_ms
 
-    def cudaEventDestroy(self, event):  # noqa: N802
+    def cudaEventDestroy(self, event):
         if gate := self._gate(0):
             return gate
         try:
@@ -369,7 +376,7 @@ class FakeCuda(Device):
             return (fault.code,)
         return (OK,)
 
-    def cudaGraphInstantiate(self, graph, flags):  # noqa: N802
+    def cudaGraphInstantiate(self, graph, flags):
         if gate := self._gate(1):
             return gate
         ops = self.graphs.get(int(graph or 0))
@@ -379,7 +386,7 @@ class FakeCuda(Device):
         self.execs[handle] = list(ops)  # an executable graph is independent of its graph
         return OK, cudaGraphExec_t(handle)
 
-    def cudaGraphLaunch(self, graphExec, stream):  # noqa: N802, N803
+    def cudaGraphLaunch(self, graphExec, stream):
         if gate := self._gate(0):
             return gate
         ops = self.execs.get(int(graphExec or 0))
@@ -398,12 +405,12 @@ class FakeCuda(Device):
 
         return (self.enqueue(s.handle, Op("graph", f"graph 0x{int(graphExec):x}", replay, cost_ms=0.0)),)
 
-    def cudaGraphExecDestroy(self, graphExec):  # noqa: N802, N803
+    def cudaGraphExecDestroy(self, graphExec):
         if gate := self._gate(0):
             return gate
         return (OK,) if self.execs.pop(int(graphExec or 0), None) is not None else (E.cudaErrorInvalidValue,)
 
-    def cudaGraphDestroy(self, graph):  # noqa: N802
+    def cudaGraphDestroy(self, graph):
         if gate := self._gate(0):
             return gate
         return (OK,) if self.graphs.pop(int(graph or 0), None) is not None else (E.cudaErrorInvalidValue,)

@@ -140,7 +140,7 @@ class OnnxParser:
         env, path = self._env, Path(os.fspath(model))
         try:
             proto = onnx.load(str(path), load_external_data=True)  # external data resolves beside the file
-        except Exception as err:  # noqa: BLE001 - any failure to read is the parser's deserialisation error
+        except Exception as err:  # any failure to read is the parser's deserialisation error
             self._error("MODEL_DESERIALIZE_FAILED", f"Failed to parse ONNX model from file {path}: {err}")
             return False
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -182,7 +182,7 @@ class IOptimizationProfile:
     def __init__(self):
         self._shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
 
-    def set_shape(self, input, min, opt, max):  # noqa: A002 - the binding's argument names
+    def set_shape(self, input, min, opt, max):
         dims = [tuple(int(d) for d in s) for s in (min, opt, max)]
         for which, shape in zip(("min", "opt", "max"), dims, strict=True):
             earlier = dims[: ("min", "opt", "max").index(which)]
@@ -192,7 +192,7 @@ class IOptimizationProfile:
                 raise RuntimeError(f"Shape provided for {which} is inconsistent with other shapes.")
         self._shapes[str(input)] = tuple(dims)
 
-    def get_shape(self, input):  # noqa: A002
+    def get_shape(self, input):
         return [Dims(s) for s in self._shapes.get(str(input), ())]
 
     def __bool__(self) -> bool:
@@ -269,7 +269,7 @@ class IBuilderConfig:
     def get_timing_cache(self):
         return self._cache
 
-    def _property(slot: str, kind: str | None = None):  # noqa: N805 - a class-body helper
+    def _property(slot: str, kind: str | None = None):  # a class-body helper
         def set_(self, value):
             if kind is not None and value is not None and not isinstance(value, getattr(self._env.trt, kind)):
                 raise TypeError(f"expected trt.{kind}, got {value!r}")

@@ -192,13 +192,13 @@ class EngineInspector:
             return layer["name"]
         return {"Name": layer["name"], "LayerType": layer["op"], "Origin": "ONNX"}
 
-    def get_layer_information(self, layer_index, format):  # noqa: A002
+    def get_layer_information(self, layer_index, format):
         layer = self._layer(layer_index)
         if format == self._env.trt.LayerInformationFormat.JSON or not isinstance(layer, str):
             return json.dumps(layer)
         return layer
 
-    def get_engine_information(self, format):  # noqa: A002
+    def get_engine_information(self, format):
         engine = self._engine
         layers = [x for x in (self._layer(i) for i in range(engine.num_layers)) if x is not None]
         io_key = "Bindings" if self._env.major < 11 else "I/O Tensors"  # renamed in TensorRT 11
@@ -314,6 +314,11 @@ class IExecutionContext:
         env, engine = self._env, self._engine
         cuda, trt = env.cuda, env.trt
         handle = int(stream_handle)
+        cuda.check_pinned_races()
+        if cuda.sticky is not None:  # TensorRT's kernel launches fail like every CUDA call on a broken context
+            env.report(engine._logger, "ERROR", f"IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime "
+                                                f"({cuda.sticky.name})")
+            return False
         if handle in DEFAULT_STREAMS:
             return self._error("enqueueV3", "the default stream: TensorRT would add cudaDeviceSynchronize calls "
                                             "(refused by this project's rule: use a non-blocking stream)")
