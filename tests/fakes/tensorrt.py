@@ -18,6 +18,11 @@ builder flags, keeps ``STRONGLY_TYPED`` (value 0, ignored: every network is stro
 A plan is ``MAGIC + u32 header length + JSON header + ONNX bytes`` (external data inlined); the
 header holds the TensorRT version, the device, the build flags, the I/O, and per profile the
 min/opt/max input shapes, the output shapes and the activation memory size.
+
+Not modelled: numerics (the fake computes exactly what ONNX Runtime computes, so TF32, fp16 kernels
+and weak typing on 10.x change nothing; tests/test_trt_gpu.py covers them on a GPU), memory-pool
+limits and tactics (recorded, never enforced), DLA placement beyond the build flags, threads,
+``cudaStreamWaitEvent`` ordering between streams, and real time.
 """
 
 from __future__ import annotations
