@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
@@ -39,3 +41,13 @@ def _refuse_reads_beside_the_repository(event: str, args: tuple) -> None:
 
 
 sys.addaudithook(_refuse_reads_beside_the_repository)
+
+
+@pytest.fixture
+def fake_gpu(request):
+    """The fake TensorRT and cuda-python (``tests/fakes``) installed for one test; TensorRT 10.3.0 unless the
+    test parametrises it indirectly (``@pytest.mark.parametrize("fake_gpu", ["11.4.0"], indirect=True)``)."""
+    from tests.fakes import installed
+
+    with installed(getattr(request, "param", "10.3.0")) as gpu:
+        yield gpu

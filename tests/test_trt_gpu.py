@@ -61,11 +61,11 @@ def ort_backend(bundle):
     return OrtBackend(bundle)
 
 
-def _generate(backend, labels, **params):
+def _generate(backend, labels, session=None, **params):
     from imagefolder.core.schedule import SamplingParams
     from imagefolder.runtime.loop import generate
 
-    return generate(backend, labels, SamplingParams(**params))
+    return generate(backend, labels, SamplingParams(**params), session=session)
 
 
 def test_engines_and_record(bundle):
@@ -87,8 +87,9 @@ def test_greedy_generation_matches_ort(bundle, ort_backend, use_cuda_graphs):
     labels = [1, 7]
     expected = _generate(ort_backend, labels, **GREEDY)
     with TrtBackend(bundle, use_cuda_graphs=use_cuda_graphs) as backend:
+        session = backend.session(len(labels))  # graphs belong to a session: a new one per call would never replay
         for _ in range(3):  # first run: normal + capture; later runs: replay
-            result = _generate(backend, labels, **GREEDY)
+            result = _generate(backend, labels, session=session, **GREEDY)
             np.testing.assert_array_equal(result.indices, expected.indices)
             np.testing.assert_allclose(result.images, expected.images, atol=2e-3)
 
@@ -168,7 +169,8 @@ def test_mismatched_engines_are_refused(bundle, tmp_path):
 
 
 def test_unbuilt_batch_is_refused(bundle):
+    from imagefolder.errors import EngineError
     from imagefolder.runtime.backends.trt import TrtBackend
 
-    with TrtBackend(bundle) as backend, pytest.raises(KeyError, match="rebuild with"):
+    with TrtBackend(bundle) as backend, pytest.raises(EngineError, match="rebuild with"):
         backend.session(3)
