@@ -1,8 +1,8 @@
 """Is every node of an ONNX graph one that TensorRT's ONNX parser supports?
 
 The list is onnx-tensorrt's operator matrix for TensorRT 10.x (``docs/operators.md``), restricted
-to what TensorRT 10.3 parses, the version JetPack 6 ships; see ``shared/reference/export-anchors.md``
-§3.3. Besides the operator names, a few documented restrictions are checked on the graph itself:
+to what TensorRT 10.3 parses, the version JetPack 6 ships. Besides the operator names, a few
+documented restrictions are checked on the graph itself:
 TopK needs a constant K below 3840, CumSum a constant axis, Resize no cubic mode or antialias.
 Imports onnx only (no torch, no TensorRT), so it runs anywhere.
 """

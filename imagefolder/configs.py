@@ -3,7 +3,7 @@
 One frozen dataclass per model (``TokenizerConfig``, ``GeneratorConfig``) and a pair
 (``ModelConfig``) that ties a generator to the tokenizer whose tokens it predicts.
 ``PRESETS`` maps a name to a ``ModelConfig``; ``from_name`` raises with the known names.
-The official numbers come from ``shared/reference/imagefolder-official.md``.
+The official numbers are those of the paper (arXiv 2410.01756) and its released configuration.
 """
 
 from __future__ import annotations

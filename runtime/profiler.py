@@ -7,7 +7,7 @@ apart, never mixed into the statistics. Stages are ``prefill``, ``sample[si]``, 
 call, so for an asynchronous backend it is the enqueue time; device time comes from the session's
 ``DeviceTimer`` (CUDA events on the inference stream), collected once at the end of each run.
 
-Conventions follow trtllm-bench (``shared/reference/export-anchors.md`` §6): percentiles by nearest
+Conventions follow trtllm-bench (TensorRT-LLM's benchmark): percentiles by nearest
 rank without interpolation (sorted values, index ⌊n·p⌋); derived numbers per run, then statistics:
 
 - time to first scale = prefill + sample[0] (the analogue of TTFT);

@@ -1,5 +1,5 @@
 """The fake cuda-python runtime (tests/fakes/cudart.py): its calling convention, and each CUDA rule broken on
-purpose answering with the error the real runtime returns. Also: the product's wrapper (runtime/cuda.py) on it."""
+purpose answering with the error the real runtime returns. Also: the product's wrapper (core/cuda.py) on it."""
 
 from __future__ import annotations
 

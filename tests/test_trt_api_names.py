@@ -1,7 +1,7 @@
 """Every TensorRT name the builder and the TensorRT backend use exists in TensorRT 10.3 and 11.4.
 
 TensorRT cannot be installed here, so the check reads the API listings taken from the real 10.3.0 and
-11.4.0 bindings wheels (``shared/reference/tensorrt-api``). It walks the source (ast) and collects:
+11.4.0 bindings wheels (``tests/data/tensorrt-api``). It walks the source (ast) and collects:
 
 - ``trt.X`` and ``trt.X.Y`` (also through ``self.trt``);
 - every attribute read, written or called on a TensorRT object: by convention those are named

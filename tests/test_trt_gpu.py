@@ -95,7 +95,7 @@ def test_greedy_generation_matches_ort(bundle, ort_backend, use_cuda_graphs):
 
 
 def test_sampled_generation_matches_ort(bundle, ort_backend):
-    # Same noise on both sides; identical tokens hold up to last-bit rounding (see runtime/sampler.py).
+    # Same noise on both sides; identical tokens hold up to last-bit rounding (see imagefolder/core/sampler.py).
     from imagefolder.runtime.backends.trt import TrtBackend
 
     params = {"cfg": 2.0, "top_k": 20, "top_p": 0.9, "seed": 3}

@@ -1,4 +1,4 @@
-"""The official ImageFolder checkpoint files (``shared/reference/imagefolder-official.md`` §5): which
+"""The official ImageFolder checkpoint files (the released ``ar-ckpt-last.pth`` and ``best_ckpt.pt``): which
 layout a file has, where its weights and bookkeeping sit, and the configuration they were built with.
 
 * AR ``ar-ckpt-last.pth``: ``{'epoch', 'iter', 'args': dict, 'trainer': {'config', 'var_wo_ddp',

@@ -82,7 +82,7 @@ class Bundle:
 
     @property
     def candidates(self) -> int:
-        """Kc: the sampler's TopK size; the noise of one scale is (B, q, branches, Kc)."""
+        """Kc: the sampler's TopK size (top-k values above it act as it)."""
         return int(self.manifest["sampler_candidates"])
 
     @property

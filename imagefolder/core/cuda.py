@@ -74,10 +74,6 @@ def device_properties(device: int = 0) -> dict:
     }
 
 
-def synchronize_device() -> None:
-    check(cudart().cudaDeviceSynchronize())
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Memory
 
@@ -114,10 +110,6 @@ class DeviceArray:
     def ptr(self) -> int:
         return self.buffer.ptr
 
-    def view(self, shape: tuple[int, ...], dtype=None) -> DeviceArray:
-        """Another shape over the same memory (fits in the buffer)."""
-        return DeviceArray(shape, self.dtype if dtype is None else dtype, self.buffer)
-
     def upload(self, array: np.ndarray, stream: Stream) -> None:
         """Queue a host → device copy of ``array`` (must match shape and dtype)."""
         array = np.ascontiguousarray(array)
@@ -151,11 +143,6 @@ def memcpy_dtoh_async(array: np.ndarray, src: int, stream: Stream) -> None:
     rt = cudart()
     check(rt.cudaMemcpyAsync(array.ctypes.data, src, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
                              stream.handle))
-
-
-def memcpy_dtod_async(dst: int, src: int, nbytes: int, stream: Stream) -> None:
-    rt = cudart()
-    check(rt.cudaMemcpyAsync(dst, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.handle))
 
 
 def memcpy2d_dtod_async(

@@ -1,6 +1,6 @@
 """The torch module exported as the ``sampler`` graph: CFG mix, top-k/top-p, Gumbel-max.
 
-The algorithm and its numpy reference are in ``runtime/sampler.py``; this module mirrors it line
+The algorithm and its numpy reference are in ``imagefolder/core/sampler.py``; this module mirrors it line
 by line with operators TensorRT parses at opset 17: TopK with the constant K = ``candidates``
 (below TensorRT's limit of 3840), Softmax, CumSum on a constant axis, Where, Log, ArgMax and
 GatherElements. No Multinomial (unsupported), no Sort, no If. The uniform noise is an input, so the
@@ -16,7 +16,7 @@ from imagefolder.core.sampler import U_MAX, U_MIN
 
 
 class SamplerGraph(nn.Module):
-    """(logits, guidance, top_k, top_p, noise) → tokens; see ``runtime/sampler.py`` for the algorithm.
+    """(logits, guidance, top_k, top_p, noise) → tokens; see ``imagefolder/core/sampler.py`` for the algorithm.
 
     Args:
         candidates: Kc, the tokens per branch kept by TopK before top-k/top-p (≤ V).

@@ -2,7 +2,7 @@
 tokens, a product of multi-scale residual quantizers (branch 0 = detail, branch 1 = semantic),
 and a ViT decoder that paints mask tokens from the quantized latents.
 
-The module tree reproduces the official ``state_dict`` (``shared/reference/official-state-dict-keys.txt``)
+The module tree reproduces the official ``state_dict`` (listed in ``tests/data/official-state-dict-keys.txt``)
 so the released checkpoints load with ``strict=True``, the frozen DINOv2 teacher (``semantic_model``)
 included when ``cfg.with_teacher``.
 

@@ -72,10 +72,6 @@ class Session(Protocol):
         """The sampled indices (B, 2, P) int32 on the host."""
         ...
 
-    def synchronize(self) -> None:
-        """Wait for all queued work (no-op for synchronous backends)."""
-        ...
-
     def close(self) -> None: ...
 
 

@@ -250,7 +250,7 @@ class OrtSession:
         self._append_to_cache(0)
 
     def sample(self, scale_index: int, guidance: float, top_k: int, top_p: float, noise: np.ndarray) -> None:
-        """Sample this scale's tokens (B, q, 2) from the current logits with uniform ``noise`` (B, q, 2, Kc)."""
+        """Sample this scale's tokens (B, q, 2) from the current logits with uniform ``noise`` (B, q, 2, V)."""
         want = self._shapes("sampler", scale_index)["noise"]
         if np.shape(noise) != want:
             raise OrtBackendError(f"noise of scale {scale_index} has shape {np.shape(noise)}, expected {want}")
@@ -280,9 +280,6 @@ class OrtSession:
     def indices(self) -> np.ndarray:
         """The sampled indices (B, 2, P) int32."""
         return self._indices.copy()
-
-    def synchronize(self) -> None:
-        """ONNX Runtime calls return when their outputs are written: nothing to wait for."""
 
     def close(self) -> None:
         self._bindings.clear()

@@ -80,10 +80,6 @@ class TorchSession:
     def indices(self) -> np.ndarray:
         return torch.cat(self.tokens, dim=1).permute(0, 2, 1).int().cpu().numpy()  # (B, nb, P)
 
-    def synchronize(self) -> None:
-        if self.backend.device.type == "cuda":
-            torch.cuda.synchronize(self.backend.device)
-
     def close(self) -> None:
         self.tokens.clear()
 

@@ -190,9 +190,6 @@ class Engine:
         self.contexts[index] = context
         return context
 
-    def output_shape(self, context: ExecutionContext, name: str) -> tuple[int, ...]:
-        return tuple(context.trt_context.get_tensor_shape(name))
-
     def inspect(self) -> str:
         """The engine inspector's JSON description (layer details need a DETAILED build)."""
         trt_inspector = self.trt_engine.create_engine_inspector()
@@ -584,9 +581,6 @@ class TrtSession:
 
     def indices(self) -> np.ndarray:
         return self.indices_dev.download(self.backend.stream)
-
-    def synchronize(self) -> None:
-        self.backend.stream.synchronize()
 
     def close(self) -> None:
         """Free graphs, events and buffers (after the stream is idle). Safe to call twice."""
