@@ -67,19 +67,26 @@ def measure(backends: dict, batch: int, runs: int, warmup: int, params: Sampling
 
 def print_table(reports: dict, preset: str, batch: int) -> None:
     torch_r, ort_r = reports["torch"], reports["ort"]
-    print(f"\n{preset}, batch {batch} (N = {2 * batch} rows with CFG), host wall time, p50 over "
-          f"{torch_r['runs']} runs [ms]; ratio = torch / ort")
+    print(
+        f"\n{preset}, batch {batch} (N = {2 * batch} rows with CFG), host wall time, p50 over "
+        f"{torch_r['runs']} runs [ms]; ratio = torch / ort"
+    )
     print(f"{'stage':<12} {'torch':>9} {'ort':>9} {'ratio':>7}")
     ort_stages = {s["label"]: s for s in ort_r["stages"]}
     for stage in torch_r["stages"]:
         a, b = stage["host_ms"]["p50"], ort_stages[stage["label"]]["host_ms"]["p50"]
         print(f"{stage['label']:<12} {a:>9.2f} {b:>9.2f} {a / b:>7.2f}")
-    for key, label in (("time_to_first_scale_ms", "first scale"), ("time_per_step_ms", "per step"),
-                       ("e2e_ms", "end to end")):
+    for key, label in (
+        ("time_to_first_scale_ms", "first scale"),
+        ("time_per_step_ms", "per step"),
+        ("e2e_ms", "end to end"),
+    ):
         a, b = (r[key]["host"]["p50"] if "host" in r[key] else r[key]["p50"] for r in (torch_r, ort_r))
         print(f"{label:<12} {a:>9.2f} {b:>9.2f} {a / b:>7.2f}")
-    print(f"{'images/s':<12} {torch_r['images_per_s']:>9.2f} {ort_r['images_per_s']:>9.2f} "
-          f"{ort_r['images_per_s'] / torch_r['images_per_s']:>7.2f}  (ort / torch)")
+    print(
+        f"{'images/s':<12} {torch_r['images_per_s']:>9.2f} {ort_r['images_per_s']:>9.2f} "
+        f"{ort_r['images_per_s'] / torch_r['images_per_s']:>7.2f}  (ort / torch)"
+    )
 
 
 def main() -> None:
@@ -90,15 +97,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None, help="where bundles are exported (default: a temp dir)")
     args = parser.parse_args()
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}")
+    print(
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}"
+    )
     params = SamplingParams(cfg=3.25, top_k=1, top_p=1.0, seed=0)  # greedy: both must give the same tokens
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         for preset in args.preset or ["tiny"]:
             ort_backend, torch_backend = build(preset, workdir)
-            reports = measure({"torch": torch_backend, "ort": ort_backend}, args.batch, args.runs, args.warmup,
-                              params)
+            reports = measure({"torch": torch_backend, "ort": ort_backend}, args.batch, args.runs, args.warmup, params)
             print_table(reports, preset, args.batch)
 
 

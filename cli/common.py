@@ -111,8 +111,11 @@ def parse_ints(text: str, what: str) -> list[int]:
     return values
 
 
-ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-                 "tensorrt": "TensorrtExecutionProvider"}
+ORT_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
 
 
 def ort_providers(text: str | None) -> list[str] | None:
@@ -126,8 +129,15 @@ def ort_providers(text: str | None) -> list[str] | None:
     return [ORT_PROVIDERS[n] for n in names]
 
 
-def open_backend(bundle: Path | None, backend: str, checkpoint: Path | None = None, trust_checkpoint: bool = False,
-                 use_cuda_graphs: bool = True, layer_profile: bool = False, providers: list[str] | None = None):
+def open_backend(
+    bundle: Path | None,
+    backend: str,
+    checkpoint: Path | None = None,
+    trust_checkpoint: bool = False,
+    use_cuda_graphs: bool = True,
+    layer_profile: bool = False,
+    providers: list[str] | None = None,
+):
     """Resolve ``--backend auto`` and build the backend.
 
     auto: TensorRT when the bundle has engines and TensorRT imports, else ONNX Runtime for a

@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     from imagefolder.runtime.profiler import profile_generation
 
     config, tokenizer, generator, source = load_default_or_checkpoint()
-    print(f"default model: {config.name} ({sum(p.numel() for p in generator.parameters()) / 1e6:.1f} M generator "
-          f"parameters, {config.generator.num_classes} classes, scales {list(config.generator.scales)})")
+    print(
+        f"default model: {config.name} ({sum(p.numel() for p in generator.parameters()) / 1e6:.1f} M generator "
+        f"parameters, {config.generator.num_classes} classes, scales {list(config.generator.scales)})"
+    )
     batch_max = max(8, config.generator.num_classes)  # one image per class in one batch
     bundle_dir = export_bundle(args.out / "bundle", tokenizer, generator, config, batch_max=batch_max, source=source)
     bundle = load_bundle(bundle_dir)
@@ -49,9 +51,11 @@ def main(argv: list[str] | None = None) -> None:
 
         torch_result = generate(TorchBackend(tokenizer, generator, bundle.candidates), labels, params)
         same = np.array_equal(result.indices, torch_result.indices)
-        print(f"PyTorch reference: tokens {'identical' if same else 'DIFFERENT'} "
-              f"({result.indices.size} indices), max image difference "
-              f"{np.abs(result.images - torch_result.images).max():.1e}")
+        print(
+            f"PyTorch reference: tokens {'identical' if same else 'DIFFERENT'} "
+            f"({result.indices.size} indices), max image difference "
+            f"{np.abs(result.images - torch_result.images).max():.1e}"
+        )
 
         profile = profile_generation(ort_backend, [1, 4], params, runs=5, warmup=1)
     print(profile.table())

@@ -20,14 +20,27 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Ours (.safetensors) or official (ar-ckpt-last.pth). Default: the model shipped with the package.")
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Ours (.safetensors) or official (ar-ckpt-last.pth). Default: the model shipped with the package.",
+)
 @click.option("--trust-checkpoint", is_flag=True, help="Allow arbitrary pickled objects (trusted files only).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Precision baked into the graphs (TensorRT 11 builds strongly typed networks only).")
-@click.option("--opset", default=17, show_default=True, type=click.IntRange(14, 20),
-              help="17 keeps every graph parseable by TensorRT 10.3 (JetPack 6).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="Precision baked into the graphs (TensorRT 11 builds strongly typed networks only).",
+)
+@click.option(
+    "--opset",
+    default=17,
+    show_default=True,
+    type=click.IntRange(14, 20),
+    help="17 keeps every graph parseable by TensorRT 10.3 (JetPack 6).",
+)
 @click.option("--batch-max", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--candidates", type=int, help="Sampler TopK size (default: the codebook, or 1024 if ≥ 3840).")
 def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candidates) -> None:
@@ -36,17 +49,34 @@ def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candida
     from imagefolder.export.onnx_export import export_bundle
 
     config, tokenizer, generator, source = load_default_or_checkpoint(checkpoint, trust_checkpoint)
-    out = export_bundle(out_dir, tokenizer, generator, config, dtype=dtype, opset=opset,
-                  batch_max=batch_max, candidates=candidates, source=source)
+    out = export_bundle(
+        out_dir,
+        tokenizer,
+        generator,
+        config,
+        dtype=dtype,
+        opset=opset,
+        batch_max=batch_max,
+        candidates=candidates,
+        source=source,
+    )
     click.echo(f"wrote bundle {out} ({config.name}, {dtype}, opset {opset})")
 
 
 @main.command()
 @BUNDLE_ARG
-@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
-              help="ort: ONNX Runtime against PyTorch; trt: TensorRT engines against ONNX Runtime.")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="PyTorch weights to compare with (default: the bundle's recorded source).")
+@click.option(
+    "--backend",
+    type=click.Choice(["ort", "trt"]),
+    default="ort",
+    show_default=True,
+    help="ort: ONNX Runtime against PyTorch; trt: TensorRT engines against ONNX Runtime.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="PyTorch weights to compare with (default: the bundle's recorded source).",
+)
 @click.option("--trust-checkpoint", is_flag=True)
 def check(bundle, backend, checkpoint, trust_checkpoint) -> None:
     """Run every graph against its reference and print max abs / relative error per output."""
@@ -71,20 +101,33 @@ def check(bundle, backend, checkpoint, trust_checkpoint) -> None:
 @click.option("--batch", "batches", default="1", show_default=True, help="Batch sizes to build profiles for.")
 @click.option("--workspace", "workspace_mib", type=int, help="Workspace limit in MiB (default: TensorRT's).")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True)
-@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
-              help="Reuse and update this timing cache (default: BUNDLE/engines/timing.cache).")
+@click.option(
+    "--timing-cache",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Reuse and update this timing cache (default: BUNDLE/engines/timing.cache).",
+)
 @click.option("--dla-core", type=int, help="Jetson: run on this DLA core, falling back to the GPU.")
 @click.option("--hardware-compat", is_flag=True, help="Ampere+ hardware compatibility (slower engines).")
 @click.option("--version-compat", is_flag=True, help="Engines loadable by later TensorRT versions.")
 @click.option("--verbose", "trt_verbose", is_flag=True, help="TensorRT's verbose log.")
-def trt(bundle, batches, workspace_mib, opt_level, timing_cache, dla_core, hardware_compat, version_compat,
-        trt_verbose) -> None:
+def trt(
+    bundle, batches, workspace_mib, opt_level, timing_cache, dla_core, hardware_compat, version_compat, trt_verbose
+) -> None:
     """Build TensorRT engines for every graph into BUNDLE/engines (run this on the target GPU)."""
     from imagefolder.export.trt_build import build_engines
 
-    out = build_engines(bundle, batches=parse_ints(batches, "batch size"), workspace_mib=workspace_mib,
-                  opt_level=opt_level, timing_cache=timing_cache, dla_core=dla_core, hardware_compat=hardware_compat,
-                  version_compat=version_compat, verbose=trt_verbose, progress=True)
+    out = build_engines(
+        bundle,
+        batches=parse_ints(batches, "batch size"),
+        workspace_mib=workspace_mib,
+        opt_level=opt_level,
+        timing_cache=timing_cache,
+        dla_core=dla_core,
+        hardware_compat=hardware_compat,
+        version_compat=version_compat,
+        verbose=trt_verbose,
+        progress=True,
+    )
     click.echo(f"wrote engines to {out}")
 
 

@@ -14,17 +14,34 @@ import numpy as np
 from imagefolder.cli.common import BACKENDS, CommandGroup, open_backend, ort_providers, parse_ints, setup_logging
 from imagefolder.errors import InputError, MissingDependency
 
-BUNDLE = click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path),
-                      help="Bundle folder from `imagefolder-export onnx` (needed by the ort and trt backends).")
-BACKEND = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-                       help="auto: trt if the bundle has engines and TensorRT imports, else ort; torch with no bundle.")
-CHECKPOINT = click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                          help="Weights for the torch backend: ours (.safetensors) or official (.pth/.pt). "
-                               "Default: the model that ships with the package.")
-PROVIDERS = click.option("--providers", help="ort backend: execution providers in order, e.g. cuda,cpu "
-                                             "or tensorrt,cuda,cpu (default cpu; needs onnxruntime-gpu).")
-TRUST = click.option("--trust-checkpoint", is_flag=True,
-                     help="Allow arbitrary pickled objects in an official checkpoint (only for trusted files).")
+BUNDLE = click.option(
+    "--bundle",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Bundle folder from `imagefolder-export onnx` (needed by the ort and trt backends).",
+)
+BACKEND = click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="auto",
+    show_default=True,
+    help="auto: trt if the bundle has engines and TensorRT imports, else ort; torch with no bundle.",
+)
+CHECKPOINT = click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Weights for the torch backend: ours (.safetensors) or official (.pth/.pt). "
+    "Default: the model that ships with the package.",
+)
+PROVIDERS = click.option(
+    "--providers",
+    help="ort backend: execution providers in order, e.g. cuda,cpu "
+    "or tensorrt,cuda,cpu (default cpu; needs onnxruntime-gpu).",
+)
+TRUST = click.option(
+    "--trust-checkpoint",
+    is_flag=True,
+    help="Allow arbitrary pickled objects in an official checkpoint (only for trusted files).",
+)
 
 
 class LazyGroup(CommandGroup):
@@ -62,30 +79,56 @@ def main(verbose: int) -> None:
 @click.option("--class", "classes", default="0", show_default=True, help="Class id(s), comma-separated.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--cfg", default=3.25, show_default=True, type=float, help="Guidance at the last scale.")
-@click.option("--top-k", default=750, show_default=True, type=int,
-              help="Per branch; at most the bundle's sampler candidates.")
+@click.option(
+    "--top-k", default=750, show_default=True, type=int, help="Per branch; at most the bundle's sampler candidates."
+)
 @click.option("--top-p", default=0.95, show_default=True, type=float)
-@click.option("--sampling", type=click.Choice(["gumbel", "official"]), default="gumbel", show_default=True,
-              help="official: torch.multinomial in the official draw order (torch backend only).")
+@click.option(
+    "--sampling",
+    type=click.Choice(["gumbel", "official"]),
+    default="gumbel",
+    show_default=True,
+    help="official: torch.multinomial in the official draw order (torch backend only).",
+)
 @click.option("--no-cuda-graphs", is_flag=True, help="trt backend: launch every step instead of replaying graphs.")
 @PROVIDERS
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="out.png", show_default=True)
-@click.option("--indices", "indices_out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the sampled indices (B, 2, P) as .npy.")
-def generate(bundle, backend, checkpoint, trust_checkpoint, classes, seed, cfg, top_k, top_p, sampling,
-             no_cuda_graphs, providers, output, indices_out) -> None:
+@click.option(
+    "--indices",
+    "indices_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the sampled indices (B, 2, P) as .npy.",
+)
+def generate(
+    bundle,
+    backend,
+    checkpoint,
+    trust_checkpoint,
+    classes,
+    seed,
+    cfg,
+    top_k,
+    top_p,
+    sampling,
+    no_cuda_graphs,
+    providers,
+    output,
+    indices_out,
+) -> None:
     """Generate images of the given classes; several classes make a grid."""
     labels = parse_ints(classes, "class id")
     if sampling == "official":
-        images, indices = _generate_official(bundle, backend, checkpoint, trust_checkpoint, labels, cfg,
-                                  top_k, top_p, seed)
+        images, indices = _generate_official(
+            bundle, backend, checkpoint, trust_checkpoint, labels, cfg, top_k, top_p, seed
+        )
     else:
         from imagefolder.core.schedule import SamplingParams
         from imagefolder.runtime.loop import generate as run_generation
 
         params = SamplingParams(cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
-        engine = open_backend(bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs,
-                         providers=ort_providers(providers))
+        engine = open_backend(
+            bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs, providers=ort_providers(providers)
+        )
         try:
             result = run_generation(engine, labels, params)
         finally:
@@ -128,8 +171,14 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 @TRUST
 # no exists=True: read_image reports a missing or unreadable file like any other bad image (one line, exit 1)
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="reconstruction.png",
-              show_default=True, help="Grid: each input above its reconstruction.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="reconstruction.png",
+    show_default=True,
+    help="Grid: each input above its reconstruction.",
+)
 def reconstruct(bundle, backend, checkpoint, trust_checkpoint, images, output) -> None:
     """Encode images to indices and decode them back; prints PSNR per image.
 
@@ -166,24 +215,45 @@ def reconstruct(bundle, backend, checkpoint, trust_checkpoint, images, output) -
 @PROVIDERS
 @click.option("--layers", is_flag=True, help="trt backend: per-layer times (IProfiler) and an engine-inspector dump.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
-@click.option("--trace", "trace_out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write a Chrome trace (open in Perfetto or chrome://tracing).")
-def profile(bundle, backend, checkpoint, trust_checkpoint, batches, runs, warmup, cfg, top_k, top_p, no_cuda_graphs,
-            providers, layers, json_out, trace_out) -> None:
+@click.option(
+    "--trace",
+    "trace_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a Chrome trace (open in Perfetto or chrome://tracing).",
+)
+def profile(
+    bundle,
+    backend,
+    checkpoint,
+    trust_checkpoint,
+    batches,
+    runs,
+    warmup,
+    cfg,
+    top_k,
+    top_p,
+    no_cuda_graphs,
+    providers,
+    layers,
+    json_out,
+    trace_out,
+) -> None:
     """Per-step latency of the generation loop: p50/p90/p99, time to first scale, images/s."""
     from imagefolder.core.schedule import SamplingParams
     from imagefolder.runtime.profiler import profile_generation
 
     sizes = parse_ints(batches, "batch size")
     params = SamplingParams(cfg=cfg, top_k=top_k, top_p=top_p, seed=0)
-    engine = open_backend(bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs, layers,
-                     ort_providers(providers))
+    engine = open_backend(
+        bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs, layers, ort_providers(providers)
+    )
     if layers and engine.name != "trt":
         engine.close()
         raise click.UsageError("--layers needs the trt backend (TensorRT's per-layer profiler)")
     try:
-        result = profile_generation(engine, sizes, params, runs=runs, warmup=warmup,
-                         progress=lambda text: click.echo(text, err=True))
+        result = profile_generation(
+            engine, sizes, params, runs=runs, warmup=warmup, progress=lambda text: click.echo(text, err=True)
+        )
         if layers:
             from imagefolder.runtime.profiler import layer_table
 

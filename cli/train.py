@@ -51,11 +51,16 @@ def train_group() -> None:
 @train_group.command("tokenizer")
 @_common_options
 @click.option("--preset", default="tiny", show_default=True, help="Model preset (configs.PRESETS).")
-@click.option("--perceptual", type=click.Choice(["auto", "lpips", "structure", "none"]), default="auto",
-              show_default=True)
+@click.option(
+    "--perceptual", type=click.Choice(["auto", "lpips", "structure", "none"]), default="auto", show_default=True
+)
 @click.option("--perceptual-weight", type=float, default=1.0, show_default=True)
-@click.option("--teacher", default="none", show_default=True,
-              help="Semantic teacher: none, auto, dinov2, builtin, or a classifier .safetensors path.")
+@click.option(
+    "--teacher",
+    default="none",
+    show_default=True,
+    help="Semantic teacher: none, auto, dinov2, builtin, or a classifier .safetensors path.",
+)
 @click.option("--sem-weight", type=float, default=0.1, show_default=True)
 @click.option("--disc-weight", type=float, default=0.5, show_default=True, help="0 disables the discriminator.")
 @click.option("--disc-start", type=int, default=1000, show_default=True)
@@ -80,12 +85,18 @@ def tokenizer_command(preset: str, verbose: int, device: str | None, no_resume: 
 
 @train_group.command("generator")
 @_common_options
-@click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False, exists=True), required=True,
-              help="Checkpoint holding the frozen tokenizer (e.g. RUN/tokenizer.safetensors).")
+@click.option(
+    "--tokenizer",
+    "tokenizer_path",
+    type=click.Path(dir_okay=False, exists=True),
+    required=True,
+    help="Checkpoint holding the frozen tokenizer (e.g. RUN/tokenizer.safetensors).",
+)
 @click.option("--weight-decay", type=float, default=0.05, show_default=True)
 @click.option("--grad-clip", type=float, default=2.0, show_default=True)
-def generator_command(tokenizer_path: str, verbose: int, device: str | None, no_resume: bool, steps: int | None,
-                      **kw) -> None:
+def generator_command(
+    tokenizer_path: str, verbose: int, device: str | None, no_resume: bool, steps: int | None, **kw
+) -> None:
     """Train a generator on a frozen tokenizer; writes OUT/model.safetensors (tokenizer + generator)."""
     from imagefolder.train.common import cleanup_distributed, setup_distributed
     from imagefolder.train.generator import GeneratorTrainConfig, train_generator
@@ -119,11 +130,20 @@ def classifier_command(out: str, data: str, steps: int, batch_size: int, lr: flo
 
 
 @click.command("eval")
-@click.option("--checkpoint", "-c", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Model checkpoint (default: the shipped default model).")
+@click.option(
+    "--checkpoint",
+    "-c",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Model checkpoint (default: the shipped default model).",
+)
 @click.option("--data", default="shapes", show_default=True, help="Held-out data: shapes, natural, or a folder.")
-@click.option("--classifier", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Classifier for sample quality (default: the shipped shapes classifier).")
+@click.option(
+    "--classifier",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Classifier for sample quality (default: the shipped shapes classifier).",
+)
 @click.option("--num-images", "-n", type=int, default=200, show_default=True)
 @click.option("--reconstruction/--no-reconstruction", default=True, show_default=True)
 @click.option("--generation/--no-generation", default=True, show_default=True)
@@ -133,16 +153,36 @@ def classifier_command(out: str, data: str, steps: int, batch_size: int, lr: flo
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the metrics here.")
 @click.option("-v", "--verbose", count=True)
-def eval_command(checkpoint: str | None, data: str, classifier: str | None, num_images: int, reconstruction: bool,
-                 generation: bool, cfg: float, top_k: int, top_p: float, seed: int, json_out: str | None,
-                 verbose: int) -> None:
+def eval_command(
+    checkpoint: str | None,
+    data: str,
+    classifier: str | None,
+    num_images: int,
+    reconstruction: bool,
+    generation: bool,
+    cfg: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    json_out: str | None,
+    verbose: int,
+) -> None:
     """Reconstruction PSNR/SSIM on held-out images; class accuracy and classifier Fréchet distance of samples."""
     from imagefolder.train.eval import EvalConfig, evaluate_checkpoint
 
     setup_logging(verbose)
-    opts = EvalConfig(checkpoint=checkpoint, data=data, classifier=classifier, num_images=num_images,
-                      reconstruction=reconstruction, generation=generation, cfg=cfg, top_k=top_k, top_p=top_p,
-                      seed=seed)
+    opts = EvalConfig(
+        checkpoint=checkpoint,
+        data=data,
+        classifier=classifier,
+        num_images=num_images,
+        reconstruction=reconstruction,
+        generation=generation,
+        cfg=cfg,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+    )
     text = json.dumps(evaluate_checkpoint(opts), indent=2)
     click.echo(text)
     if json_out:

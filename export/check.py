@@ -17,8 +17,9 @@ from imagefolder.export.onnx_export import ExampleInputs, check_parity, graph_mo
 from imagefolder.export.opcheck import operator_reports
 
 
-def check_bundle(bundle_dir: str | Path, checkpoint: str | Path | None = None, trust_checkpoint: bool = False,
-                 batch: int = 2) -> CheckReport:
+def check_bundle(
+    bundle_dir: str | Path, checkpoint: str | Path | None = None, trust_checkpoint: bool = False, batch: int = 2
+) -> CheckReport:
     """Compare each graph of a bundle with the PyTorch model it was exported from.
 
     Args:

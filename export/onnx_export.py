@@ -197,8 +197,9 @@ def check_parity(session, reference, inputs: tuple, spec: GraphSpec, dtype: str)
     with torch.no_grad():
         expected = reference(*inputs)
     expected = expected if isinstance(expected, tuple) else (expected,)
-    expected = {t.name: (e.float() if e.is_floating_point() else e).numpy() for t, e in zip(spec.outputs, expected,
-                                                                                           strict=True)}
+    expected = {
+        t.name: (e.float() if e.is_floating_point() else e).numpy() for t, e in zip(spec.outputs, expected, strict=True)
+    }
     return compare_outputs(spec, actual, expected, dtype, reference="torch")
 
 
@@ -221,8 +222,12 @@ def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
 
-    return {"imagefolder": imagefolder.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__}
+    return {
+        "imagefolder": imagefolder.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
 
 
 def graph_modules(tokenizer: Tokenizer, generator: Generator, dtype: str, candidates: int) -> dict[str, tuple]:
@@ -295,8 +300,18 @@ def export_bundle(
     return out
 
 
-def _write_bundle(out: Path, tokenizer: Tokenizer, generator: Generator, config: ModelConfig, dtype: str, opset: int,
-                  batch_max: int, candidates: int, source: dict | None, progress: bool) -> None:
+def _write_bundle(
+    out: Path,
+    tokenizer: Tokenizer,
+    generator: Generator,
+    config: ModelConfig,
+    dtype: str,
+    opset: int,
+    batch_max: int,
+    candidates: int,
+    source: dict | None,
+    progress: bool,
+) -> None:
     import onnx
     import onnxruntime as ort
 
@@ -323,8 +338,10 @@ def _write_bundle(out: Path, tokenizer: Tokenizer, generator: Generator, config:
             raise_on_failure(name, parity)
         else:
             onnx.checker.check_model(str(path))
-            parity = {"skipped": f"ONNX Runtime's CPU provider has no {dtype} kernels; check on the GPU with "
-                                 "`imagefolder-export check --backend trt`"}
+            parity = {
+                "skipped": f"ONNX Runtime's CPU provider has no {dtype} kernels; check on the GPU with "
+                "`imagefolder-export check --backend trt`"
+            }
         external = external_data_files(path)
         graphs[name] = {
             "file": path.name,

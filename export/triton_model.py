@@ -99,34 +99,46 @@ class TritonPythonModel:
         for si in range(sn):
             start, q = self.spans[si]
             noise = rng.random((batch, q, nb, int(self.cfg["codebook_size"])), dtype=np.float32)
-            tokens = self._infer("sampler", {
-                "logits": logits,
-                "guidance": np.array([self._guidance(cfg, si)], np.float32),
-                "top_k": np.array([top_k], np.int64),
-                "top_p": np.array([top_p], np.float32),
-                "noise": noise,
-            }, ["tokens"])["tokens"]  # (B, q, nb)
-            indices[:, :, start:start + q] = tokens.transpose(0, 2, 1)
-            out = self._infer("fold", {
-                "tokens": tokens,
-                "f_hat": f_hat,
-                "scale_index": np.array([si], np.int64),
-                "next_positions": self._positions(min(si + 1, sn - 1)),
-            }, ["f_hat_out", "x_next"])
+            tokens = self._infer(
+                "sampler",
+                {
+                    "logits": logits,
+                    "guidance": np.array([self._guidance(cfg, si)], np.float32),
+                    "top_k": np.array([top_k], np.int64),
+                    "top_p": np.array([top_p], np.float32),
+                    "noise": noise,
+                },
+                ["tokens"],
+            )["tokens"]  # (B, q, nb)
+            indices[:, :, start : start + q] = tokens.transpose(0, 2, 1)
+            out = self._infer(
+                "fold",
+                {
+                    "tokens": tokens,
+                    "f_hat": f_hat,
+                    "scale_index": np.array([si], np.int64),
+                    "next_positions": self._positions(min(si + 1, sn - 1)),
+                },
+                ["f_hat_out", "x_next"],
+            )
             f_hat = out["f_hat_out"]
             if si < sn - 1:
                 nxt_start, nxt_q = self.spans[si + 1]
-                out = self._infer("ar_step", {
-                    "x_folded": out["x_next"],
-                    "positions": self._positions(si + 1),
-                    "cond_blocks": cond_blocks,
-                    "cond_head": cond_head,
-                    "past_keys": past_keys,
-                    "past_values": past_values,
-                }, ["logits", "keys", "values"])
+                out = self._infer(
+                    "ar_step",
+                    {
+                        "x_folded": out["x_next"],
+                        "positions": self._positions(si + 1),
+                        "cond_blocks": cond_blocks,
+                        "cond_head": cond_head,
+                        "past_keys": past_keys,
+                        "past_values": past_values,
+                    },
+                    ["logits", "keys", "values"],
+                )
                 logits = out["logits"]
-                past_keys[:, :, :, nxt_start:nxt_start + nxt_q] = out["keys"]
-                past_values[:, :, :, nxt_start:nxt_start + nxt_q] = out["values"]
+                past_keys[:, :, :, nxt_start : nxt_start + nxt_q] = out["keys"]
+                past_values[:, :, :, nxt_start : nxt_start + nxt_q] = out["values"]
 
         image = self._infer("decoder", {"indices": indices}, ["image"])["image"]
         return image, indices
@@ -146,10 +158,14 @@ class TritonPythonModel:
                     top_k=_scalar(request, "top_k", defaults["top_k"], int),
                     top_p=_scalar(request, "top_p", defaults["top_p"], float),
                 )
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("image", image.astype(np.float32)),
-                    pb_utils.Tensor("indices", indices.astype(np.int32)),
-                ]))
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        output_tensors=[
+                            pb_utils.Tensor("image", image.astype(np.float32)),
+                            pb_utils.Tensor("indices", indices.astype(np.int32)),
+                        ]
+                    )
+                )
             except pb_utils.TritonModelException as err:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(err))))
         return responses

@@ -367,8 +367,18 @@ def build_engines(
             started = time.perf_counter()
             trt_network, trt_parser = _parse_onnx(trt, trt_builder, onnx_path, logger)
             trt_config, trt_cache = _configure(
-                trt, trt_builder, graph, workspace_mib, opt_level, trt_cache, cache_bytes, dla_core, hardware_compat,
-                version_compat, detailed, tf32,
+                trt,
+                trt_builder,
+                graph,
+                workspace_mib,
+                opt_level,
+                trt_cache,
+                cache_bytes,
+                dla_core,
+                hardware_compat,
+                version_compat,
+                detailed,
+                tf32,
             )
             monitor = _progress_monitor(trt, bar if progress else None)
             if monitor is not None:

@@ -173,11 +173,25 @@ TINY_SCALES: tuple[int, ...] = (1, 2, 3, 4, 6)
 def tiny() -> ModelConfig:
     """Same architecture at a size that trains and runs on two CPU cores (64 px images, 5 scales)."""
     tok = TokenizerConfig(
-        image_size=64, patch_size=8, width=128, depth=2, heads=4, codebook_size=256, code_dim=16,
-        scales=TINY_SCALES, num_phi=4, with_teacher=False,
+        image_size=64,
+        patch_size=8,
+        width=128,
+        depth=2,
+        heads=4,
+        codebook_size=256,
+        code_dim=16,
+        scales=TINY_SCALES,
+        num_phi=4,
+        with_teacher=False,
     )
     gen = GeneratorConfig(
-        depth=4, width=128, heads=4, num_classes=10, codebook_size=256, code_dim=16, scales=TINY_SCALES,
+        depth=4,
+        width=128,
+        heads=4,
+        num_classes=10,
+        codebook_size=256,
+        code_dim=16,
+        scales=TINY_SCALES,
         drop_path=0.0,
     )
     return ModelConfig(name="tiny", tokenizer=tok, generator=gen)

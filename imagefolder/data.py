@@ -31,7 +31,16 @@ from imagefolder.errors import InputError
 log = logging.getLogger(__name__)
 
 SHAPE_CLASSES: tuple[str, ...] = (
-    "disk", "square", "triangle", "plus", "ring", "h-stripes", "v-stripes", "checker", "frame", "x-cross",
+    "disk",
+    "square",
+    "triangle",
+    "plus",
+    "ring",
+    "h-stripes",
+    "v-stripes",
+    "checker",
+    "frame",
+    "x-cross",
 )
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SUPERSAMPLE = 2  # shapes are drawn at 2x and box-filtered: anti-aliased edges

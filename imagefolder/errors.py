@@ -55,8 +55,9 @@ class OutputError(ImagefolderError):
 class MissingDependency(ImagefolderError, ImportError):
     """An optional package is not installed; the message names the extra that brings it."""
 
-    def __init__(self, package: str, extra: str, detail: str | BaseException | None = None, purpose: str = "",
-                 hint: str = ""):
+    def __init__(
+        self, package: str, extra: str, detail: str | BaseException | None = None, purpose: str = "", hint: str = ""
+    ):
         self.package, self.extra = package, extra
         why = f" ({detail})" if detail else ""
         need = f" {purpose}" if purpose else ""

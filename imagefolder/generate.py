@@ -65,8 +65,9 @@ def generate(
     params = SamplingParams(cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
     gcfg = generator.cfg
     device = labels.device
-    rows = torch.as_tensor(cfg_rows(check_labels(labels.cpu().numpy(), gcfg.num_classes), gcfg.null_class),
-                           device=device)
+    rows = torch.as_tensor(
+        cfg_rows(check_labels(labels.cpu().numpy(), gcfg.num_classes), gcfg.null_class), device=device
+    )
     rng = torch.Generator(device=device)
     rng.manual_seed(params.seed)
     b, v, num_scales = labels.shape[0], gcfg.codebook_size, len(gcfg.scales)

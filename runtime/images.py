@@ -72,8 +72,9 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     try:
         file = open(path, "rb")  # noqa: SIM115 -- closed below; Pillow reads from it lazily
     except OSError as err:
-        raise ImageFileError(f"cannot read the image {path}: {err.strerror or err}; check the path "
-                             "and its permissions") from err
+        raise ImageFileError(
+            f"cannot read the image {path}: {err.strerror or err}; check the path and its permissions"
+        ) from err
     with file:
         picture = _decode(path, file)
     return _normalise(path, picture)
@@ -98,11 +99,13 @@ def _decode(path: str | os.PathLike, file) -> Image.Image:
         except Image.DecompressionBombError as err:  # over twice Pillow's limit, so over ours too
             raise _too_large(path, _pixels_in(err)) from err
         except UnidentifiedImageError as err:
-            raise ImageFileError(f"{path} is not an image in a format Pillow reads; give a PNG, JPEG or TIFF "
-                                 "file") from err
+            raise ImageFileError(
+                f"{path} is not an image in a format Pillow reads; give a PNG, JPEG or TIFF file"
+            ) from err
         except (OSError, ValueError) as err:
-            raise ImageFileError(f"the image {path} is truncated or damaged ({err}); export or download it "
-                                 "again") from err
+            raise ImageFileError(
+                f"the image {path} is truncated or damaged ({err}); export or download it again"
+            ) from err
     for warning in caught:
         if not issubclass(warning.category, Image.DecompressionBombWarning):
             log.warning("%s: %s", path, warning.message)
@@ -114,8 +117,9 @@ def _upright(path: str | os.PathLike, img: Image.Image) -> Image.Image:
     try:
         return ImageOps.exif_transpose(img)
     except (OSError, ValueError, SyntaxError, TypeError, struct.error) as err:  # what Pillow's EXIF parser raises
-        raise ImageFileError(f"the image {path} has damaged EXIF metadata ({err}); save it again without EXIF, "
-                             "upright") from err
+        raise ImageFileError(
+            f"the image {path} has damaged EXIF metadata ({err}); save it again without EXIF, upright"
+        ) from err
 
 
 def _pixel_limit() -> tuple[int, str]:
@@ -138,8 +142,10 @@ def _pixels_in(err: Image.DecompressionBombError) -> str:
 
 def _too_large(path: str | os.PathLike, pixels: str) -> ImageFileError:
     limit, setting = _pixel_limit()
-    return ImageFileError(f"the image {path} has {pixels} pixels, over the limit of {limit:,} ({setting}, a guard "
-                          "against decompression bombs); downscale it first, or raise the limit if you trust the file")
+    return ImageFileError(
+        f"the image {path} has {pixels} pixels, over the limit of {limit:,} ({setting}, a guard "
+        "against decompression bombs); downscale it first, or raise the limit if you trust the file"
+    )
 
 
 def _normalise(path: str | os.PathLike, img: Image.Image) -> Image.Image:
@@ -154,8 +160,10 @@ def _normalise(path: str | os.PathLike, img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", img.size, (BACKGROUND, BACKGROUND, BACKGROUND, 255))
         return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
     except ValueError as err:  # a mode Pillow cannot convert to RGB
-        raise ImageFileError(f"the image {path} has pixel mode {img.mode}, which cannot be converted to RGB "
-                             f"({err}); save it as an RGB or greyscale PNG") from err
+        raise ImageFileError(
+            f"the image {path} has pixel mode {img.mode}, which cannot be converted to RGB "
+            f"({err}); save it as an RGB or greyscale PNG"
+        ) from err
 
 
 def _has_alpha(img: Image.Image) -> bool:
@@ -167,9 +175,11 @@ def _sixteen_bit_grey(path: str | os.PathLike, img: Image.Image) -> Image.Image:
     """Integer grey → "F" in [0, 1], with 65535 as white (the pixels Pillow's 8-bit conversion clips)."""
     values = np.asarray(img)
     if img.mode == "I" and values.size and (values.min() < 0 or values.max() > SIXTEEN_BIT):
-        raise ImageFileError(f"the image {path} holds 32-bit integer values from {values.min()} to {values.max()}; "
-                             f"integer images are read as 16-bit (0..{SIXTEEN_BIT}): rescale it or save it as an "
-                             "8- or 16-bit PNG")
+        raise ImageFileError(
+            f"the image {path} holds 32-bit integer values from {values.min()} to {values.max()}; "
+            f"integer images are read as 16-bit (0..{SIXTEEN_BIT}): rescale it or save it as an "
+            "8- or 16-bit PNG"
+        )
     grey = values.astype(np.float32) / SIXTEEN_BIT
     if "transparency" in img.info:  # a 16-bit grey PNG's transparent value (tRNS)
         grey[values == img.info["transparency"]] = BACKGROUND / 255
@@ -182,8 +192,10 @@ def _float_grey(path: str | os.PathLike, img: Image.Image) -> Image.Image:
     if not np.isfinite(values).all():
         raise ImageFileError(f"the image {path} holds NaN or infinite values; save it without them")
     if values.size and (values.min() < 0 or values.max() > 1):
-        raise ImageFileError(f"the image {path} holds float values from {values.min():g} to {values.max():g}; "
-                             "float images are read as [0, 1]: rescale it or save it as an 8- or 16-bit PNG")
+        raise ImageFileError(
+            f"the image {path} holds float values from {values.min():g} to {values.max():g}; "
+            "float images are read as [0, 1]: rescale it or save it as an 8- or 16-bit PNG"
+        )
     return img
 
 

@@ -288,8 +288,15 @@ class ProfileResult:
         events = []
         for pid, trace in enumerate(self.traces, start=1):
             events += [{**e, "pid": pid} for e in trace["traceEvents"] if e["name"] != "process_name"]
-            events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
-                           "args": {"name": f"batch {self.reports[pid - 1]['batch']}"}})
+            events.append(
+                {
+                    "name": "process_name",
+                    "ph": "M",
+                    "pid": pid,
+                    "tid": 0,
+                    "args": {"name": f"batch {self.reports[pid - 1]['batch']}"},
+                }
+            )
         return atomic_write_text(path, json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
 
 

@@ -147,6 +147,7 @@ def test_official_width_generator_bare_state_dict(tmp_path):
 
 def test_infer_config_from_official_key_listing():
     """The shapes of the real official state dicts (the reference listing) give the d17 preset."""
+
     def meta_state(section):
         dtypes = {"torch.float32": torch.float32, "torch.int64": torch.int64}
         return {k: torch.empty(shape, dtype=dtypes[dt], device="meta") for k, shape, dt in official_keys(section)}

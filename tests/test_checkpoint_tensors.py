@@ -59,13 +59,20 @@ def _refused(path, *words: str) -> str:
 def test_non_finite_weights_are_refused(tmp_path, models, value):
     gen_weight = _with_nan(models[1].state_dict()[GENERATOR_WEIGHT], value)
     tok_weight = _with_nan(models[0].state_dict()[TOKENIZER_WEIGHT], value)
-    text = _refused(_official(tmp_path / "ar.pth", models, "var_wo_ddp", GENERATOR_WEIGHT, gen_weight),
-                    f"generator tensor '{GENERATOR_WEIGHT}'", "1 NaN or infinite value")
+    text = _refused(
+        _official(tmp_path / "ar.pth", models, "var_wo_ddp", GENERATOR_WEIGHT, gen_weight),
+        f"generator tensor '{GENERATOR_WEIGHT}'",
+        "1 NaN or infinite value",
+    )
     assert "another checkpoint" in text  # says what to do
-    _refused(_official(tmp_path / "tok.pth", models, "vae_local", TOKENIZER_WEIGHT, tok_weight),
-             f"tokenizer tensor '{TOKENIZER_WEIGHT}'")
-    _refused(_ours(tmp_path / "m.safetensors", models, "generator", GENERATOR_WEIGHT, gen_weight),
-             f"generator tensor '{GENERATOR_WEIGHT}'")
+    _refused(
+        _official(tmp_path / "tok.pth", models, "vae_local", TOKENIZER_WEIGHT, tok_weight),
+        f"tokenizer tensor '{TOKENIZER_WEIGHT}'",
+    )
+    _refused(
+        _ours(tmp_path / "m.safetensors", models, "generator", GENERATOR_WEIGHT, gen_weight),
+        f"generator tensor '{GENERATOR_WEIGHT}'",
+    )
 
 
 def test_non_finite_float_buffer_is_refused(tmp_path, models):
@@ -77,8 +84,10 @@ def test_non_finite_float_buffer_is_refused(tmp_path, models):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.int64], ids=["fp16", "fp64", "int64"])
 def test_weight_of_another_dtype_is_refused(tmp_path, models, dtype):
     weight = models[1].state_dict()[GENERATOR_WEIGHT].to(dtype)
-    for path in (_official(tmp_path / "ar.pth", models, "var_wo_ddp", GENERATOR_WEIGHT, weight),
-                 _ours(tmp_path / "m.safetensors", models, "generator", GENERATOR_WEIGHT, weight)):
+    for path in (
+        _official(tmp_path / "ar.pth", models, "var_wo_ddp", GENERATOR_WEIGHT, weight),
+        _ours(tmp_path / "m.safetensors", models, "generator", GENERATOR_WEIGHT, weight),
+    ):
         _refused(path, f"generator tensor '{GENERATOR_WEIGHT}'", str(dtype), "torch.float32")
 
 
@@ -103,8 +112,10 @@ def test_good_files_load(tmp_path, models):
     """The mask's -inf is expected, and finite weights whose sum overflows float32 are finite."""
     huge = torch.full_like(models[1].state_dict()[GENERATOR_WEIGHT], 3e38)
     assert not torch.isfinite(huge.sum())
-    for path in (_official(tmp_path / "ar.pth", models, "var_wo_ddp", GENERATOR_WEIGHT, huge),
-                 _ours(tmp_path / "m.safetensors", models, "generator", GENERATOR_WEIGHT, huge)):
+    for path in (
+        _official(tmp_path / "ar.pth", models, "var_wo_ddp", GENERATOR_WEIGHT, huge),
+        _ours(tmp_path / "m.safetensors", models, "generator", GENERATOR_WEIGHT, huge),
+    ):
         _, tokenizer, generator = load_checkpoint_models(path)
         assert torch.equal(generator.state_dict()[GENERATOR_WEIGHT], huge)
         assert torch.isinf(generator.attn_bias_for_masking).any()

@@ -40,8 +40,24 @@ def workspace(tmp_path_factory):
 def test_generate_grid_and_indices(workspace, tmp_path):
     root, _ = workspace
     out = tmp_path / "grid.png"
-    result = run(main, ["generate", "--bundle", root / "bundle", "--backend", "ort", "--class", "1,2,3,4",
-                        "--seed", 3, "-o", out, "--indices", tmp_path / "idx.npy"])
+    result = run(
+        main,
+        [
+            "generate",
+            "--bundle",
+            root / "bundle",
+            "--backend",
+            "ort",
+            "--class",
+            "1,2,3,4",
+            "--seed",
+            3,
+            "-o",
+            out,
+            "--indices",
+            tmp_path / "idx.npy",
+        ],
+    )
     assert "wrote" in result.output
     with Image.open(out) as img:
         assert img.size == (2 * 64 + 2, 2 * 64 + 2)  # 2×2 grid with a 2 px gap
@@ -52,17 +68,41 @@ def test_generate_grid_and_indices(workspace, tmp_path):
 def test_generate_same_tokens_on_torch_and_ort(workspace, tmp_path):
     root, checkpoint = workspace
     args = ["generate", "--class", "7", "--seed", 9, "--top-k", 20]
-    run(main, args + ["--bundle", root / "bundle", "--backend", "ort", "-o", tmp_path / "a.png",
-                      "--indices", tmp_path / "a.npy"])
-    run(main, args + ["--checkpoint", checkpoint, "--backend", "torch", "-o", tmp_path / "b.png",
-                      "--indices", tmp_path / "b.npy"])
+    run(
+        main,
+        args
+        + ["--bundle", root / "bundle", "--backend", "ort", "-o", tmp_path / "a.png", "--indices", tmp_path / "a.npy"],
+    )
+    run(
+        main,
+        args
+        + ["--checkpoint", checkpoint, "--backend", "torch", "-o", tmp_path / "b.png", "--indices", tmp_path / "b.npy"],
+    )
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
 
 
 def test_profile_prints_table_and_writes_json_and_trace(workspace, tmp_path):
     root, _ = workspace
-    result = run(main, ["profile", "--bundle", root / "bundle", "--backend", "ort", "--batch", "1,2", "--runs", 3,
-                        "--warmup", 1, "--json", tmp_path / "p.json", "--trace", tmp_path / "t.json"])
+    result = run(
+        main,
+        [
+            "profile",
+            "--bundle",
+            root / "bundle",
+            "--backend",
+            "ort",
+            "--batch",
+            "1,2",
+            "--runs",
+            3,
+            "--warmup",
+            1,
+            "--json",
+            tmp_path / "p.json",
+            "--trace",
+            tmp_path / "t.json",
+        ],
+    )
     for word in ("p50", "p90", "p99", "first scale", "images/s"):
         assert word in result.output, result.output
     report = json.loads((tmp_path / "p.json").read_text())
@@ -78,8 +118,9 @@ def test_reconstruct_prints_psnr(workspace, tmp_path):
     root, _ = workspace
     picture = tmp_path / "in.png"
     Image.fromarray((np.random.default_rng(0).random((80, 96, 3)) * 255).astype(np.uint8)).save(picture)
-    result = run(main, ["reconstruct", "--bundle", root / "bundle", "--backend", "ort", picture,
-                        "-o", tmp_path / "r.png"])
+    result = run(
+        main, ["reconstruct", "--bundle", root / "bundle", "--backend", "ort", picture, "-o", tmp_path / "r.png"]
+    )
     assert "PSNR" in result.output and (tmp_path / "r.png").exists()
 
 
@@ -119,8 +160,12 @@ def _copy_bundle(root, tmp_path):
     [
         (lambda b: (b / "fold.onnx").unlink(), "fold.onnx"),
         (lambda b: (b / "ar_step.onnx").write_bytes((b / "ar_step.onnx").read_bytes()[:-7] + b"garbage"), "ar_step"),
-        (lambda b: (b / "manifest.json").write_text(
-            json.dumps({**json.loads((b / "manifest.json").read_text()), "schema_version": 99})), "newer"),
+        (
+            lambda b: (b / "manifest.json").write_text(
+                json.dumps({**json.loads((b / "manifest.json").read_text()), "schema_version": 99})
+            ),
+            "newer",
+        ),
     ],
     ids=["missing-file", "modified-file", "newer-schema"],
 )
@@ -145,8 +190,9 @@ def test_broken_bundles_are_refused(workspace, tmp_path, damage, message):
 )
 def test_bad_generation_requests(workspace, tmp_path, args, message):
     out = tmp_path / "out.png"
-    result = run(main, ["generate", "--bundle", workspace[0] / "bundle", "--backend", "ort", "-o", out, *args],
-                 ok=False)
+    result = run(
+        main, ["generate", "--bundle", workspace[0] / "bundle", "--backend", "ort", "-o", out, *args], ok=False
+    )
     assert result.exit_code != 0 and message in result.output.lower(), result.output
     assert not out.exists()
 
@@ -182,8 +228,11 @@ def test_ort_providers_are_selectable_and_checked(workspace, tmp_path):
     bundle = workspace[0] / "bundle"
     ok = run(main, ["generate", "--bundle", bundle, "--backend", "ort", "--providers", "cpu", "-o", tmp_path / "a.png"])
     assert "wrote" in ok.output
-    missing = run(main, ["generate", "--bundle", bundle, "--backend", "ort", "--providers", "tensorrt,cpu",
-                         "-o", tmp_path / "b.png"], ok=False)
+    missing = run(
+        main,
+        ["generate", "--bundle", bundle, "--backend", "ort", "--providers", "tensorrt,cpu", "-o", tmp_path / "b.png"],
+        ok=False,
+    )
     assert missing.exit_code == 1 and "TensorrtExecutionProvider" in missing.output and "available" in missing.output
     bad = run(main, ["generate", "--bundle", bundle, "--providers", "rocm", "-o", tmp_path / "c.png"], ok=False)
     assert bad.exit_code == 2 and "rocm" in bad.output
@@ -210,8 +259,24 @@ def test_export_and_profile_the_default_model(tmp_path):
     run(export_main, ["onnx", "--out", tmp_path / "bundle"])  # no --checkpoint: the shipped default model
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert manifest["source"]["checkpoint"] == "default" and manifest["name"] == "tiny"
-    result = run(main, ["profile", "--bundle", tmp_path / "bundle", "--backend", "ort", "--runs", 2, "--warmup", 1,
-                        "--json", tmp_path / "p.json", "--trace", tmp_path / "t.json"])
+    result = run(
+        main,
+        [
+            "profile",
+            "--bundle",
+            tmp_path / "bundle",
+            "--backend",
+            "ort",
+            "--runs",
+            2,
+            "--warmup",
+            1,
+            "--json",
+            tmp_path / "p.json",
+            "--trace",
+            tmp_path / "t.json",
+        ],
+    )
     assert "p50" in result.output and "images/s" in result.output
     report = json.loads((tmp_path / "p.json").read_text())
     trace = json.loads((tmp_path / "t.json").read_text())

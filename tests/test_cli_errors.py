@@ -62,8 +62,11 @@ def _refused(command, args: list, *culprits: str) -> str:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 # -- outputs that cannot be written ----------------------------------------------------------------------------
@@ -95,16 +98,27 @@ def test_unwritable_output_paths_are_one_line_errors(workspace, tmp_path, target
 @pytest.mark.parametrize("path", ["ort", "torch", "official"])
 @pytest.mark.parametrize(
     "option, value, culprit",
-    [("--cfg", "inf", "cfg"), ("--cfg", "nan", "cfg"), ("--cfg", "-1", "cfg"), ("--top-k", "0", "top_k"),
-     ("--top-p", "0", "top_p"), ("--top-p", "1.5", "top_p"), ("--seed", "-5", "seed"),
-     ("--seed", str(2**63), "seed"), ("--class", str(2**70), str(2**70)), ("--class", "10", "[10]")],
+    [
+        ("--cfg", "inf", "cfg"),
+        ("--cfg", "nan", "cfg"),
+        ("--cfg", "-1", "cfg"),
+        ("--top-k", "0", "top_k"),
+        ("--top-p", "0", "top_p"),
+        ("--top-p", "1.5", "top_p"),
+        ("--seed", "-5", "seed"),
+        ("--seed", str(2**63), "seed"),
+        ("--class", str(2**70), str(2**70)),
+        ("--class", "10", "[10]"),
+    ],
 )
 def test_sampling_values_are_checked_on_every_path(workspace, tmp_path, path, option, value, culprit):
     out = tmp_path / "out.png"
     out.write_bytes(b"previous")
-    where = {"ort": ["--bundle", workspace["bundle"], "--backend", "ort"],
-             "torch": ["--checkpoint", workspace["checkpoint"], "--backend", "torch"],
-             "official": ["--checkpoint", workspace["checkpoint"], "--sampling", "official"]}[path]
+    where = {
+        "ort": ["--bundle", workspace["bundle"], "--backend", "ort"],
+        "torch": ["--checkpoint", workspace["checkpoint"], "--backend", "torch"],
+        "official": ["--checkpoint", workspace["checkpoint"], "--sampling", "official"],
+    }[path]
     _refused(main, ["generate", *where, f"{option}={value}", "-o", out], culprit)
     assert out.read_bytes() == b"previous"
 
@@ -155,8 +169,13 @@ def test_external_weights_outside_the_bundle_are_refused(workspace, tmp_path):
     _edit_manifest(bundle, lambda m: m["files"].update({"fold.onnx": digest}))
     args = ["generate", "--bundle", bundle, "--backend", "ort", "-o", tmp_path / "out.png"]
     _refused(main, args, "fold.onnx", "../secret.bin")  # not listed in the manifest
-    _edit_manifest(bundle, lambda m: (m["graphs"]["fold"].update(external_data=["../secret.bin"]),
-                                      m["files"].update({"../secret.bin": {"sha256": "0" * 64, "bytes": 1}})))
+    _edit_manifest(
+        bundle,
+        lambda m: (
+            m["graphs"]["fold"].update(external_data=["../secret.bin"]),
+            m["files"].update({"../secret.bin": {"sha256": "0" * 64, "bytes": 1}}),
+        ),
+    )
     _refused(main, args, "outside the bundle")  # listed, but outside
     assert not (tmp_path / "out.png").exists()
 
@@ -168,8 +187,12 @@ def test_export_into_a_folder_another_writer_holds_is_refused(workspace, tmp_pat
     bundle = shutil.copytree(workspace["bundle"], tmp_path / "bundle")
     before = _digest(bundle)
     with folder_lock(bundle):
-        _refused(export_main, ["onnx", "--checkpoint", workspace["checkpoint"], "--out", bundle],
-                 str(bundle), "another process")
+        _refused(
+            export_main,
+            ["onnx", "--checkpoint", workspace["checkpoint"], "--out", bundle],
+            str(bundle),
+            "another process",
+        )
     assert _digest(bundle) == before
 
 
@@ -177,8 +200,9 @@ def test_export_refuses_to_replace_a_folder_that_is_not_a_bundle(workspace, tmp_
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "holiday.jpg").write_bytes(b"precious")
-    _refused(export_main, ["onnx", "--checkpoint", workspace["checkpoint"], "--out", folder], str(folder),
-             "not a bundle")
+    _refused(
+        export_main, ["onnx", "--checkpoint", workspace["checkpoint"], "--out", folder], str(folder), "not a bundle"
+    )
     assert (folder / "holiday.jpg").read_bytes() == b"precious"
 
 
@@ -192,8 +216,9 @@ def test_two_exports_into_one_folder_never_mix(workspace, tmp_path):
     checkpoints = []
     for seed in (11, 12):
         tokenizer, generator = randomized(tiny(), seed=seed)
-        checkpoints.append(save_checkpoint(tmp_path / f"m{seed}.safetensors", tiny(), tokenizer.state_dict(),
-                                           generator.state_dict()))
+        checkpoints.append(
+            save_checkpoint(tmp_path / f"m{seed}.safetensors", tiny(), tokenizer.state_dict(), generator.state_dict())
+        )
     out = tmp_path / "bundle"
     processes = [_export_process(c, out) for c in checkpoints]
     results = [(p.wait(timeout=600), *p.communicate()) for p in processes]
@@ -234,10 +259,25 @@ def test_interrupted_export_keeps_the_previous_bundle(workspace, tmp_path):
 def test_ctrl_c_in_a_torch_command_aborts_cleanly(workspace, tmp_path, delay):
     """SIGINT while torch is imported or the model runs: exit 130 and 'Aborted', no crash, no output."""
     out = tmp_path / "profile.json"
-    command = [SCRIPTS / "imagefolder", "profile", "--backend", "torch", "--checkpoint", workspace["checkpoint"],
-               "--runs", 100000, "--json", out]  # runs far longer than the delay
-    process = subprocess.Popen([str(c) for c in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    command = [
+        SCRIPTS / "imagefolder",
+        "profile",
+        "--backend",
+        "torch",
+        "--checkpoint",
+        workspace["checkpoint"],
+        "--runs",
+        100000,
+        "--json",
+        out,
+    ]  # runs far longer than the delay
+    process = subprocess.Popen(
+        [str(c) for c in command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+    )
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
@@ -248,6 +288,20 @@ def test_ctrl_c_in_a_torch_command_aborts_cleanly(workspace, tmp_path, delay):
 
 def test_indices_output_is_valid_numpy(workspace, tmp_path):
     """The good path of --indices, so the error tests above are not passing by never writing."""
-    _ok(main, ["generate", "--bundle", workspace["bundle"], "--backend", "ort", "--class", "1,2", "-o",
-               tmp_path / "g.png", "--indices", tmp_path / "i.npy"])
+    _ok(
+        main,
+        [
+            "generate",
+            "--bundle",
+            workspace["bundle"],
+            "--backend",
+            "ort",
+            "--class",
+            "1,2",
+            "-o",
+            tmp_path / "g.png",
+            "--indices",
+            tmp_path / "i.npy",
+        ],
+    )
     assert np.load(tmp_path / "i.npy").shape == (2, 2, 66)

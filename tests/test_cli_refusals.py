@@ -88,8 +88,9 @@ def _assert_refused(good, tmp_path: Path, bad: Path, *culprits: str) -> None:
     out.mkdir()
     if bad.suffix == ".safetensors":  # ours: generation with the PyTorch reference
         (out / "out.png").write_bytes(good["image"].read_bytes())
-        commands = [["generate", "--checkpoint", bad, "--backend", "torch", "-o", out / name]
-                    for name in ("out.png", "new.png")]
+        commands = [
+            ["generate", "--checkpoint", bad, "--backend", "torch", "-o", out / name] for name in ("out.png", "new.png")
+        ]
     else:  # official: conversion to ours
         for made in (good["converted"], good["converted"].with_suffix(".json")):
             (out / made.name).write_bytes(made.read_bytes())
@@ -162,8 +163,9 @@ TRAIN_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize(("command", "options", "culprit"), TRAIN_OPTIONS,
-                         ids=[f"{c}{'-'.join(o)}" for c, o, _ in TRAIN_OPTIONS])
+@pytest.mark.parametrize(
+    ("command", "options", "culprit"), TRAIN_OPTIONS, ids=[f"{c}{'-'.join(o)}" for c, o, _ in TRAIN_OPTIONS]
+)
 def test_out_of_range_training_options(good, tmp_path, command, options, culprit):
     """Refused before anything runs: the run folder (or output file) keeps its previous export."""
     out = tmp_path / "out"

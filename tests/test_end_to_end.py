@@ -51,8 +51,10 @@ def test_greedy_tokens_identical_ort_vs_torch_tiny(tiny_setup):
 def test_seeded_sampling_identical_ort_vs_torch_tiny(tiny_setup):
     _, ort_backend, torch_backend, _ = tiny_setup
     labels = np.array([1, 2])
-    for params in (SamplingParams(cfg=3.25, top_k=40, top_p=0.9, seed=11), SamplingParams(cfg=0, top_k=256,
-                                                                                                top_p=1.0, seed=5)):
+    for params in (
+        SamplingParams(cfg=3.25, top_k=40, top_p=0.9, seed=11),
+        SamplingParams(cfg=0, top_k=256, top_p=1.0, seed=5),
+    ):
         ort_result = generate(ort_backend, labels, params)
         _assert_same(ort_result, generate(torch_backend, labels, params))
     # A different seed changes the sample: the noise really drives the tokens.
@@ -97,8 +99,9 @@ def test_greedy_tokens_identical_official_width(official_setup):
     ort_result = generate(ort_backend, labels, params)
     _assert_same(ort_result, generate(torch_backend, labels, params))
     sampled = SamplingParams(cfg=3.25, top_k=750, top_p=0.95, seed=1)
-    np.testing.assert_array_equal(generate(ort_backend, labels, sampled).indices,
-                                  generate(torch_backend, labels, sampled).indices)
+    np.testing.assert_array_equal(
+        generate(ort_backend, labels, sampled).indices, generate(torch_backend, labels, sampled).indices
+    )
 
 
 def test_fp16_bundle_generates_like_fp32(tmp_path):

@@ -77,7 +77,10 @@ def test_operator_check_flags_unsupported_graphs(tmp_path):
     k = helper.make_tensor("k", TensorProto.INT64, [1], [4000])
     graph = helper.make_graph(
         [helper.make_node("Multinomial", ["x"], ["y"]), helper.make_node("TopK", ["x", "k"], ["v", "i"])],
-        "bad", [x], [y], initializer=[k],
+        "bad",
+        [x],
+        [y],
+        initializer=[k],
     )
     path = tmp_path / "bad.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22)]), path)
@@ -143,6 +146,7 @@ def test_failed_export_keeps_the_previous_bundle_and_leaves_nothing_behind(model
         export_bundle(tmp_path / "b", tokenizer, generator, config, progress=False)
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before  # the old bundle, untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == [".b.lock", "b"]  # no staging folder left
+
 
 def test_candidates_follow_trt_topk_limit():
     assert default_candidates(256) == 256

@@ -151,8 +151,19 @@ def test_capture_needs_a_non_default_stream_that_is_not_capturing(rt):
     assert status(rt, s) == "None"
 
 
-@pytest.mark.parametrize("call", ["cudaMalloc", "cudaFree", "cudaMallocHost", "cudaFreeHost", "cudaMemcpy",
-                                  "cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        "cudaMalloc",
+        "cudaFree",
+        "cudaMallocHost",
+        "cudaFreeHost",
+        "cudaMemcpy",
+        "cudaDeviceSynchronize",
+        "cudaStreamSynchronize",
+        "cudaEventSynchronize",
+    ],
+)
 def test_unsafe_calls_during_global_capture_fail_and_invalidate_it(rt, call):
     s, other = stream(rt), stream(rt)
     dev, pinned, event = ok(rt.cudaMalloc(64)), ok(rt.cudaMallocHost(64)), ok(rt.cudaEventCreate())
@@ -284,8 +295,12 @@ def test_product_wrapper_round_trip_and_errors(fake_gpu):
     value = np.arange(15, dtype=np.float32).reshape(3, 5)
     array.upload(value, s)
     np.testing.assert_array_equal(array.download(s), value)
-    assert cuda.device_properties() == {"name": "Fake Orin", "compute_capability": "8.7",
-                                        "total_memory": 8 << 30, "integrated": True}
+    assert cuda.device_properties() == {
+        "name": "Fake Orin",
+        "compute_capability": "8.7",
+        "total_memory": 8 << 30,
+        "integrated": True,
+    }
     ptr = array.ptr
     array.free()
     with pytest.raises(cuda.CudaError, match="cudaErrorInvalidValue"):

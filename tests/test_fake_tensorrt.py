@@ -111,10 +111,13 @@ def write_model(path, nodes=None, inputs=None, external: bool = False, opset: in
     """y = x * w + x, x float (N, 4) with a dynamic N; or the given nodes/inputs."""
     w = numpy_helper.from_array(np.full(4, 2.0, np.float32), "w")
     inputs = inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])]
-    nodes = nodes or [helper.make_node("Mul", ["x", "w"], ["t"], name="scale"),
-                      helper.make_node("Add", ["t", "x"], ["y"], name="residual")]
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-                              [w])
+    nodes = nodes or [
+        helper.make_node("Mul", ["x", "w"], ["t"], name="scale"),
+        helper.make_node("Add", ["t", "x"], ["y"], name="residual"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w]
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=external, location="weights.bin", size_threshold=0)
@@ -146,14 +149,18 @@ def build(trt, path, profiles=(((1, 4), (2, 4), (4, 4)),), configure=None):
 @pytest.mark.parametrize("fake_gpu", VERSIONS, indirect=True)
 def test_parser_reports_every_unsupported_node(fake_gpu, tmp_path):
     trt = fake_gpu.trt
-    nodes = [helper.make_node("Unique", ["x"], ["u"], name="uniq"),
-             helper.make_node("FancyOp", ["x"], ["f"], name="custom", domain="com.example"),
-             helper.make_node("Add", ["x", "x"], ["y"], name="ok")]
+    nodes = [
+        helper.make_node("Unique", ["x"], ["u"], name="uniq"),
+        helper.make_node("FancyOp", ["x"], ["f"], name="custom", domain="com.example"),
+        helper.make_node("Add", ["x", "x"], ["y"], name="ok"),
+    ]
     _, net, parser, parsed = network(trt, write_model(tmp_path / "m.onnx", nodes=nodes))
     assert not parsed and parser.num_errors == 2 and net.num_inputs == 0
     errors = [parser.get_error(i) for i in range(parser.num_errors)]
-    assert [(e.node(), e.node_name(), e.node_operator()) for e in errors] == [(0, "uniq", "Unique"),
-                                                                            (1, "custom", "FancyOp")]
+    assert [(e.node(), e.node_name(), e.node_operator()) for e in errors] == [
+        (0, "uniq", "Unique"),
+        (1, "custom", "FancyOp"),
+    ]
     assert all(e.code() == trt.ErrorCode.UNSUPPORTED_NODE and "No importer" in e.desc() for e in errors)
     assert parser.get_error(2) is None
 
@@ -174,8 +181,10 @@ def test_parser_resolves_external_data_beside_the_file_and_refuses_bad_opsets(fa
 
 def test_an_input_whose_values_become_a_shape_is_a_shape_tensor(fake_gpu, tmp_path):
     trt = fake_gpu.trt
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
-              helper.make_tensor_value_info("shape", TensorProto.INT64, [2])]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+        helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+    ]
     nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("Add", ["r", "r"], ["y"])]
     _, net, _, parsed = network(trt, write_model(tmp_path / "m.onnx", nodes=nodes, inputs=inputs))
     assert parsed
@@ -198,8 +207,9 @@ def test_profiles_validate_their_shapes(fake_gpu):
     assert profile.get_shape("x") == [(1, 4), (2, 4), (4, 4)]
 
 
-@pytest.mark.parametrize("case", ["no profile", "missing input", "unknown input", "rank", "fixed dim",
-                                  "opt level", "dla core"])
+@pytest.mark.parametrize(
+    "case", ["no profile", "missing input", "unknown input", "rank", "fixed dim", "opt level", "dla core"]
+)
 def test_invalid_builds_return_none_and_log_why(fake_gpu, tmp_path, case):
     trt = fake_gpu.trt
     path = write_model(tmp_path / "m.onnx")
@@ -269,8 +279,11 @@ def test_timing_cache_is_refused_across_devices_and_versions(tmp_path):
         assert config.set_timing_cache(cache, False)
         blob = bytes(cache.serialize())
         assert config.create_timing_cache(b"garbage") is None
-    for version, gpu_name, cc in (("10.3.0", "Fake Orin", (8, 7)), ("10.3.0", "Fake H200", (9, 0)),
-                                  ("11.4.0", "Fake Orin", (8, 7))):
+    for version, gpu_name, cc in (
+        ("10.3.0", "Fake Orin", (8, 7)),
+        ("10.3.0", "Fake H200", (9, 0)),
+        ("11.4.0", "Fake Orin", (8, 7)),
+    ):
         with installed(version, gpu_name, cc) as gpu:
             trt = gpu.trt
             config = trt.Builder(trt.Logger()).create_builder_config()
@@ -286,8 +299,13 @@ def test_timing_cache_is_refused_across_devices_and_versions(tmp_path):
 
 @pytest.fixture
 def plan(fake_gpu, tmp_path):
-    return bytes(build(fake_gpu.trt, write_model(tmp_path / "m.onnx"),
-                       profiles=[((1, 4), (2, 4), (4, 4)), ((8, 4), (8, 4), (8, 4))]))
+    return bytes(
+        build(
+            fake_gpu.trt,
+            write_model(tmp_path / "m.onnx"),
+            profiles=[((1, 4), (2, 4), (4, 4)), ((8, 4), (8, 4), (8, 4))],
+        )
+    )
 
 
 class Runner:
@@ -314,13 +332,19 @@ class Runner:
 
     def put(self, value: np.ndarray) -> None:
         value = np.ascontiguousarray(value, np.float32)
-        self.ok(self.rt.cudaMemcpyAsync(self.x, value.ctypes.data, value.nbytes,
-                                        self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+        self.ok(
+            self.rt.cudaMemcpyAsync(
+                self.x, value.ctypes.data, value.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream
+            )
+        )
 
     def get(self) -> np.ndarray:
         out = np.empty((self.rows, 4), np.float32)
-        self.ok(self.rt.cudaMemcpyAsync(out.ctypes.data, self.y, out.nbytes,
-                                        self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+        self.ok(
+            self.rt.cudaMemcpyAsync(
+                out.ctypes.data, self.y, out.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream
+            )
+        )
         self.ok(self.rt.cudaStreamSynchronize(self.stream))
         return out
 
@@ -360,8 +384,9 @@ def test_deserialising_garbage_returns_none(fake_gpu, plan):
     assert "Magic tag" in fake_gpu.trt_errors()[0]
 
 
-@pytest.mark.parametrize("where", ["10.3.0 on Fake Orin 8.7", "11.4.0 on Fake Orin 8.7", "10.3.0 on Fake H200 9.0",
-                                   "10.3.0 on Fake AGX 8.7"])
+@pytest.mark.parametrize(
+    "where", ["10.3.0 on Fake Orin 8.7", "11.4.0 on Fake Orin 8.7", "10.3.0 on Fake H200 9.0", "10.3.0 on Fake AGX 8.7"]
+)
 def test_plans_load_only_on_their_tensorrt_version_and_compute_capability(tmp_path, where):
     with installed("10.3.0") as gpu:
         plan = bytes(build(gpu.trt, write_model(tmp_path / "m.onnx")))

@@ -69,8 +69,12 @@ def test_cached_steps_equal_teacher_forcing(cfg):
             # Garbage after the fill position must be ignored.
             cache.keys[:, :, :, cache.length :] = 1e3
             step_logits, keys, values = gen.step(
-                x[:, start - 1 : start - 1 + q], torch.arange(start, start + q), cond_blocks, cond_head,
-                cache.keys, cache.values,
+                x[:, start - 1 : start - 1 + q],
+                torch.arange(start, start + q),
+                cond_blocks,
+                cond_head,
+                cache.keys,
+                cache.values,
             )
             cache.append(keys, values)
             errors.append((step_logits - full[:, start : start + q]).abs().max().item())

@@ -33,8 +33,9 @@ REQUESTS = {
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory):
     config, tokenizer, generator, _ = load_default_or_checkpoint(None, False)
-    bundle = export_bundle(tmp_path_factory.mktemp("golden"), tokenizer, generator, config, batch_max=len(LABELS),
-                           progress=False)
+    bundle = export_bundle(
+        tmp_path_factory.mktemp("golden"), tokenizer, generator, config, batch_max=len(LABELS), progress=False
+    )
     torch_backend = TorchBackend(tokenizer, generator, default_candidates(config.generator.codebook_size))
     return {"torch": torch_backend, "ort": OrtBackend(bundle)}
 

@@ -62,8 +62,9 @@ def write_png_rgb16(path: Path, samples: np.ndarray) -> Path:
     height, width, _ = samples.shape
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # bit depth 16, colour type 2 (RGB)
     rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in samples)  # filter byte 0 per row
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -113,8 +114,9 @@ def test_32bit_integer_image_outside_16bit_range_is_refused(tmp_path):
 def test_16bit_rgb_png_keeps_its_scale(tmp_path):
     """Pillow 13 reads a 16-bit RGB PNG as 8-bit RGB, keeping each sample's high byte: the scale is right,
     the precision 8 bits. The mode and exact values pin that down: a Pillow that keeps 16 bits fails here."""
-    samples = np.array([[[65535, 0, 32768], [256, 65280, 4660]],
-                        [[1000, 2000, 3000], [65535, 65535, 65535]]], dtype=np.uint16)
+    samples = np.array(
+        [[[65535, 0, 32768], [256, 65280, 4660]], [[1000, 2000, 3000], [65535, 65535, 65535]]], dtype=np.uint16
+    )
     path = write_png_rgb16(tmp_path / "rgb16.png", samples)
     assert mode_of(path) == "RGB"
     got = pixels(path)
@@ -130,8 +132,11 @@ def test_float_grey_tiff_is_read_as_unit_range(tmp_path):
     np.testing.assert_allclose(pixels(path), grey([[-1.0, 0.0], [1.0, -0.5]]), atol=1e-6)
 
 
-@pytest.mark.parametrize("value, message", [(2.0, "from 0 to 2; float images are read as [0, 1]"),
-                                            (np.nan, "NaN or infinite")], ids=["above-one", "nan"])
+@pytest.mark.parametrize(
+    "value, message",
+    [(2.0, "from 0 to 2; float images are read as [0, 1]"), (np.nan, "NaN or infinite")],
+    ids=["above-one", "nan"],
+)
 def test_float_grey_outside_unit_range_is_refused(tmp_path, value, message):
     path = tmp_path / "float.tif"
     Image.fromarray(np.array([[0.0, value], [1.0, 0.25]], np.float32)).save(path)
@@ -154,32 +159,91 @@ RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 25
 
 EIGHT_BIT = {
     # id: (mode as read back, image, file name, save options, expected 8-bit RGB levels of the 2×2 picture)
-    "rgb": ("RGB", Image.fromarray(np.array([[RED, GREEN], [BLUE, (12, 34, 56)]], np.uint8)), "a.png", {},
-            [[RED, GREEN], [BLUE, (12, 34, 56)]]),
-    "grey-L": ("L", Image.fromarray(np.array([[0, 255], [128, 64]], np.uint8)), "a.png", {},
-               [[BLACK, WHITE], [(128,) * 3, (64,) * 3]]),
+    "rgb": (
+        "RGB",
+        Image.fromarray(np.array([[RED, GREEN], [BLUE, (12, 34, 56)]], np.uint8)),
+        "a.png",
+        {},
+        [[RED, GREEN], [BLUE, (12, 34, 56)]],
+    ),
+    "grey-L": (
+        "L",
+        Image.fromarray(np.array([[0, 255], [128, 64]], np.uint8)),
+        "a.png",
+        {},
+        [[BLACK, WHITE], [(128,) * 3, (64,) * 3]],
+    ),
     "1-bit": ("1", Image.fromarray(np.array([[0, 1], [1, 0]], bool)), "a.png", {}, [[BLACK, WHITE], [WHITE, BLACK]]),
-    "palette": ("P", palette_image([[0, 1], [2, 3]], [RED, GREEN, BLUE, (10, 20, 30)]), "a.png", {},
-                [[RED, GREEN], [BLUE, (10, 20, 30)]]),
-    "palette-transparent-index": ("P", palette_image([[0, 1], [2, 1]], [RED, BLACK, BLUE]), "a.png",
-                                  {"transparency": 1}, [[RED, WHITE], [BLUE, WHITE]]),
-    "palette-alpha-per-entry": ("P", palette_image([[0, 1], [2, 1]], [RED, BLACK, BLUE]), "a.png",
-                                {"transparency": bytes([255, 128, 0])}, [[RED, (127,) * 3], [WHITE, (127,) * 3]]),
-    "gif-transparent-index": ("P", palette_image([[0, 1], [2, 1]], [RED, BLACK, BLUE]), "a.gif",
-                              {"transparency": 1}, [[RED, WHITE], [BLUE, WHITE]]),
-    "rgba": ("RGBA", Image.fromarray(np.array([[(255, 0, 0, 128), (0, 0, 0, 0)], [(0, 0, 255, 255), (0, 0, 0, 128)]],
-                                      np.uint8)), "a.png", {}, [[(255, 127, 127), WHITE], [BLUE, (127,) * 3]]),
-    "grey-alpha-LA": ("LA", Image.fromarray(np.array([[(0, 128), (100, 255)], [(7, 0), (255, 255)]], np.uint8), "LA"),
-                      "a.png", {}, [[(127,) * 3, (100,) * 3], [WHITE, WHITE]]),
-    "grey-transparent-value": ("L", Image.fromarray(np.array([[0, 100], [100, 0]], np.uint8)), "a.png",
-                               {"transparency": 100}, [[BLACK, WHITE], [WHITE, BLACK]]),
-    "rgb-transparent-colour": ("RGB", Image.fromarray(np.array([[RED, BLUE], [BLUE, RED]], np.uint8)), "a.png",
-                               {"transparency": RED}, [[WHITE, BLUE], [BLUE, WHITE]]),
-    "cmyk": ("CMYK", Image.frombytes("CMYK", (2, 2), bytes([0, 255, 255, 0, 0, 0, 0, 255, 0, 0, 0, 0, 255, 0, 0, 0])),
-             "a.tif", {}, [[RED, BLACK], [WHITE, (0, 255, 255)]]),
-    "ycbcr": ("YCbCr", Image.frombytes("YCbCr", (2, 2),
-                                       bytes([255, 128, 128, 0, 128, 128, 128, 128, 128, 76, 85, 255])),
-              "a.tif", {}, [[WHITE, BLACK], [(128,) * 3, (254, 0, 0)]]),  # (76, 85, 255): red to within a level
+    "palette": (
+        "P",
+        palette_image([[0, 1], [2, 3]], [RED, GREEN, BLUE, (10, 20, 30)]),
+        "a.png",
+        {},
+        [[RED, GREEN], [BLUE, (10, 20, 30)]],
+    ),
+    "palette-transparent-index": (
+        "P",
+        palette_image([[0, 1], [2, 1]], [RED, BLACK, BLUE]),
+        "a.png",
+        {"transparency": 1},
+        [[RED, WHITE], [BLUE, WHITE]],
+    ),
+    "palette-alpha-per-entry": (
+        "P",
+        palette_image([[0, 1], [2, 1]], [RED, BLACK, BLUE]),
+        "a.png",
+        {"transparency": bytes([255, 128, 0])},
+        [[RED, (127,) * 3], [WHITE, (127,) * 3]],
+    ),
+    "gif-transparent-index": (
+        "P",
+        palette_image([[0, 1], [2, 1]], [RED, BLACK, BLUE]),
+        "a.gif",
+        {"transparency": 1},
+        [[RED, WHITE], [BLUE, WHITE]],
+    ),
+    "rgba": (
+        "RGBA",
+        Image.fromarray(np.array([[(255, 0, 0, 128), (0, 0, 0, 0)], [(0, 0, 255, 255), (0, 0, 0, 128)]], np.uint8)),
+        "a.png",
+        {},
+        [[(255, 127, 127), WHITE], [BLUE, (127,) * 3]],
+    ),
+    "grey-alpha-LA": (
+        "LA",
+        Image.fromarray(np.array([[(0, 128), (100, 255)], [(7, 0), (255, 255)]], np.uint8), "LA"),
+        "a.png",
+        {},
+        [[(127,) * 3, (100,) * 3], [WHITE, WHITE]],
+    ),
+    "grey-transparent-value": (
+        "L",
+        Image.fromarray(np.array([[0, 100], [100, 0]], np.uint8)),
+        "a.png",
+        {"transparency": 100},
+        [[BLACK, WHITE], [WHITE, BLACK]],
+    ),
+    "rgb-transparent-colour": (
+        "RGB",
+        Image.fromarray(np.array([[RED, BLUE], [BLUE, RED]], np.uint8)),
+        "a.png",
+        {"transparency": RED},
+        [[WHITE, BLUE], [BLUE, WHITE]],
+    ),
+    "cmyk": (
+        "CMYK",
+        Image.frombytes("CMYK", (2, 2), bytes([0, 255, 255, 0, 0, 0, 0, 255, 0, 0, 0, 0, 255, 0, 0, 0])),
+        "a.tif",
+        {},
+        [[RED, BLACK], [WHITE, (0, 255, 255)]],
+    ),
+    "ycbcr": (
+        "YCbCr",
+        Image.frombytes("YCbCr", (2, 2), bytes([255, 128, 128, 0, 128, 128, 128, 128, 128, 76, 85, 255])),
+        "a.tif",
+        {},
+        [[WHITE, BLACK], [(128,) * 3, (254, 0, 0)]],
+    ),  # (76, 85, 255): red to within a level
 }
 
 
@@ -210,12 +274,15 @@ def test_background_is_the_documented_constant(tmp_path, monkeypatch):
 CORNERS = np.array([[RED, GREEN], [BLUE, WHITE]], np.uint8)  # stored top-left, top-right / bottom-left, right
 
 
-@pytest.mark.parametrize("orientation, upright", [
-    (1, [[RED, GREEN], [BLUE, WHITE]]),
-    (3, [[WHITE, BLUE], [GREEN, RED]]),  # stored upside down
-    (6, [[BLUE, RED], [WHITE, GREEN]]),  # shown turned 90° clockwise (a phone held upright)
-    (8, [[GREEN, WHITE], [RED, BLUE]]),  # shown turned 90° anticlockwise
-])
+@pytest.mark.parametrize(
+    "orientation, upright",
+    [
+        (1, [[RED, GREEN], [BLUE, WHITE]]),
+        (3, [[WHITE, BLUE], [GREEN, RED]]),  # stored upside down
+        (6, [[BLUE, RED], [WHITE, GREEN]]),  # shown turned 90° clockwise (a phone held upright)
+        (8, [[GREEN, WHITE], [RED, BLUE]]),  # shown turned 90° anticlockwise
+    ],
+)
 def test_exif_orientation_is_applied(tmp_path, orientation, upright):
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -286,8 +353,11 @@ def test_image_over_max_pixels_is_refused_before_decoding(tmp_path, monkeypatch)
     path = tmp_path / "big.png"
     path.write_bytes(whole.read_bytes()[:100])  # the header and no pixels: refused for its size, not as truncated
     monkeypatch.setattr(images, "MAX_PIXELS", 1000)
-    with pytest.raises(ImageFileError, match=r"big\.png has 40×40 = 1,600 pixels, over the limit of 1,000 "
-                                             r"\(imagefolder\.runtime\.images\.MAX_PIXELS"):
+    with pytest.raises(
+        ImageFileError,
+        match=r"big\.png has 40×40 = 1,600 pixels, over the limit of 1,000 "
+        r"\(imagefolder\.runtime\.images\.MAX_PIXELS",
+    ):
         read_image(path)
     monkeypatch.setattr(images, "MAX_PIXELS", 1600)
     assert read_image(whole).size == (40, 40)  # the limit is inclusive
@@ -299,8 +369,11 @@ def test_pillow_bomb_warning_becomes_our_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a bomb warning escaping would fail the test
-        with pytest.raises(ImageFileError, match=r"warned\.png has 40×40 = 1,600 pixels, over the limit of 1,000 "
-                                                 r"\(PIL\.Image\.MAX_IMAGE_PIXELS"):
+        with pytest.raises(
+            ImageFileError,
+            match=r"warned\.png has 40×40 = 1,600 pixels, over the limit of 1,000 "
+            r"\(PIL\.Image\.MAX_IMAGE_PIXELS",
+        ):
             read_image(path)
 
 
@@ -314,10 +387,14 @@ def test_pillow_bomb_error_becomes_our_error(tmp_path, monkeypatch):
     assert isinstance(caught.value.__cause__, Image.DecompressionBombError)
 
 
-@pytest.mark.parametrize("make, reason", [
-    (lambda p: p / "missing.png", "No such file or directory"),
-    (lambda p: p, "Is a directory"),
-], ids=["missing", "directory"])
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p / "missing.png", "No such file or directory"),
+        (lambda p: p, "Is a directory"),
+    ],
+    ids=["missing", "directory"],
+)
 def test_unreadable_path_is_refused(tmp_path, make, reason):
     path = make(tmp_path)
     with pytest.raises(ImageFileError, match=rf"cannot read the image {re.escape(str(path))}: {reason}"):
@@ -409,8 +486,9 @@ def test_reconstruct_refuses_bad_input_in_one_line(tmp_path, monkeypatch, kind):
     previous = good_png(outputs / "previous.png", 16)
     before = previous.read_bytes()
     for output in (previous, outputs / "new.png"):
-        result = CliRunner().invoke(main, ["reconstruct", str(good), str(bad), "-o", str(output)],
-                                    catch_exceptions=False)
+        result = CliRunner().invoke(
+            main, ["reconstruct", str(good), str(bad), "-o", str(output)], catch_exceptions=False
+        )
         assert result.exit_code == 1, result.output
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
@@ -423,9 +501,14 @@ def test_reconstruct_refuses_bad_input_in_one_line(tmp_path, monkeypatch, kind):
 def test_reconstruct_refuses_a_non_image_in_a_real_process(tmp_path):
     bad = not_an_image(tmp_path)
     script = Path(sys.executable).with_name("imagefolder")  # the console script installed beside this Python
-    result = subprocess.run([str(script), "reconstruct", str(bad), "-o", str(tmp_path / "out.png")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(script), "reconstruct", str(bad), "-o", str(tmp_path / "out.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.splitlines() == [f"Error: {bad} is not an image in a format Pillow reads; give a PNG, "
-                                          "JPEG or TIFF file"]
+    assert result.stderr.splitlines() == [
+        f"Error: {bad} is not an image in a format Pillow reads; give a PNG, JPEG or TIFF file"
+    ]
     assert not (tmp_path / "out.png").exists()

@@ -93,8 +93,18 @@ def test_report_on_scripted_runs():
     assert report["warmup_e2e_ms"] == [pytest.approx(e2e_warm)]
 
     labels = [s["label"] for s in report["stages"]]
-    assert labels == ["prefill", "sample[0]", "fold[0]", "step[1]", "sample[1]", "fold[1]", "step[2]",
-                      "sample[2]", "fold[2]", "decode"]
+    assert labels == [
+        "prefill",
+        "sample[0]",
+        "fold[0]",
+        "step[1]",
+        "sample[1]",
+        "fold[1]",
+        "step[2]",
+        "sample[2]",
+        "fold[2]",
+        "decode",
+    ]
     step1 = report["stages"][3]["host_ms"]
     assert step1 == {"n": 4, "mean": 4.5, "min": 3.0, "max": 6.0, "p50": 5.0, "p90": 6.0, "p99": 6.0}
     assert report["stages"][3]["device_ms"] is None

@@ -33,6 +33,9 @@ ESCAPES = re.compile(r"parents\[\d+\]\s*\.parent|\.\./shared|[\"']shared[\"']|IM
 def test_no_test_names_a_path_beside_the_repository(path: Path):
     if path.name == Path(__file__).name:
         return  # this file spells the patterns out
-    hits = [f"{path.name}:{n}: {line.strip()}" for n, line in enumerate(path.read_text().splitlines(), 1)
-            if ESCAPES.search(line)]
+    hits = [
+        f"{path.name}:{n}: {line.strip()}"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if ESCAPES.search(line)
+    ]
     assert not hits, "tests must carry their data in tests/data:\n" + "\n".join(hits)

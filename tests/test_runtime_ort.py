@@ -79,14 +79,18 @@ class Decoder(nn.Module):
 
 
 def _export(module: nn.Module, spec, example: tuple, path) -> bytes:
-    dynamic = {
-        t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs + spec.outputs
-    }
+    dynamic = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs + spec.outputs}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, example, str(path), dynamo=False, opset_version=17, input_names=spec.input_names,
-            output_names=spec.output_names, dynamic_axes={k: v for k, v in dynamic.items() if v},
+            module,
+            example,
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes={k: v for k, v in dynamic.items() if v},
         )
     return path.read_bytes()
 
@@ -98,12 +102,36 @@ def bundle_dir(tmp_path_factory):
     q, qn, B, N = 4, 9, 2, 4
     examples = {
         "ar_prefill": (Prefill(), (torch.tensor([1, 2, 10, 10]),)),
-        "ar_step": (Step(), (torch.rand(N, q, Z2), torch.arange(1, 1 + q), torch.rand(N, L, 6, C),
-                             torch.rand(N, 2, C), torch.rand(L, N, H, P, D), torch.rand(L, N, H, P, D))),
-        "sampler": (SamplerGraph(CANDIDATES), (torch.randn(N, q, V2), torch.tensor([1.0]), torch.tensor([5]),
-                                                torch.tensor([0.9]), torch.rand(B, q, 2, V2 // 2))),
-        "fold": (Fold(), (torch.randint(0, 256, (B, q, 2), dtype=torch.int32), torch.rand(B, Z2, K, K),
-                          torch.tensor([1]), torch.arange(5, 5 + qn))),
+        "ar_step": (
+            Step(),
+            (
+                torch.rand(N, q, Z2),
+                torch.arange(1, 1 + q),
+                torch.rand(N, L, 6, C),
+                torch.rand(N, 2, C),
+                torch.rand(L, N, H, P, D),
+                torch.rand(L, N, H, P, D),
+            ),
+        ),
+        "sampler": (
+            SamplerGraph(CANDIDATES),
+            (
+                torch.randn(N, q, V2),
+                torch.tensor([1.0]),
+                torch.tensor([5]),
+                torch.tensor([0.9]),
+                torch.rand(B, q, 2, V2 // 2),
+            ),
+        ),
+        "fold": (
+            Fold(),
+            (
+                torch.randint(0, 256, (B, q, 2), dtype=torch.int32),
+                torch.rand(B, Z2, K, K),
+                torch.tensor([1]),
+                torch.arange(5, 5 + qn),
+            ),
+        ),
         "encoder": (Encoder(), (torch.rand(B, 3, IMG, IMG),)),
         "decoder": (Decoder(), (torch.randint(0, 256, (B, 2, P), dtype=torch.int32),)),
     }
@@ -113,8 +141,10 @@ def bundle_dir(tmp_path_factory):
 
 def _reference(bundle_dir, labels, params: SamplingParams) -> np.ndarray:
     """The loop with plain ``run`` calls, fresh arrays and the numpy sampler."""
-    run = {g: ort.InferenceSession(str(bundle_dir / f"{g}.onnx"), providers=["CPUExecutionProvider"]).run
-           for g in ("ar_prefill", "ar_step", "fold")}
+    run = {
+        g: ort.InferenceSession(str(bundle_dir / f"{g}.onnx"), providers=["CPUExecutionProvider"]).run
+        for g in ("ar_prefill", "ar_step", "fold")
+    }
     spans, B = scale_spans(CFG.generator.scales), len(labels)
     rng = np.random.default_rng(params.seed)
     rows = np.concatenate([labels, np.full(B, CFG.generator.num_classes)]).astype(np.int64)
@@ -128,12 +158,25 @@ def _reference(bundle_dir, labels, params: SamplingParams) -> np.ndarray:
         tokens = sample_tokens(logits, t, params.top_k, params.top_p, noise, CANDIDATES)
         indices[:, :, start : start + q] = tokens.transpose(0, 2, 1)
         nxt = spans[min(si + 1, len(spans) - 1)]
-        f_hat, x = run["fold"](None, {"tokens": tokens, "f_hat": f_hat, "scale_index": np.array([si]),
-                                      "next_positions": np.arange(nxt[0], nxt[0] + nxt[1])})
+        f_hat, x = run["fold"](
+            None,
+            {
+                "tokens": tokens,
+                "f_hat": f_hat,
+                "scale_index": np.array([si]),
+                "next_positions": np.arange(nxt[0], nxt[0] + nxt[1]),
+            },
+        )
         if si + 1 < len(spans):
             positions = np.arange(nxt[0], nxt[0] + nxt[1])
-            feeds = {"x_folded": x, "positions": positions, "cond_blocks": cond_blocks, "cond_head": cond_head,
-                     "past_keys": cache_k, "past_values": cache_v}
+            feeds = {
+                "x_folded": x,
+                "positions": positions,
+                "cond_blocks": cond_blocks,
+                "cond_head": cond_head,
+                "past_keys": cache_k,
+                "past_values": cache_v,
+            }
             logits, keys, values = run["ar_step"](None, feeds)
             cache_k[:, :, :, positions], cache_v[:, :, :, positions] = keys, values
     return indices
@@ -161,8 +204,7 @@ def test_generate_matches_the_reference_loop(bundle_dir):
     assert not np.array_equal(other.indices, result.indices)
     for batch in (1, 3):  # every batch size up to batch_max through the same graphs
         labels = np.arange(batch)
-        np.testing.assert_array_equal(generate(backend, labels, params).indices,
-                                      _reference(bundle_dir, labels, params))
+        np.testing.assert_array_equal(generate(backend, labels, params).indices, _reference(bundle_dir, labels, params))
 
 
 def test_errors_are_clear(bundle_dir):

@@ -29,8 +29,9 @@ from imagefolder.train.eval import evaluate_generation
 
 def test_classifier_trains_saves_and_loads(tmp_path):
     path = tmp_path / "c.safetensors"
-    model, accuracy = train_classifier("shapes", path, steps=30, batch_size=20, config=ClassifierConfig(width=8),
-                                       progress=False, eval_count=100)
+    model, accuracy = train_classifier(
+        "shapes", path, steps=30, batch_size=20, config=ClassifierConfig(width=8), progress=False, eval_count=100
+    )
     assert accuracy > 0.2  # well above chance (0.1) after 30 steps
     loaded = load_classifier(path)
     x = torch.rand(2, 3, 64, 64) * 2 - 1

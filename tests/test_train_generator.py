@@ -101,8 +101,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, out: str, tokenizer: str,
 def test_ddp_two_processes_match_one(tmp_path, tokenizer_ckpt):
     # Class dropout is off: the two layouts draw different random numbers for it.
     torch.set_num_threads(1)
-    single = train_generator(_opts(tmp_path / "one", tokenizer_ckpt, steps=3), DistEnv(), _small_config(0.0),
-                             progress=False)
+    single = train_generator(
+        _opts(tmp_path / "one", tokenizer_ckpt, steps=3), DistEnv(), _small_config(0.0), progress=False
+    )
     result = tmp_path / "ddp.pt"
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two"), str(tokenizer_ckpt), str(result)), nprocs=2)
     ddp_state = torch.load(result, weights_only=True)

@@ -89,8 +89,15 @@ def test_global_batch_must_split_over_the_world(tmp_path):
 
 def test_state_of_a_run_with_other_parts_is_refused(tmp_path):
     """A state saved with a discriminator cannot resume a run without one, and the message says which."""
-    base = {"out": str(tmp_path), "steps": 2, "batch_size": 2, "perceptual": "none", "log_every": 1,
-            "save_every": 1, "stop_at": 1}
+    base = {
+        "out": str(tmp_path),
+        "steps": 2,
+        "batch_size": 2,
+        "perceptual": "none",
+        "log_every": 1,
+        "save_every": 1,
+        "stop_at": 1,
+    }
     torch.manual_seed(0)
     train_tokenizer(TokenizerTrainConfig(**base, disc_weight=0.5, disc_start=0), DistEnv(), tiny(), progress=False)
     with pytest.raises(TrainingStateError, match=r"holds .*'disc'.* this run has .*--no-resume"):

@@ -40,8 +40,14 @@ def teacher_path(tmp_path_factory):
 
 def _opts(out, teacher, **kw) -> TokenizerTrainConfig:
     base = {
-        "steps": 4, "batch_size": 4, "warmup": 1, "perceptual": "structure", "teacher": str(teacher),
-        "disc_start": 0, "log_every": 1, "save_every": 100,
+        "steps": 4,
+        "batch_size": 4,
+        "warmup": 1,
+        "perceptual": "structure",
+        "teacher": str(teacher),
+        "disc_start": 0,
+        "log_every": 1,
+        "save_every": 100,
     }
     return TokenizerTrainConfig(out=str(out), **{**base, **kw})
 

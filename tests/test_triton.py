@@ -50,10 +50,18 @@ def bundle(tmp_path):
 
 
 def test_pbtxt_writer():
-    text = to_pbtxt({
-        "name": 'a "q"', "max_batch_size": 0, "dims": [1, -1], "flag": True, "skip": None, "empty": [],
-        "input": [{"name": "x", "data_type": Enum("TYPE_FP32")}], "sub": {"v": 1.5},
-    })
+    text = to_pbtxt(
+        {
+            "name": 'a "q"',
+            "max_batch_size": 0,
+            "dims": [1, -1],
+            "flag": True,
+            "skip": None,
+            "empty": [],
+            "input": [{"name": "x", "data_type": Enum("TYPE_FP32")}],
+            "sub": {"v": 1.5},
+        }
+    )
     assert text == (
         'name: "a \\"q\\""\nmax_batch_size: 0\ndims: [ 1, -1 ]\nflag: true\n'
         'input {\n  name: "x"\n  data_type: TYPE_FP32\n}\nsub {\n  v: 1.5\n}\n'
@@ -172,9 +180,13 @@ def test_generate_model_runs_the_loop(bundle, tmp_path, monkeypatch):
     def prefill(labels):
         n = labels.shape[0]
         kv = np.full((L, n, H, 1, D), 1.0, np.float32)
-        return {"logits": np.zeros((n, 1, V2), np.float32), "keys": kv, "values": kv,
-                "cond_blocks": np.zeros((n, L, 6, gen.width), np.float32),
-                "cond_head": np.zeros((n, 2, gen.width), np.float32)}
+        return {
+            "logits": np.zeros((n, 1, V2), np.float32),
+            "keys": kv,
+            "values": kv,
+            "cond_blocks": np.zeros((n, L, 6, gen.width), np.float32),
+            "cond_head": np.zeros((n, 2, gen.width), np.float32),
+        }
 
     def sampler(logits, guidance, top_k, top_p, noise):
         b, q = noise.shape[:2]
@@ -197,8 +209,13 @@ def test_generate_model_runs_the_loop(bundle, tmp_path, monkeypatch):
     def decoder(indices):
         return {"image": np.zeros((indices.shape[0], 3, 64, 64), np.float32)}
 
-    engines = {"imagefolder_ar_prefill": prefill, "imagefolder_sampler": sampler, "imagefolder_fold": fold,
-               "imagefolder_ar_step": step, "imagefolder_decoder": decoder}
+    engines = {
+        "imagefolder_ar_prefill": prefill,
+        "imagefolder_sampler": sampler,
+        "imagefolder_fold": fold,
+        "imagefolder_ar_step": step,
+        "imagefolder_decoder": decoder,
+    }
     calls: list = []
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils(engines, calls))
     export_triton_repository(bundle, tmp_path / "repo")
@@ -217,13 +234,17 @@ def test_generate_model_runs_the_loop(bundle, tmp_path, monkeypatch):
     indices = outputs["indices"]
     assert indices.shape == (2, 2, P)
     for start, q in spans:  # each scale's tokens (0..q-1 here) land at its positions, per branch
-        assert (indices[:, :, start:start + q] == np.arange(q)).all()
+        assert (indices[:, :, start : start + q] == np.arange(q)).all()
     assert step_positions == [list(range(s, s + q)) for s, q in spans[1:]]
     assert cache_fill == [s for s, _ in spans[1:]]  # step si sees exactly the positions before its scale
     assert [c[0] for c in calls] == (
         ["imagefolder_ar_prefill"]
-        + [m for si in range(len(scales)) for m in ("imagefolder_sampler", "imagefolder_fold")
-           + (("imagefolder_ar_step",) if si < len(scales) - 1 else ())]
+        + [
+            m
+            for si in range(len(scales))
+            for m in ("imagefolder_sampler", "imagefolder_fold")
+            + (("imagefolder_ar_step",) if si < len(scales) - 1 else ())
+        ]
         + ["imagefolder_decoder"]
     )
     assert calls[0][1] == {"labels": (4,)}  # CFG: conditional rows, then the null class

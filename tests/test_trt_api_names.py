@@ -121,11 +121,26 @@ def used() -> dict[str, set[str]]:
 
 def test_collector_sees_the_calls_that_matter(used):
     # Guards the collector itself: if naming drifted (a TensorRT object not named trt_*), these vanish.
-    assert {"NetworkDefinitionCreationFlag.STRONGLY_TYPED", "OnnxParser", "BuilderFlag.GPU_FALLBACK",
-            "ExecutionContextAllocationStrategy.USER_MANAGED", "LayerInformationFormat.JSON"} <= used["module"]
-    assert {"parse_from_file", "build_serialized_network", "set_memory_pool_limit", "create_timing_cache",
-            "deserialize_cuda_engine", "set_optimization_profile_async", "set_input_shape", "set_tensor_address",
-            "execute_async_v3", "get_device_memory_size_for_profile_v2", "profiler"} <= used["object"]
+    assert {
+        "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
+        "OnnxParser",
+        "BuilderFlag.GPU_FALLBACK",
+        "ExecutionContextAllocationStrategy.USER_MANAGED",
+        "LayerInformationFormat.JSON",
+    } <= used["module"]
+    assert {
+        "parse_from_file",
+        "build_serialized_network",
+        "set_memory_pool_limit",
+        "create_timing_cache",
+        "deserialize_cuda_engine",
+        "set_optimization_profile_async",
+        "set_input_shape",
+        "set_tensor_address",
+        "execute_async_v3",
+        "get_device_memory_size_for_profile_v2",
+        "profiler",
+    } <= used["object"]
     assert {"report_layer_time", "phase_start", "step_complete", "phase_finish"} <= used["override"]
 
 

@@ -134,8 +134,11 @@ def test_step_latency_with_and_without_cuda_graphs(bundle):
                 timer.stop("run")
             times = [ms for label, ms in timer.collect() if label == "run"]
             assert len(times) == 3 and all(t > 0 for t in times)
-            log.warning("TensorRT tiny model, batch 1, CUDA graphs %s: %.3f ms per image (median of 3)",
-                        "on" if use_cuda_graphs else "off", float(np.median(times)))
+            log.warning(
+                "TensorRT tiny model, batch 1, CUDA graphs %s: %.3f ms per image (median of 3)",
+                "on" if use_cuda_graphs else "off",
+                float(np.median(times)),
+            )
             session.close()
 
 

@@ -124,8 +124,10 @@ def test_trt_check_runs_without_torch_and_its_inputs_fit_every_graph(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys, imagefolder.runtime.engine_check, imagefolder.export.trt_build, imagefolder.export.triton; "
-            "assert 'torch' not in sys.modules")
+    code = (
+        "import sys, imagefolder.runtime.engine_check, imagefolder.export.trt_build, imagefolder.export.triton; "
+        "assert 'torch' not in sys.modules"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode == 0
 
     import numpy as np

@@ -33,8 +33,9 @@ def exported(tmp_path_factory):
 
     config = tiny()
     tokenizer, generator = randomized(config)
-    return export_bundle(tmp_path_factory.mktemp("fake-trt"), tokenizer, generator, config, dtype="fp32",
-                         progress=False)
+    return export_bundle(
+        tmp_path_factory.mktemp("fake-trt"), tokenizer, generator, config, dtype="fp32", progress=False
+    )
 
 
 @pytest.fixture(scope="module", params=VERSIONS)
@@ -132,9 +133,12 @@ def test_generation_is_token_identical_to_onnx_runtime(built, gpu, expected, bat
         np.testing.assert_array_equal(result.indices, expected(LABELS[batch], **GREEDY).indices)
 
 
-@pytest.mark.xfail(strict=True, reason="DESIGN.md (TensorRT): 'captures the whole generation of its batch as one "
-                   "CUDA graph: each further image is one small upload, one launch, one download'; "
-                   "runtime/backends/trt.py captures one graph per stage and scale instead")
+@pytest.mark.xfail(
+    strict=True,
+    reason="DESIGN.md (TensorRT): 'captures the whole generation of its batch as one "
+    "CUDA graph: each further image is one small upload, one launch, one download'; "
+    "runtime/backends/trt.py captures one graph per stage and scale instead",
+)
 def test_one_graph_launch_per_image(built, gpu):
     from imagefolder.runtime.backends.trt import TrtBackend
 
@@ -205,8 +209,10 @@ def test_engines_are_refused_on_another_gpu_or_tensorrt(built, elsewhere):
     from imagefolder.runtime.backends.trt import TrtBackend
 
     root, version = built
-    other = {"another GPU": dict(trt_version=version, gpu_name="Fake Thor", compute_capability=(11, 0)),
-             "another TensorRT": dict(trt_version=VERSIONS[1 - VERSIONS.index(version)])}[elsewhere]
+    other = {
+        "another GPU": dict(trt_version=version, gpu_name="Fake Thor", compute_capability=(11, 0)),
+        "another TensorRT": dict(trt_version=VERSIONS[1 - VERSIONS.index(version)]),
+    }[elsewhere]
     with installed(**other), pytest.raises(EngineMismatch, match="imagefolder-export trt"):
         TrtBackend(root)
 
@@ -244,9 +250,11 @@ def test_the_real_gpu_tests_pass_on_the_fakes(tmp_path):
     import sys
     from pathlib import Path
 
-    code = ("import sys; from tests.fakes import installed; fakes = installed(); fakes.__enter__(); import pytest; "
-            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '--basetemp', {str(tmp_path / 'run')!r}, "
-            "'tests/test_trt_gpu.py']))")
+    code = (
+        "import sys; from tests.fakes import installed; fakes = installed(); fakes.__enter__(); import pytest; "
+        f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '--basetemp', {str(tmp_path / 'run')!r}, "
+        "'tests/test_trt_gpu.py']))"
+    )
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -23,8 +23,12 @@ def test_profile_counts(case):
     plan = plan_profiles(make_manifest(cfg), [1, 8])
     counts = {graph: len(profiles) for graph, profiles in plan.items()}
     assert counts == {
-        "encoder": 2, "decoder": 2, "ar_prefill": 2,
-        "ar_step": 2 * (sn - 1), "sampler": 2 * sn, "fold": 2 * sn,
+        "encoder": 2,
+        "decoder": 2,
+        "ar_prefill": 2,
+        "ar_step": 2 * (sn - 1),
+        "sampler": 2 * sn,
+        "fold": 2 * sn,
     }
     assert sum(counts.values()) == (6 + 2 * (sn - 1) + 4 * sn)  # tiny: 34, official: 64
 
@@ -70,7 +74,8 @@ def test_profile_shapes(case):
 def test_profile_serialises():
     profile = plan_profiles(make_manifest(tiny()), [1])["fold"][4]
     assert profile.to_dict() == {
-        "batch": 1, "scale_index": 4,
+        "batch": 1,
+        "scale_index": 4,
         "shapes": {"tokens": [1, 36, 2], "f_hat": [1, 32, 6, 6], "scale_index": [1], "next_positions": [36]},
     }
 

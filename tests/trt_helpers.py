@@ -23,9 +23,17 @@ def make_manifest(cfg: ModelConfig, dtype: str = "fp32", batch_max: int = 8, can
         for name, spec in specs.items()
     }
     return {
-        "format": "imagefolder-bundle", "schema_version": SCHEMA_VERSION, "name": cfg.name, "model": cfg.to_dict(),
-        "dtype": dtype, "state_dtype": sd, "opset": 17, "batch_max": batch_max, "sampler_candidates": candidates,
-        "graphs": graphs, "files": {},
+        "format": "imagefolder-bundle",
+        "schema_version": SCHEMA_VERSION,
+        "name": cfg.name,
+        "model": cfg.to_dict(),
+        "dtype": dtype,
+        "state_dtype": sd,
+        "opset": 17,
+        "batch_max": batch_max,
+        "sampler_candidates": candidates,
+        "graphs": graphs,
+        "files": {},
     }
 
 
@@ -54,12 +62,16 @@ def fake_build_record(manifest: dict, batches: list[int]) -> dict:
 
     plan = plan_profiles(manifest, batches)
     return {
-        "format": BUILD_FORMAT, "schema_version": BUILD_SCHEMA_VERSION, "tensorrt_version": "10.3.0",
-        "gpu": {"name": "Orin", "compute_capability": "8.7"}, "batches": sorted(batches),
+        "format": BUILD_FORMAT,
+        "schema_version": BUILD_SCHEMA_VERSION,
+        "tensorrt_version": "10.3.0",
+        "gpu": {"name": "Orin", "compute_capability": "8.7"},
+        "batches": sorted(batches),
         "flags": {"hardware_compat": "none", "version_compat": False},
         "graphs": {
             graph: {
-                "file": f"engines/{graph}.plan", "onnx_file": f"{graph}.onnx",
+                "file": f"engines/{graph}.plan",
+                "onnx_file": f"{graph}.onnx",
                 "onnx_sha256": manifest["files"].get(f"{graph}.onnx", {}).get("sha256"),
                 "profiles": [dict(index=i, **p.to_dict()) for i, p in enumerate(profiles)],
             }

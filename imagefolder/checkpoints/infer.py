@@ -143,7 +143,6 @@ def _pair(tok: TokenizerConfig | None, gen: GeneratorConfig | None) -> ModelConf
         raise CheckpointError(f"the tokenizer and generator weights do not belong together: {exc}") from exc
 
 
-
 def infer_config(
     tokenizer_state: Mapping[str, torch.Tensor] | None,
     generator_state: Mapping[str, torch.Tensor] | None,
@@ -161,4 +160,3 @@ def infer_config(
     branches = 2 if tok is None else tok.num_branches
     gen = None if generator_state is None else _infer_generator(generator_state, scales, branches)
     return _pair(tok, gen)
-

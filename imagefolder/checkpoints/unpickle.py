@@ -180,4 +180,3 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(plain(v) for v in obj)
     return obj
-

@@ -38,10 +38,15 @@ MANIFEST = "manifest.json"
 
 # ONNX TensorProto element types → the dtype names of the manifest.
 _ONNX_DTYPES = {
-    1: "float32", 2: "uint8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 16: "bfloat16",
+    1: "float32",
+    2: "uint8",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+    16: "bfloat16",
 }
-
-
 
 
 @dataclass(frozen=True)
@@ -130,8 +135,10 @@ class Bundle:
 
 
 def _manifest_io(entry: dict) -> list[list[dict]]:
-    return [[{"name": t["name"], "dtype": t["dtype"], "shape": list(t["shape"])} for t in entry[kind]]
-            for kind in ("inputs", "outputs")]
+    return [
+        [{"name": t["name"], "dtype": t["dtype"], "shape": list(t["shape"])} for t in entry[kind]]
+        for kind in ("inputs", "outputs")
+    ]
 
 
 def onnx_io(path: str | os.PathLike) -> dict[str, list[dict]]:
@@ -265,8 +272,14 @@ _SCHEMA = {
     "model": {
         "tokenizer": {"image_size": int},
         "generator": {
-            "scales": [int], "num_classes": int, "codebook_size": int, "num_branches": int, "code_dim": int,
-            "depth": int, "heads": int, "width": int,
+            "scales": [int],
+            "num_classes": int,
+            "codebook_size": int,
+            "num_branches": int,
+            "code_dim": int,
+            "depth": int,
+            "heads": int,
+            "width": int,
         },
     },
     "dtype": str,
@@ -320,8 +333,9 @@ def _check_files(root: Path, manifest: dict, verify: bool) -> None:
     for name, entry in manifest["graphs"].items():
         for rel in [entry["file"], *entry["external_data"]]:
             if rel not in files:
-                raise BundleError(f"{root}: {rel} (read by the {name} graph) is not listed with a sha256; "
-                                  "re-export the bundle")
+                raise BundleError(
+                    f"{root}: {rel} (read by the {name} graph) is not listed with a sha256; re-export the bundle"
+                )
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:

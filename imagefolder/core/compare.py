@@ -55,8 +55,13 @@ def compare_outputs(
     for tensor in spec.outputs:
         got, want = np.asarray(actual[tensor.name]), np.asarray(expected[tensor.name])
         if got.shape != want.shape:
-            report[tensor.name] = {"metric": "shape", "value": float("inf"), "tolerance": 0.0, "ok": False,
-                                   "detail": f"{got.shape} != {want.shape}"}
+            report[tensor.name] = {
+                "metric": "shape",
+                "value": float("inf"),
+                "tolerance": 0.0,
+                "ok": False,
+                "detail": f"{got.shape} != {want.shape}",
+            }
         elif np.issubdtype(want.dtype, np.integer):
             limit = limits["tokens" if tensor.role == "tokens" else "indices"]
             mismatch = float((got != want).mean()) if want.size else 0.0
@@ -66,8 +71,13 @@ def compare_outputs(
             scale = float(np.abs(want.astype(np.float64)).max()) if want.size else 0.0
             relative = diff / (scale or 1.0)
             limit = limits["relative"]
-            report[tensor.name] = {"metric": "max_rel", "value": relative, "max_abs": diff, "tolerance": limit,
-                                   "ok": bool(np.isfinite(relative)) and relative <= limit}
+            report[tensor.name] = {
+                "metric": "max_rel",
+                "value": relative,
+                "max_abs": diff,
+                "tolerance": limit,
+                "ok": bool(np.isfinite(relative)) and relative <= limit,
+            }
     return report
 
 
@@ -90,9 +100,17 @@ class CheckReport:
     def add(self, graph: str, scale: int | None, comparison: dict[str, dict]) -> None:
         """Add the rows of one ``compare_outputs`` result."""
         for output, entry in comparison.items():
-            self.rows.append({"graph": graph, "scale": "-" if scale is None else scale, "output": output,
-                              "metric": entry["metric"], "value": entry["value"], "tolerance": entry["tolerance"],
-                              "ok": entry["ok"]})
+            self.rows.append(
+                {
+                    "graph": graph,
+                    "scale": "-" if scale is None else scale,
+                    "output": output,
+                    "metric": entry["metric"],
+                    "value": entry["value"],
+                    "tolerance": entry["tolerance"],
+                    "ok": entry["ok"],
+                }
+            )
 
     @property
     def ok(self) -> bool:
@@ -101,8 +119,10 @@ class CheckReport:
     def table(self) -> str:
         lines = [f"{'graph':<11} {'scale':>5}  {'output':<12} {'metric':<9} {'value':>10} {'tolerance':>10}  ok"]
         for r in self.rows:
-            lines.append(f"{r['graph']:<11} {r['scale']:>5}  {r['output']:<12} {r['metric']:<9} "
-                         f"{r['value']:>10.3e} {r['tolerance']:>10.0e}  {'yes' if r['ok'] else 'NO'}")
+            lines.append(
+                f"{r['graph']:<11} {r['scale']:>5}  {r['output']:<12} {r['metric']:<9} "
+                f"{r['value']:>10.3e} {r['tolerance']:>10.0e}  {'yes' if r['ok'] else 'NO'}"
+            )
         if self.operators:
             lines += ["", "TensorRT 10.3 ONNX operator support:"]
             for name, report in self.operators.items():

@@ -135,14 +135,20 @@ class DeviceArray:
 def memcpy_htod_async(dst: int, array: np.ndarray, stream: Stream) -> None:
     # Pageable host memory: the runtime stages the data before returning, so the array may go away.
     rt = cudart()
-    check(rt.cudaMemcpyAsync(dst, array.ctypes.data, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
-                             stream.handle))
+    check(
+        rt.cudaMemcpyAsync(
+            dst, array.ctypes.data, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle
+        )
+    )
 
 
 def memcpy_dtoh_async(array: np.ndarray, src: int, stream: Stream) -> None:
     rt = cudart()
-    check(rt.cudaMemcpyAsync(array.ctypes.data, src, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
-                             stream.handle))
+    check(
+        rt.cudaMemcpyAsync(
+            array.ctypes.data, src, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle
+        )
+    )
 
 
 def memcpy2d_dtod_async(
@@ -150,8 +156,11 @@ def memcpy2d_dtod_async(
 ) -> None:
     """Copy ``height`` rows of ``width`` bytes between pitched device regions (capturable in a CUDA graph)."""
     rt = cudart()
-    check(rt.cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height,
-                               rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.handle))
+    check(
+        rt.cudaMemcpy2DAsync(
+            dst, dst_pitch, src, src_pitch, width, height, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.handle
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

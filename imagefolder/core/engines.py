@@ -48,8 +48,10 @@ def read_build_record(bundle_dir: Path) -> dict:
     """The parsed ``engines/build.json`` of a bundle; ``EngineMismatch`` if absent or not ours."""
     path = bundle_dir / ENGINE_DIR / BUILD_RECORD
     if not path.is_file():
-        raise EngineMismatch(f"{bundle_dir} has no TensorRT engines ({path} is missing); build them with "
-                             f"`imagefolder-export trt {bundle_dir}`")
+        raise EngineMismatch(
+            f"{bundle_dir} has no TensorRT engines ({path} is missing); build them with "
+            f"`imagefolder-export trt {bundle_dir}`"
+        )
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -81,7 +83,8 @@ def check_build_record(record: dict, trt_version: str, gpu: dict, manifest: dict
         gpu_ok = gpu["compute_capability"] == built_gpu.get("compute_capability")
     else:
         gpu_ok = (gpu["name"], gpu["compute_capability"]) == (
-            built_gpu.get("name"), built_gpu.get("compute_capability")
+            built_gpu.get("name"),
+            built_gpu.get("compute_capability"),
         )
     if not (trt_ok and gpu_ok):
         raise EngineMismatch(f"the engines were {where}; {here}: {REBUILD_HINT}")

@@ -35,8 +35,19 @@ SCALE_USES = ("batch", "all", "steps")
 
 # What a tensor holds; ``example_inputs`` draws inputs by role and ``compare`` picks tolerances by it.
 ROLES = (
-    "image", "indices", "labels", "tokens", "positions", "next_positions", "scale_index",
-    "guidance", "top_k", "top_p", "uniform", "logits", "state",
+    "image",
+    "indices",
+    "labels",
+    "tokens",
+    "positions",
+    "next_positions",
+    "scale_index",
+    "guidance",
+    "top_k",
+    "top_p",
+    "uniform",
+    "logits",
+    "state",
 )
 
 

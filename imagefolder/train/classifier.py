@@ -50,8 +50,12 @@ class ClassifierConfig:
 
 def _stage(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.GELU(),
-        nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.GELU(),
+        nn.Conv2d(cin, cout, 3, stride=2, padding=1),
+        nn.GroupNorm(8, cout),
+        nn.GELU(),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.GroupNorm(8, cout),
+        nn.GELU(),
     )
 
 
@@ -135,8 +139,15 @@ _CLASSIFIER_RANGES = {"steps": COUNT, "batch_size": COUNT, "lr": POSITIVE, "seed
 
 
 def train_classifier(
-    data: str, out: str | Path, steps: int = 600, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-    config: ClassifierConfig | None = None, progress: bool = True, eval_count: int = 500,
+    data: str,
+    out: str | Path,
+    steps: int = 600,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    config: ClassifierConfig | None = None,
+    progress: bool = True,
+    eval_count: int = 500,
 ) -> tuple[Classifier, float]:
     """Train on ``data`` and save to ``out``; returns the model and its accuracy on ``eval_count`` held-out images.
 

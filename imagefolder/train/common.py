@@ -250,8 +250,9 @@ class MetricsLog:
             self.writer.close()
 
 
-def run_training(trainer, opts, env: DistEnv, desc: str, export_name: str, show: tuple[str, ...],
-                 progress: bool = True):
+def run_training(
+    trainer, opts, env: DistEnv, desc: str, export_name: str, show: tuple[str, ...], progress: bool = True
+):
     """The loop both trainers share: resume, step until ``opts.steps`` (or ``opts.stop_at``), log,
     save every ``opts.save_every`` steps, and export ``export_name`` when the schedule is complete.
 

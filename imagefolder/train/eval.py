@@ -171,7 +171,8 @@ def evaluate_checkpoint(opts: EvalConfig) -> dict:
             raise CheckpointError(f"{path} holds no tokenizer, which generation needs; pass --no-generation")
         judge = load_classifier(opts.classifier or default_classifier_path())
         sampling = {"cfg": opts.cfg, "top_k": opts.top_k, "top_p": opts.top_p}
-        result["generation"] = evaluate_generation(generator, tokenizer, judge, heldout, opts.num_images, opts.seed,
-                                                   **sampling)
+        result["generation"] = evaluate_generation(
+            generator, tokenizer, judge, heldout, opts.num_images, opts.seed, **sampling
+        )
         result["generation"]["sampling"] = sampling
     return result

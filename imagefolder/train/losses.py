@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 class MissingWeights(ImagefolderError, FileNotFoundError):
     """Pretrained weights (LPIPS, DINOv2) are not on this machine; nothing is downloaded."""
 
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DINOV2_REPO = "facebookresearch_dinov2_main"

@@ -95,8 +95,15 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, tokenizer: Tokenizer, generator: Generator, candidates: int, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, batch_max: int = 64):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        generator: Generator,
+        candidates: int,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_max: int = 64,
+    ):
         self.device, self.dtype, self.batch_max = torch.device(device), dtype, batch_max
         self.tokenizer = tokenizer.eval().to(self.device, dtype)
         self.generator = generator.eval().to(self.device, dtype)

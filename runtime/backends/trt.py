@@ -41,7 +41,6 @@ from imagefolder.runtime.backends.base import BundleFacts
 log = logging.getLogger(__name__)
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Engine
 
@@ -85,9 +84,7 @@ class ExecutionContext:
             return
         names = set(self.engine.io_names)
         if set(addresses) != names:
-            raise KeyError(
-                f"{self.engine.name}: bound {sorted(addresses)}, the engine's tensors are {sorted(names)}"
-            )
+            raise KeyError(f"{self.engine.name}: bound {sorted(addresses)}, the engine's tensors are {sorted(names)}")
         for name, ptr in addresses.items():
             if not self.trt_context.set_tensor_address(name, int(ptr)):
                 raise RuntimeError(f"{self.engine.name}: TensorRT refused the address of {name}")
@@ -289,8 +286,9 @@ class TrtBackend(BundleFacts):
         engine = self.engine(graph)
         return engine.context(engine.profile_for(batch, scale_index), self.stream)
 
-    def run(self, context: ExecutionContext, addresses: dict[str, int], graphs: dict | None, stage: str,
-            after=None) -> None:
+    def run(
+        self, context: ExecutionContext, addresses: dict[str, int], graphs: dict | None, stage: str, after=None
+    ) -> None:
         """Run one stage: the engine, then ``after()`` (device copies), as a CUDA graph when ``graphs`` is a dict.
 
         The first call with a given key runs normally (it also flushes TensorRT's deferred work) and then
@@ -330,8 +328,9 @@ class TrtBackend(BundleFacts):
         self._sessions.append(session)
         return session
 
-    def run_graph(self, graph: str, inputs: dict[str, np.ndarray], batch: int,
-                  scale_index: int | None = None) -> dict[str, np.ndarray]:
+    def run_graph(
+        self, graph: str, inputs: dict[str, np.ndarray], batch: int, scale_index: int | None = None
+    ) -> dict[str, np.ndarray]:
         """Run one engine on host arrays with the profile of (batch, scale) and return its outputs.
 
         For checks and single-shot use (encode, decode); the generation loop keeps everything on the device.
@@ -444,6 +443,7 @@ class TrtSession:
     def _allocate(self) -> None:
         stream, sn = self.backend.stream, self.num_scales
         steps = range(1, sn)
+
         def own(graph: str, name: str, si: int = 0) -> cuda.DeviceArray:
             return self._array(self._shape(graph, name, si), self._dtype(graph, name))
 
@@ -452,7 +452,8 @@ class TrtSession:
         self.cache_keys, self.cache_values = own("ar_step", "past_keys"), own("ar_step", "past_values")
         # Logits: prefill and step write them, the sampler reads them; one buffer, a view per scale.
         self.logits_buffer = self._shared(
-            [("ar_prefill", "logits", 0)] + [("ar_step", "logits", si) for si in steps]
+            [("ar_prefill", "logits", 0)]
+            + [("ar_step", "logits", si) for si in steps]
             + [("sampler", "logits", si) for si in range(sn)]
         )
         # This step's keys/values, copied into the cache after each step.
@@ -498,8 +499,9 @@ class TrtSession:
         esize = self.cache_keys.dtype.itemsize
         row, width = shape[3] * shape[4] * esize, q * shape[4] * esize
         for cache, new in ((self.cache_keys, self.new_keys), (self.cache_values, self.new_values)):
-            cuda.memcpy2d_dtod_async(cache.ptr + start * shape[4] * esize, row, new.ptr, width, width, rows,
-                                     self.backend.stream)
+            cuda.memcpy2d_dtod_async(
+                cache.ptr + start * shape[4] * esize, row, new.ptr, width, width, rows, self.backend.stream
+            )
 
     def _scatter_tokens(self, si: int) -> None:
         """tokens (B, q, nb) of one scale → indices (B, nb, P) at the scale's positions."""
@@ -508,9 +510,13 @@ class TrtSession:
         for b in range(self.batch):
             for branch in range(self.nb):
                 cuda.memcpy2d_dtod_async(
-                    self.indices_dev.ptr + ((b * self.nb + branch) * positions + start) * esize, esize,
-                    self.tokens[si].ptr + (b * q * self.nb + branch) * esize, self.nb * esize,
-                    esize, q, self.backend.stream,
+                    self.indices_dev.ptr + ((b * self.nb + branch) * positions + start) * esize,
+                    esize,
+                    self.tokens[si].ptr + (b * q * self.nb + branch) * esize,
+                    self.nb * esize,
+                    esize,
+                    q,
+                    self.backend.stream,
                 )
 
     # -- Session protocol ----------------------------------------------------------------------------------------------
@@ -526,9 +532,12 @@ class TrtSession:
         stream = self.backend.stream
         self.labels.upload(cfg_rows(labels, self.null_class).astype(self.labels.dtype), stream)
         addresses = {
-            "labels": self.labels.ptr, "logits": self.logits_buffer.ptr,
-            "keys": self.new_keys.ptr, "values": self.new_values.ptr,
-            "cond_blocks": self.cond_blocks.ptr, "cond_head": self.cond_head.ptr,
+            "labels": self.labels.ptr,
+            "logits": self.logits_buffer.ptr,
+            "keys": self.new_keys.ptr,
+            "values": self.new_values.ptr,
+            "cond_blocks": self.cond_blocks.ptr,
+            "cond_head": self.cond_head.ptr,
         }
 
         def after():
@@ -548,16 +557,23 @@ class TrtSession:
         self.top_k.upload(np.array([top_k], self.top_k.dtype), stream)
         self.top_p.upload(np.array([top_p], self.top_p.dtype), stream)
         addresses = {
-            "logits": self.logits_buffer.ptr, "guidance": self.guidance.ptr, "top_k": self.top_k.ptr,
-            "top_p": self.top_p.ptr, "noise": self.noise.ptr, "tokens": self.tokens[si].ptr,
+            "logits": self.logits_buffer.ptr,
+            "guidance": self.guidance.ptr,
+            "top_k": self.top_k.ptr,
+            "top_p": self.top_p.ptr,
+            "noise": self.noise.ptr,
+            "tokens": self.tokens[si].ptr,
         }
         self.backend.run(self.ctx_sampler[si], addresses, self.graphs, "sample", lambda: self._scatter_tokens(si))
 
     def fold(self, scale_index: int) -> None:
         si = scale_index
         addresses = {
-            "tokens": self.tokens[si].ptr, "f_hat": self.f_hat[si % 2].ptr, "scale_index": self.scale_index[si].ptr,
-            "next_positions": self.next_positions[si].ptr, "f_hat_out": self.f_hat[(si + 1) % 2].ptr,
+            "tokens": self.tokens[si].ptr,
+            "f_hat": self.f_hat[si % 2].ptr,
+            "scale_index": self.scale_index[si].ptr,
+            "next_positions": self.next_positions[si].ptr,
+            "f_hat_out": self.f_hat[(si + 1) % 2].ptr,
             "x_next": self.x_next.ptr,
         }
         self.backend.run(self.ctx_fold[si], addresses, self.graphs, "fold")
@@ -567,10 +583,15 @@ class TrtSession:
         if not 1 <= si < self.num_scales:
             raise ValueError(f"step scale {si} is outside 1..{self.num_scales - 1}")
         addresses = {
-            "x_folded": self.x_next.ptr, "positions": self.positions[si].ptr,
-            "cond_blocks": self.cond_blocks.ptr, "cond_head": self.cond_head.ptr,
-            "past_keys": self.cache_keys.ptr, "past_values": self.cache_values.ptr,
-            "logits": self.logits_buffer.ptr, "keys": self.new_keys.ptr, "values": self.new_values.ptr,
+            "x_folded": self.x_next.ptr,
+            "positions": self.positions[si].ptr,
+            "cond_blocks": self.cond_blocks.ptr,
+            "cond_head": self.cond_head.ptr,
+            "past_keys": self.cache_keys.ptr,
+            "past_values": self.cache_values.ptr,
+            "logits": self.logits_buffer.ptr,
+            "keys": self.new_keys.ptr,
+            "values": self.new_values.ptr,
         }
         self.backend.run(self.ctx_step[si], addresses, self.graphs, "step", lambda: self._append_cache(si))
 

@@ -59,9 +59,13 @@ def _reset_product_cache() -> None:
 
 
 @contextlib.contextmanager
-def installed(trt_version: str = VERSIONS[0], gpu_name: str = DEFAULT_GPU[0],
-              compute_capability: tuple[int, int] = DEFAULT_GPU[1], num_dla_cores: int = 0,
-              total_memory: int = 8 << 30) -> Iterator[FakeGpu]:
+def installed(
+    trt_version: str = VERSIONS[0],
+    gpu_name: str = DEFAULT_GPU[0],
+    compute_capability: tuple[int, int] = DEFAULT_GPU[1],
+    num_dla_cores: int = 0,
+    total_memory: int = 8 << 30,
+) -> Iterator[FakeGpu]:
     """Fake ``tensorrt`` and cuda-python in ``sys.modules`` for the block, on one simulated GPU."""
     cuda = FakeCuda(gpu_name, compute_capability, total_memory)
     trt = make_module(trt_version, cuda, num_dla_cores)

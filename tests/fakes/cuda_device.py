@@ -177,8 +177,13 @@ class Op:
 class Device:
     """One simulated GPU's state and shared machinery (the API calls are ``cudart.FakeCuda``'s)."""
 
-    def __init__(self, name: str = "Fake Orin", compute_capability: tuple[int, int] = (8, 7),
-                 total_memory: int = 8 << 30, integrated: bool = True):
+    def __init__(
+        self,
+        name: str = "Fake Orin",
+        compute_capability: tuple[int, int] = (8, 7),
+        total_memory: int = 8 << 30,
+        integrated: bool = True,
+    ):
         self.name, self.compute_capability = name, tuple(compute_capability)
         self.total_memory, self.integrated = int(total_memory), integrated
         self.device: list[Allocation] = []  # sorted by base
@@ -231,9 +236,12 @@ class Device:
         offset = ptr - alloc.base
         if offset + nbytes > alloc.size:
             over = offset + nbytes - alloc.size
-            raise Fault(E.cudaErrorInvalidValue, f"{what} 0x{ptr:x}+{nbytes} overruns its allocation of "
-                                                 f"{alloc.size} bytes at 0x{alloc.base:x} by {over}")
-        return alloc.data[offset:offset + nbytes]
+            raise Fault(
+                E.cudaErrorInvalidValue,
+                f"{what} 0x{ptr:x}+{nbytes} overruns its allocation of "
+                f"{alloc.size} bytes at 0x{alloc.base:x} by {over}",
+            )
+        return alloc.data[offset : offset + nbytes]
 
     def host_address(self, ptr: int, nbytes: int, what: str = "host memory") -> int:
         """A host pointer's real address: pinned allocations are bounds-checked, pageable memory is trusted."""
@@ -292,8 +300,10 @@ class Device:
             if self.streams[handle].done >= seq:
                 continue
             if ctypes.string_at(address, nbytes) != snapshot:
-                self.faults.append(f"the host modified pinned memory 0x{address:x} ({nbytes} bytes) while an "
-                                   f"asynchronous copy from it on stream 0x{handle:x} was not yet synchronised")
+                self.faults.append(
+                    f"the host modified pinned memory 0x{address:x} ({nbytes} bytes) while an "
+                    f"asynchronous copy from it on stream 0x{handle:x} was not yet synchronised"
+                )
                 continue
             pending.append((handle, seq, address, nbytes, snapshot))
         self.pending_reads = pending
@@ -303,8 +313,9 @@ class Device:
 
     def unsafe(self, call: str) -> cudaError_t | None:
         """A potentially unsafe call: refused (and the capture invalidated) during a non-relaxed capture."""
-        strict = [s for s in self.active_captures()
-                  if s.capture.mode != cudaStreamCaptureMode.cudaStreamCaptureModeRelaxed]
+        strict = [
+            s for s in self.active_captures() if s.capture.mode != cudaStreamCaptureMode.cudaStreamCaptureModeRelaxed
+        ]
         for s in strict:
             s.capture.invalidated = True
         if strict:
@@ -326,7 +337,7 @@ class Device:
         else:
             raw = np.zeros(padded + ALIGNMENT, np.uint8)
             shift = -raw.ctypes.data % ALIGNMENT
-            data = raw[shift:shift + padded]
+            data = raw[shift : shift + padded]
             base = data.ctypes.data
         alloc = Allocation(base, size, data)
         bisect.insort(table, alloc, key=lambda a: a.base)
@@ -346,8 +357,9 @@ class Device:
 
     # -- copies --------------------------------------------------------------------------------------------------------
 
-    def _copy_op(self, dst: int, src: int, width: int, height: int, dpitch: int, spitch: int,
-                 kind: cudaMemcpyKind, label: str) -> Op:
+    def _copy_op(
+        self, dst: int, src: int, width: int, height: int, dpitch: int, spitch: int, kind: cudaMemcpyKind, label: str
+    ) -> Op:
         """Validate a (2D) copy now and return the op that performs it (re-validated when it runs)."""
         if kind == cudaMemcpyKind.cudaMemcpyDefault:
             src_dev, dst_dev = self.is_device_pointer(src), self.is_device_pointer(dst)

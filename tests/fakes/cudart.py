@@ -104,8 +104,17 @@ class FakeCuda(Device):
         for attr in dir(self):
             if attr.startswith("cuda"):
                 setattr(module, attr, getattr(self, attr))
-        for obj in (cudaError_t, cudaMemcpyKind, cudaStreamCaptureMode, cudaStreamCaptureStatus, cudaStream_t,
-                    cudaEvent_t, cudaGraph_t, cudaGraphExec_t, cudaDeviceProp):
+        for obj in (
+            cudaError_t,
+            cudaMemcpyKind,
+            cudaStreamCaptureMode,
+            cudaStreamCaptureStatus,
+            cudaStream_t,
+            cudaEvent_t,
+            cudaGraph_t,
+            cudaGraphExec_t,
+            cudaDeviceProp,
+        ):
             setattr(module, obj.__name__, obj)
         module.cudaStreamDefault, module.cudaStreamNonBlocking = 0, 1
         module.cudaStreamLegacy, module.cudaStreamPerThread = 1, 2
@@ -201,8 +210,16 @@ class FakeCuda(Device):
             return (E.cudaErrorInvalidPitchValue,)
         try:
             self.stream(stream)
-            op = self._copy_op(int(dst), int(src), int(width), int(height), int(dpitch), int(spitch), kind,
-                               f"cudaMemcpy2DAsync({kind.name})")
+            op = self._copy_op(
+                int(dst),
+                int(src),
+                int(width),
+                int(height),
+                int(dpitch),
+                int(spitch),
+                kind,
+                f"cudaMemcpy2DAsync({kind.name})",
+            )
         except Fault as fault:
             self.faults.append(str(fault))
             return (fault.code,)

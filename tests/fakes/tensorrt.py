@@ -118,27 +118,50 @@ def enums(major: int) -> dict[str, type[IntEnum]]:
         creation = _enum("NetworkDefinitionCreationFlag", ["EXPLICIT_BATCH", "STRONGLY_TYPED"])
         compat = _enum("HardwareCompatibilityLevel", ["NONE", "AMPERE_PLUS"])
     else:
-        creation = _enum("NetworkDefinitionCreationFlag",
-                         ["STRONGLY_TYPED", "PREFER_JIT_PYTHON_PLUGINS", "PREFER_AOT_PYTHON_PLUGINS"])
+        creation = _enum(
+            "NetworkDefinitionCreationFlag",
+            ["STRONGLY_TYPED", "PREFER_JIT_PYTHON_PLUGINS", "PREFER_AOT_PYTHON_PLUGINS"],
+        )
         compat = _enum("HardwareCompatibilityLevel", ["NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY"])
     return {
-        "DataType": _enum("DataType", ["FLOAT", "HALF", "INT8", "INT32", "BOOL", "UINT8", "FP8", "BF16", "INT64",
-                                       "INT4"]),
+        "DataType": _enum(
+            "DataType", ["FLOAT", "HALF", "INT8", "INT32", "BOOL", "UINT8", "FP8", "BF16", "INT64", "INT4"]
+        ),
         "TensorIOMode": _enum("TensorIOMode", ["NONE", "INPUT", "OUTPUT"]),
         "TensorLocation": _enum("TensorLocation", ["DEVICE", "HOST"]),
-        "ExecutionContextAllocationStrategy": _enum("ExecutionContextAllocationStrategy",
-                                                    ["STATIC", "ON_PROFILE_CHANGE", "USER_MANAGED"]),
+        "ExecutionContextAllocationStrategy": _enum(
+            "ExecutionContextAllocationStrategy", ["STATIC", "ON_PROFILE_CHANGE", "USER_MANAGED"]
+        ),
         "ProfilingVerbosity": _enum("ProfilingVerbosity", ["LAYER_NAMES_ONLY", "NONE", "DETAILED"]),
         "LayerInformationFormat": _enum("LayerInformationFormat", ["ONELINE", "JSON"]),
-        "MemoryPoolType": _enum("MemoryPoolType", ["WORKSPACE", "DLA_MANAGED_SRAM", "DLA_LOCAL_DRAM",
-                                                   "DLA_GLOBAL_DRAM", "TACTIC_DRAM", "TACTIC_SHARED_MEMORY"]),
+        "MemoryPoolType": _enum(
+            "MemoryPoolType",
+            [
+                "WORKSPACE",
+                "DLA_MANAGED_SRAM",
+                "DLA_LOCAL_DRAM",
+                "DLA_GLOBAL_DRAM",
+                "TACTIC_DRAM",
+                "TACTIC_SHARED_MEMORY",
+            ],
+        ),
         "BuilderFlag": _enum("BuilderFlag", flags),
         "DeviceType": _enum("DeviceType", ["GPU", "DLA"]),
         "HardwareCompatibilityLevel": compat,
         "NetworkDefinitionCreationFlag": creation,
-        "ErrorCode": _enum("ErrorCode", ["SUCCESS", "INTERNAL_ERROR"] + ["MEM_ALLOC_FAILED"] * (major < 11) + [
-            "MODEL_DESERIALIZE_FAILED", "INVALID_VALUE", "INVALID_GRAPH", "INVALID_NODE", "UNSUPPORTED_GRAPH",
-            "UNSUPPORTED_NODE"]),  # the 11.4 listing has no MEM_ALLOC_FAILED
+        "ErrorCode": _enum(
+            "ErrorCode",
+            ["SUCCESS", "INTERNAL_ERROR"]
+            + ["MEM_ALLOC_FAILED"] * (major < 11)
+            + [
+                "MODEL_DESERIALIZE_FAILED",
+                "INVALID_VALUE",
+                "INVALID_GRAPH",
+                "INVALID_NODE",
+                "UNSUPPORTED_GRAPH",
+                "UNSUPPORTED_NODE",
+            ],
+        ),  # the 11.4 listing has no MEM_ALLOC_FAILED
     }
 
 
@@ -212,10 +235,10 @@ def unpack_plan(data: bytes) -> tuple[dict, bytes] | None:
     (length,) = struct.unpack_from("<I", data, len(MAGIC))
     start = len(MAGIC) + 4
     try:
-        header = json.loads(data[start:start + length])
+        header = json.loads(data[start : start + length])
     except ValueError:
         return None
-    onnx_bytes = data[start + length:]
+    onnx_bytes = data[start + length :]
     if not isinstance(header, dict) or header.get("onnx_sha256") != hashlib.sha256(onnx_bytes).hexdigest():
         return None
     return header, onnx_bytes
@@ -231,7 +254,7 @@ def unpack_timing_cache(data: bytes) -> dict | None:
     if not data.startswith(TIMING_MAGIC):
         return None
     try:
-        return json.loads(data[len(TIMING_MAGIC):])
+        return json.loads(data[len(TIMING_MAGIC) :])
     except ValueError:
         return None
 
@@ -261,8 +284,9 @@ def make_module(version: str, cuda: FakeCuda, num_dla_cores: int = 0) -> types.M
     for name, enum in enums(env.major).items():
         setattr(module, name, enum)
     severity = _enum("Severity", list(SEVERITIES))
-    logger_base = type("ILogger", (ILogger,), {"Severity": severity, "__module__": "tensorrt",
-                                               **{s.name: s for s in severity}})
+    logger_base = type(
+        "ILogger", (ILogger,), {"Severity": severity, "__module__": "tensorrt", **{s.name: s for s in severity}}
+    )
     module.ILogger = logger_base
     module.Logger = type("Logger", (Logger, logger_base), {"__module__": "tensorrt"})
     module.Dims = Dims

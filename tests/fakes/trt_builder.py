@@ -42,18 +42,54 @@ from tests.fakes.tensorrt import (
 )
 
 # onnx-tensorrt docs/operators.md: operators marked N in every edition from TensorRT 8.5 to 10.x.
-UNSUPPORTED_OPS = frozenset({
-    "BitShift", "Compress", "ConcatFromSequence", "ConvInteger", "Det", "DynamicQuantizeLinear", "MatMulInteger",
-    "MaxRoiPool", "MaxUnpool", "MelWeightMatrix", "Multinomial", "NegativeLogLikelihoodLoss", "Optional",
-    "OptionalGetElement", "OptionalHasElement", "QLinearConv", "QLinearMatMul", "SequenceAt", "SequenceConstruct",
-    "SequenceEmpty", "SequenceErase", "SequenceInsert", "SequenceLength", "SequenceMap", "SoftmaxCrossEntropyLoss",
-    "SplitToSequence", "StringNormalizer", "TfIdfVectorizer", "Unique",
-})
+UNSUPPORTED_OPS = frozenset(
+    {
+        "BitShift",
+        "Compress",
+        "ConcatFromSequence",
+        "ConvInteger",
+        "Det",
+        "DynamicQuantizeLinear",
+        "MatMulInteger",
+        "MaxRoiPool",
+        "MaxUnpool",
+        "MelWeightMatrix",
+        "Multinomial",
+        "NegativeLogLikelihoodLoss",
+        "Optional",
+        "OptionalGetElement",
+        "OptionalHasElement",
+        "QLinearConv",
+        "QLinearMatMul",
+        "SequenceAt",
+        "SequenceConstruct",
+        "SequenceEmpty",
+        "SequenceErase",
+        "SequenceInsert",
+        "SequenceLength",
+        "SequenceMap",
+        "SoftmaxCrossEntropyLoss",
+        "SplitToSequence",
+        "StringNormalizer",
+        "TfIdfVectorizer",
+        "Unique",
+    }
+)
 # (operator, input positions) whose values become shapes.
 SHAPE_OPERANDS = {
-    "Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,), "Tile": (1,), "Range": (0, 1, 2),
-    "Slice": (1, 2, 3, 4), "TopK": (1,), "Resize": (2, 3), "OneHot": (1,), "Pad": (1,), "Unsqueeze": (1,),
-    "Squeeze": (1,), "Split": (1,),
+    "Reshape": (1,),
+    "Expand": (1,),
+    "ConstantOfShape": (0,),
+    "Tile": (1,),
+    "Range": (0, 1, 2),
+    "Slice": (1, 2, 3, 4),
+    "TopK": (1,),
+    "Resize": (2, 3),
+    "OneHot": (1,),
+    "Pad": (1,),
+    "Unsqueeze": (1,),
+    "Squeeze": (1,),
+    "Split": (1,),
 }
 ONNX_TO_TRT = {1: "FLOAT", 10: "HALF", 16: "BF16", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOOL", 2: "UINT8"}
 
@@ -148,13 +184,23 @@ class OnnxParser:
             self._error("UNSUPPORTED_GRAPH", f"opset {opset} is outside the range TensorRT {env.version} parses (9-20)")
         for index, node in enumerate(proto.graph.node):
             if node.domain not in ("", "ai.onnx"):
-                self._error("UNSUPPORTED_NODE", f"No importer registered for op: {node.op_type} ({node.domain})",
-                            index, node.name, node.op_type)
+                self._error(
+                    "UNSUPPORTED_NODE",
+                    f"No importer registered for op: {node.op_type} ({node.domain})",
+                    index,
+                    node.name,
+                    node.op_type,
+                )
             elif node.op_type in UNSUPPORTED_OPS:
-                self._error("UNSUPPORTED_NODE", f"No importer registered for op: {node.op_type}", index, node.name,
-                            node.op_type)
-        shape_fed = {node.input[i] for node in proto.graph.node for i in SHAPE_OPERANDS.get(node.op_type, ())
-                     if i < len(node.input)}
+                self._error(
+                    "UNSUPPORTED_NODE", f"No importer registered for op: {node.op_type}", index, node.name, node.op_type
+                )
+        shape_fed = {
+            node.input[i]
+            for node in proto.graph.node
+            for i in SHAPE_OPERANDS.get(node.op_type, ())
+            if i < len(node.input)
+        }
         initializers = {init.name for init in proto.graph.initializer}
         inputs, outputs = [], []
         for values, out in ((proto.graph.input, inputs), (proto.graph.output, outputs)):
@@ -186,8 +232,11 @@ class IOptimizationProfile:
         dims = [tuple(int(d) for d in s) for s in (min, opt, max)]
         for which, shape in zip(("min", "opt", "max"), dims, strict=True):
             earlier = dims[: ("min", "opt", "max").index(which)]
-            bad = any(d < 0 for d in shape) or any(len(e) != len(shape) for e in earlier) or any(
-                any(a > b for a, b in zip(e, shape, strict=True)) for e in earlier)
+            bad = (
+                any(d < 0 for d in shape)
+                or any(len(e) != len(shape) for e in earlier)
+                or any(any(a > b for a, b in zip(e, shape, strict=True)) for e in earlier)
+            )
             if bad:
                 raise RuntimeError(f"Shape provided for {which} is inconsistent with other shapes.")
         self._shapes[str(input)] = tuple(dims)
@@ -210,8 +259,19 @@ class ITimingCache:
 
 
 class IBuilderConfig:
-    __slots__ = ("_pools", "_level", "_cache", "_verbosity", "_flags", "_profiles", "_device_type", "_dla_core",
-                 "_compat", "_monitor", "_logger")
+    __slots__ = (
+        "_pools",
+        "_level",
+        "_cache",
+        "_verbosity",
+        "_flags",
+        "_profiles",
+        "_device_type",
+        "_dla_core",
+        "_compat",
+        "_monitor",
+        "_logger",
+    )
 
     def __init__(self, logger):
         trt = self._env.trt
@@ -259,9 +319,13 @@ class IBuilderConfig:
     def set_timing_cache(self, cache, ignore_mismatch):
         env = self._env
         if cache._origin != (env.version, env.compute_capability) and not ignore_mismatch:
-            env.report(self._logger, "ERROR", f"setTimingCache: the cache was made by TensorRT {cache._origin[0]} "
-                                              f"on compute {cache._origin[1]}; this is {env.version} on "
-                                              f"{env.compute_capability}")
+            env.report(
+                self._logger,
+                "ERROR",
+                f"setTimingCache: the cache was made by TensorRT {cache._origin[0]} "
+                f"on compute {cache._origin[1]}; this is {env.version} on "
+                f"{env.compute_capability}",
+            )
             return False
         self._cache = cache
         return True
@@ -340,9 +404,11 @@ class Builder:
                     continue
                 for shape in profile._shapes[name]:
                     if len(shape) != len(tensor._shape) or any(
-                            n != -1 and n != d for n, d in zip(tensor._shape, shape, strict=True)):
-                        return self._fail(f"profile {index}: {name} shape {shape} does not fit the network's "
-                                          f"{tensor._shape}")
+                        n != -1 and n != d for n, d in zip(tensor._shape, shape, strict=True)
+                    ):
+                        return self._fail(
+                            f"profile {index}: {name} shape {shape} does not fit the network's {tensor._shape}"
+                        )
         monitor = config._monitor
         if monitor is not None:
             IProgressMonitor._check_initialised(monitor, "IProgressMonitor")
@@ -351,11 +417,11 @@ class Builder:
         session = ort_session(onnx_bytes)
         profiles = []
         for index, profile in enumerate(config._profiles):
-            shapes = {name: [list(s) for s in profile._shapes.get(name, (t._shape,) * 3)]
-                      for name, t in inputs.items()}
+            shapes = {name: [list(s) for s in profile._shapes.get(name, (t._shape,) * 3)] for name, t in inputs.items()}
             outputs = output_shapes(session, {name: (s[1], inputs[name].dtype.name) for name, s in shapes.items()})
             nbytes = sum(int(np.prod(s[2])) * 8 for s in shapes.values()) + sum(
-                int(np.prod(s)) * 4 for s in outputs.values())
+                int(np.prod(s)) * 4 for s in outputs.values()
+            )
             profiles.append({"shapes": shapes, "outputs": outputs, "device_memory": -(-nbytes // 256) * 256 + 65536})
             if monitor is not None and not monitor.step_complete("Building engine", index):
                 monitor.phase_finish("Building engine")
@@ -377,8 +443,9 @@ class Builder:
             "inputs": [{"name": t.name, "dtype": t.dtype.name, "shape": list(t._shape)} for t in network._inputs],
             "outputs": [{"name": t.name, "dtype": t.dtype.name, "shape": list(t._shape)} for t in network._outputs],
             "profiles": profiles,
-            "layers": [{"name": n.name or f"node_{i}", "op": n.op_type}
-                       for i, n in enumerate(network._model.graph.node)],
+            "layers": [
+                {"name": n.name or f"node_{i}", "op": n.op_type} for i, n in enumerate(network._model.graph.node)
+            ],
         }
         return IHostMemory(pack_plan(header, onnx_bytes))
 
@@ -392,5 +459,13 @@ def output_shapes(session, inputs: dict[str, tuple[tuple[int, ...], str]]) -> di
     return {meta.name: list(value.shape) for meta, value in zip(session.get_outputs(), results, strict=True)}
 
 
-PUBLIC = [ITensor, INetworkDefinition, ParserError, OnnxParser, IOptimizationProfile, ITimingCache, IBuilderConfig,
-          Builder]
+PUBLIC = [
+    ITensor,
+    INetworkDefinition,
+    ParserError,
+    OnnxParser,
+    IOptimizationProfile,
+    ITimingCache,
+    IBuilderConfig,
+    Builder,
+]

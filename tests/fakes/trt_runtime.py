@@ -47,8 +47,15 @@ from tests.fakes.cudart import DEFAULT_STREAMS, OK, Fault, Op
 from tests.fakes.cudart import cudaError_t as E
 from tests.fakes.tensorrt import Dims, IHostMemory, IProfiler, pack_plan, unpack_plan
 
-NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
-         "BOOL": np.bool_, "UINT8": np.uint8}
+NUMPY = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT8": np.int8,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+}
 ALIGNMENT = 256
 SCRATCH = "(activation memory)"
 
@@ -65,10 +72,12 @@ class Runtime:
     def __init__(self, logger):
         self._logger, self._host_code, self._dla_core = logger, False, 0
 
-    engine_host_code_allowed = property(lambda self: self._host_code,
-                                        lambda self, value: object.__setattr__(self, "_host_code", bool(value)))
-    DLA_core = property(lambda self: self._dla_core,
-                        lambda self, value: object.__setattr__(self, "_dla_core", int(value)))
+    engine_host_code_allowed = property(
+        lambda self: self._host_code, lambda self, value: object.__setattr__(self, "_host_code", bool(value))
+    )
+    DLA_core = property(
+        lambda self: self._dla_core, lambda self, value: object.__setattr__(self, "_dla_core", int(value))
+    )
     num_DLA_cores = property(lambda self: self._env.num_dla_cores)
 
     def deserialize_cuda_engine(self, serialized_engine):
@@ -76,8 +85,9 @@ class Runtime:
         unpacked = unpack_plan(bytes(serialized_engine))
 
         def refuse(message: str) -> None:
-            env.report(self._logger, "ERROR",
-                       f"IRuntime::deserializeCudaEngine: Error Code 1: Serialization ({message})")
+            env.report(
+                self._logger, "ERROR", f"IRuntime::deserializeCudaEngine: Error Code 1: Serialization ({message})"
+            )
 
         if unpacked is None:
             return refuse("Serialization assertion magicTagRead == kMAGIC_TAG failed. Magic tag does not match")
@@ -85,21 +95,30 @@ class Runtime:
         built, here = header["tensorrt_version"], env.version
         version_compatible = "VERSION_COMPATIBLE" in header["flags"]
         if built != here and not (version_compatible and env.major >= int(built.split(".")[0])):
-            return refuse(f"The engine plan file is not compatible with this version of TensorRT, expecting "
-                          f"library version {here} got {built}, please rebuild.")
+            return refuse(
+                f"The engine plan file is not compatible with this version of TensorRT, expecting "
+                f"library version {here} got {built}, please rebuild."
+            )
         if version_compatible and not self._host_code:
-            return refuse("a version-compatible plan runs its embedded lean runtime only with "
-                          "engine_host_code_allowed = True")
+            return refuse(
+                "a version-compatible plan runs its embedded lean runtime only with engine_host_code_allowed = True"
+            )
         cc, built_cc = env.compute_capability, header["device"]["compute_capability"]
         compat = header["hardware_compatibility_level"]
         fits = float(cc) >= 8.0 if compat == "AMPERE_PLUS" else cc == built_cc
         if not fits:
-            return refuse(f"The engine plan file is generated on an incompatible device, expecting compute {cc} got "
-                          f"compute {built_cc}, please rebuild.")
+            return refuse(
+                f"The engine plan file is generated on an incompatible device, expecting compute {cc} got "
+                f"compute {built_cc}, please rebuild."
+            )
         if header["device"]["name"] != env.cuda.name and compat == "NONE":
-            env.report(self._logger, "WARNING", "Using an engine plan file across different models of devices is "
-                                                "not recommended and is likely to affect performance or even cause "
-                                                "errors.")
+            env.report(
+                self._logger,
+                "WARNING",
+                "Using an engine plan file across different models of devices is "
+                "not recommended and is likely to affect performance or even cause "
+                "errors.",
+            )
         return env.trt.ICudaEngine(header, onnx_bytes, self._logger)
 
 
@@ -163,8 +182,11 @@ class ICudaEngine:
         memory = None
         if strategy != trt.ExecutionContextAllocationStrategy.USER_MANAGED:
             if cuda.unsafe("createExecutionContext (cudaMalloc)") is not None:
-                env.report(self._logger, "ERROR", "createExecutionContext: Cuda Runtime (operation not permitted "
-                                                  "when stream is capturing)")
+                env.report(
+                    self._logger,
+                    "ERROR",
+                    "createExecutionContext: Cuda Runtime (operation not permitted when stream is capturing)",
+                )
                 return None
             alloc = cuda._allocate(self.device_memory_size_v2, cuda.device, device=True)
             memory = (alloc.base, alloc.size)
@@ -208,8 +230,18 @@ class EngineInspector:
 
 
 class IExecutionContext:
-    __slots__ = ("_engine", "_strategy", "_memory", "_profile", "_shapes", "_addresses", "_profiler", "_setup",
-                 "_busy", "_switch")
+    __slots__ = (
+        "_engine",
+        "_strategy",
+        "_memory",
+        "_profile",
+        "_shapes",
+        "_addresses",
+        "_profiler",
+        "_setup",
+        "_busy",
+        "_switch",
+    )
 
     def __init__(self, engine: ICudaEngine, strategy, memory):
         self._engine, self._strategy, self._memory = engine, strategy, memory
@@ -220,8 +252,9 @@ class IExecutionContext:
     active_optimization_profile = property(lambda self: self._profile)
 
     def _error(self, call: str, message: str) -> bool:
-        self._env.report(self._engine._logger, "ERROR",
-                         f"IExecutionContext::{call}: Error Code 3: API Usage Error ({message})")
+        self._env.report(
+            self._engine._logger, "ERROR", f"IExecutionContext::{call}: Error Code 3: API Usage Error ({message})"
+        )
         return False
 
     def _set_profiler(self, profiler) -> None:
@@ -267,9 +300,12 @@ class IExecutionContext:
             return self._error("setInputShape", f"{name}: shape {shape} does not fit the network's {network}")
         low, _, high = self._engine._header["profiles"][self._profile]["shapes"][tensor["name"]]
         if any(not lo <= d <= hi for lo, d, hi in zip(low, shape, high, strict=True)):
-            return self._error("setInputShape", f"Parameter check failed, condition: satisfyProfile Runtime dimension "
-                                                f"does not satisfy any optimization profile ({name} {shape} is outside "
-                                                f"profile {self._profile}: {tuple(low)}..{tuple(high)})")
+            return self._error(
+                "setInputShape",
+                f"Parameter check failed, condition: satisfyProfile Runtime dimension "
+                f"does not satisfy any optimization profile ({name} {shape} is outside "
+                f"profile {self._profile}: {tuple(low)}..{tuple(high)})",
+            )
         if self._shapes.get(tensor["name"]) != shape:
             self._shapes[tensor["name"]], self._setup = shape, True
         return True
@@ -316,42 +352,68 @@ class IExecutionContext:
         handle = int(stream_handle)
         cuda.check_pinned_races()
         if cuda.sticky is not None:  # TensorRT's kernel launches fail like every CUDA call on a broken context
-            env.report(engine._logger, "ERROR", f"IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime "
-                                                f"({cuda.sticky.name})")
+            env.report(
+                engine._logger,
+                "ERROR",
+                f"IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime ({cuda.sticky.name})",
+            )
             return False
         if handle in DEFAULT_STREAMS:
-            return self._error("enqueueV3", "the default stream: TensorRT would add cudaDeviceSynchronize calls "
-                                            "(refused by this project's rule: use a non-blocking stream)")
+            return self._error(
+                "enqueueV3",
+                "the default stream: TensorRT would add cudaDeviceSynchronize calls "
+                "(refused by this project's rule: use a non-blocking stream)",
+            )
         try:
             stream = cuda.stream(handle)
         except Fault:
             return self._error("enqueueV3", f"stream 0x{handle:x} is not a live CUDA stream")
         unset = self.infer_shapes()
         if unset:
-            return self._error("enqueueV3", f"input shapes not specified for {unset}; call set_input_shape after "
-                                            f"set_optimization_profile_async")
+            return self._error(
+                "enqueueV3",
+                f"input shapes not specified for {unset}; call set_input_shape after set_optimization_profile_async",
+            )
         for name, tensor in engine._io.items():
             if not self._addresses.get(name):
                 kind = "input" if tensor["mode"] == trt.TensorIOMode.INPUT else "output"
-                return self._error("enqueueV3", f"Address is not set for {kind} tensor {name}. Call "
-                                                f"setInputTensorAddress or setTensorAddress before enqueue/execute.")
+                return self._error(
+                    "enqueueV3",
+                    f"Address is not set for {kind} tensor {name}. Call "
+                    f"setInputTensorAddress or setTensorAddress before enqueue/execute.",
+                )
         need = engine.get_device_memory_size_for_profile_v2(self._profile)
         if self._memory is None:
-            return self._error("enqueueV3", "device memory is not set: a USER_MANAGED context needs "
-                                            "set_device_memory before enqueue")
+            return self._error(
+                "enqueueV3", "device memory is not set: a USER_MANAGED context needs set_device_memory before enqueue"
+            )
         if self._memory[1] < need:
-            return self._error("enqueueV3", f"device memory of {self._memory[1]} bytes is smaller than the "
-                                            f"{need} bytes profile {self._profile} needs")
-        for what, pending in (("the context is still executing on", self._busy),
-                              ("the optimization profile was switched on", self._switch)):
-            if pending and pending[0] != handle and pending[0] in cuda.streams \
-                    and cuda.streams[pending[0]].done < pending[1]:
-                return self._error("enqueueV3", f"{what} stream 0x{pending[0]:x}, which the host has not "
-                                                f"synchronised: a context must not run on two streams at once")
+            return self._error(
+                "enqueueV3",
+                f"device memory of {self._memory[1]} bytes is smaller than the "
+                f"{need} bytes profile {self._profile} needs",
+            )
+        for what, pending in (
+            ("the context is still executing on", self._busy),
+            ("the optimization profile was switched on", self._switch),
+        ):
+            if (
+                pending
+                and pending[0] != handle
+                and pending[0] in cuda.streams
+                and cuda.streams[pending[0]].done < pending[1]
+            ):
+                return self._error(
+                    "enqueueV3",
+                    f"{what} stream 0x{pending[0]:x}, which the host has not "
+                    f"synchronised: a context must not run on two streams at once",
+                )
         shapes = {t["name"]: self._input_shape(t) for t in self._inputs()}
         shapes.update(self._output_shapes())
-        regions = {name: (self._addresses[name], int(np.prod(shape)) * np.dtype(NUMPY[engine._io[name]["dtype"]])
-                          .itemsize) for name, shape in shapes.items()}
+        regions = {
+            name: (self._addresses[name], int(np.prod(shape)) * np.dtype(NUMPY[engine._io[name]["dtype"]]).itemsize)
+            for name, shape in shapes.items()
+        }
         regions[SCRATCH] = (self._memory[0], need)
         for out, tensor in engine._io.items():
             if tensor["mode"] != trt.TensorIOMode.OUTPUT:
@@ -359,21 +421,32 @@ class IExecutionContext:
             o_start, o_size = regions[out]
             for other, (start, size) in regions.items():
                 if other != out and o_start < start + size and start < o_start + o_size:
-                    return self._error("enqueueV3", f"output {out} overlaps {other}: TensorRT gives no aliasing "
-                                                    f"guarantee between I/O tensors (undefined behaviour)")
+                    return self._error(
+                        "enqueueV3",
+                        f"output {out} overlaps {other}: TensorRT gives no aliasing "
+                        f"guarantee between I/O tensors (undefined behaviour)",
+                    )
         if stream.capture is not None and (self._setup or self._profiler is not None):
             stream.capture.invalidated = True
-            why = "a profiler makes enqueue synchronous" if self._profiler is not None else \
-                "the first enqueue after a context, profile or shape change does set-up work"
+            why = (
+                "a profiler makes enqueue synchronous"
+                if self._profiler is not None
+                else "the first enqueue after a context, profile or shape change does set-up work"
+            )
             cuda.faults.append(f"enqueueV3 under capture: {why}; the capture is invalidated")
-            env.report(engine._logger, "ERROR", f"IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime (operation "
-                                                f"not permitted when stream is capturing) [{why}]")
+            env.report(
+                engine._logger,
+                "ERROR",
+                f"IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime (operation "
+                f"not permitted when stream is capturing) [{why}]",
+            )
             return False
         kernel = _kernel(engine, shapes, regions, self._profile)
         err = cuda.enqueue(handle, Op("kernel", kernel.__doc__, kernel, cost_ms=0.05))
         if err != OK:
-            env.report(engine._logger, "ERROR", f"IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime "
-                                                f"({E(err).name})")
+            env.report(
+                engine._logger, "ERROR", f"IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime ({E(err).name})"
+            )
             return False
         if stream.capture is None:
             self._setup, self._busy = False, (handle, stream.seq)
@@ -395,14 +468,16 @@ def _kernel(engine: ICudaEngine, shapes: dict, regions: dict, profile: int):
         for t in inputs:
             view = cuda.device_view(*regions[t["name"]], f"input {t['name']} {shapes[t['name']]}")
             feeds[t["name"]] = view.view(NUMPY[t["dtype"]]).reshape(shapes[t["name"]]).copy()
-        targets = {t["name"]: cuda.device_view(*regions[t["name"]], f"output {t['name']} {shapes[t['name']]}")
-                   for t in outputs}
+        targets = {
+            t["name"]: cuda.device_view(*regions[t["name"]], f"output {t['name']} {shapes[t['name']]}") for t in outputs
+        }
         scratch[:] = 0xA5  # activations overwrite whatever the scratch held
         session = engine._ort_session()
         for meta, value in zip(session.get_outputs(), session.run(None, feeds), strict=True):
             if tuple(value.shape) != tuple(shapes[meta.name]):
-                raise Fault(E.cudaErrorIllegalAddress, f"output {meta.name} came out {value.shape}, "
-                                                       f"not {shapes[meta.name]}")
+                raise Fault(
+                    E.cudaErrorIllegalAddress, f"output {meta.name} came out {value.shape}, not {shapes[meta.name]}"
+                )
             dtype = NUMPY[engine._io[meta.name]["dtype"]]
             targets[meta.name][:] = np.ascontiguousarray(value, dtype=dtype).view(np.uint8).ravel()
 
