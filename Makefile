@@ -20,12 +20,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m imagefolder.cli.demo
 
-test: $(STAMP)
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python bench/step_latency.py

@@ -11,10 +11,14 @@ import sys
 import threading
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from imagefolder.errors import ImagefolderError, InputError, MissingDependency
+
+if TYPE_CHECKING:
+    from imagefolder.runtime.backends.base import Backend
 
 BACKENDS = ("auto", "ort", "trt", "torch")
 
@@ -38,12 +42,12 @@ class CommandGroup(click.Group):
     were discarded (atomic writes clean up on the way out), never with a crash of the interpreter.
     """
 
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra) -> Any:
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         previous = _catch_interrupts()
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except (KeyboardInterrupt, click.exceptions.Abort):
             _abort()
         except click.ClickException as err:
@@ -137,7 +141,7 @@ def open_backend(
     use_cuda_graphs: bool = True,
     layer_profile: bool = False,
     providers: list[str] | None = None,
-):
+) -> Backend:
     """Resolve ``--backend auto`` and build the backend.
 
     auto: TensorRT when the bundle has engines and TensorRT imports, else ONNX Runtime for a
@@ -152,22 +156,22 @@ def open_backend(
             backend = "trt"
         else:
             backend = "ort"
-    if backend in ("ort", "trt") and bundle is None:
+    if backend == "torch":
+        return open_torch_backend(bundle, checkpoint, trust_checkpoint)
+    if bundle is None:
         raise InputError(f"--backend {backend} needs --bundle DIR (made by `imagefolder-export onnx`)")
+    from imagefolder.core.bundle import load_bundle
+
     if backend == "ort":
-        from imagefolder.core.bundle import load_bundle
         from imagefolder.runtime.backends.ort import OrtBackend
 
         return OrtBackend(load_bundle(bundle), providers=providers)
-    if backend == "trt":
-        from imagefolder.core.bundle import load_bundle
-        from imagefolder.runtime.backends.trt import TrtBackend
+    from imagefolder.runtime.backends.trt import TrtBackend
 
-        return TrtBackend(load_bundle(bundle), use_cuda_graphs=use_cuda_graphs, layer_profile=layer_profile)
-    return open_torch_backend(bundle, checkpoint, trust_checkpoint)
+    return TrtBackend(load_bundle(bundle), use_cuda_graphs=use_cuda_graphs, layer_profile=layer_profile)
 
 
-def open_torch_backend(bundle: Path | None, checkpoint: Path | None, trust_checkpoint: bool):
+def open_torch_backend(bundle: Path | None, checkpoint: Path | None, trust_checkpoint: bool) -> Backend:
     if importlib.util.find_spec("torch") is None:
         raise MissingDependency("PyTorch", "torch", purpose="for --backend torch")
     from imagefolder.core.sampler import default_candidates

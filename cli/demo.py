@@ -23,12 +23,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from imagefolder.core.bundle import load_bundle
+    from imagefolder.core.images import save_grid
     from imagefolder.core.schedule import SamplingParams
     from imagefolder.default_model import load_default_or_checkpoint
     from imagefolder.export.onnx_export import export_bundle
     from imagefolder.runtime.backends.ort import OrtBackend
     from imagefolder.runtime.backends.torch_backend import TorchBackend
-    from imagefolder.runtime.images import save_grid
     from imagefolder.runtime.loop import generate
     from imagefolder.runtime.profiler import profile_generation
 

@@ -134,7 +134,7 @@ def generate(
         finally:
             engine.close()
         images, indices = result.images, result.indices
-    from imagefolder.runtime.images import save_grid
+    from imagefolder.core.images import save_grid
 
     save_grid(output, images)
     if indices_out is not None:
@@ -185,7 +185,7 @@ def reconstruct(bundle, backend, checkpoint, trust_checkpoint, images, output) -
     Each image is centre-cropped and resized to the model's size; PSNR compares the reconstruction
     with that input, as both are saved in the grid.
     """
-    from imagefolder.runtime.images import psnr, read_image, save_grid, to_batch
+    from imagefolder.core.images import psnr, read_image, save_grid, to_batch
 
     pictures = [read_image(path) for path in images]  # every file checked before the backend loads
     engine = open_backend(bundle, backend, checkpoint, trust_checkpoint)
@@ -255,8 +255,10 @@ def profile(
             engine, sizes, params, runs=runs, warmup=warmup, progress=lambda text: click.echo(text, err=True)
         )
         if layers:
+            from imagefolder.runtime.backends.trt import TrtBackend
             from imagefolder.runtime.profiler import layer_table
 
+            assert isinstance(engine, TrtBackend)  # checked above: --layers runs on trt only
             click.echo(layer_table(engine.layer_times()))
             out_dir = (json_out.parent if json_out else Path(".")) / "engine-layers"
             click.echo(f"wrote the engine inspector's layer dumps: {', '.join(map(str, engine.inspect(out_dir)))}")

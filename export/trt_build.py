@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from imagefolder.core import cuda
 from imagefolder.core.bundle import load_bundle
@@ -134,7 +135,7 @@ def _logger(trt, verbose: bool):
     return trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
 
 
-def _progress_monitor(trt, bar):
+def _progress_monitor(trt: Any, bar: Any) -> Any:
     """An ``IProgressMonitor`` that shows TensorRT's build phases on a tqdm bar, or None if unavailable."""
     if not hasattr(trt, "IProgressMonitor"):
         return None

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from imagefolder.core.images import load_images
 from imagefolder.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ class NaturalCropsDataset(Dataset):
         top = int(rng.integers(0, h - side + 1))
         left = int(rng.integers(x0, x1 - side + 1))
         crop = Image.fromarray(photo[top : top + side, left : left + side])
-        crop = crop.resize((self.image_size, self.image_size), Image.BICUBIC)
+        crop = crop.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         img = np.asarray(crop, dtype=np.float32) / 255.0
         if rng.uniform() < 0.5:
             img = img[:, ::-1]
@@ -216,16 +217,6 @@ class NaturalCropsDataset(Dataset):
 # ---------------------------------------------------------------------------------------------
 # Users' image folders
 # ---------------------------------------------------------------------------------------------
-
-
-def load_image(path: Path, image_size: int) -> np.ndarray:
-    """Open an image, centre-crop it square and resize: (image_size, image_size, 3) float32 in [0, 1]."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        side = min(im.size)
-        left, top = (im.width - side) // 2, (im.height - side) // 2
-        im = im.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.BICUBIC)
-        return np.asarray(im, dtype=np.float32) / 255.0
 
 
 class FolderDataset(Dataset):
@@ -251,7 +242,8 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        return to_tensor(load_image(path, self.image_size)), label
+        # The runtime's reader: decoded fully, every mode (16-bit, palette, alpha) converted, EXIF honoured.
+        return torch.from_numpy(load_images([path], self.image_size)[0]), label
 
 
 # ---------------------------------------------------------------------------------------------

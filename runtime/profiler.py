@@ -151,7 +151,7 @@ class StepProfiler:
                     "device_ms": _device_stats([r.device_ms(label) for r in measured]),
                 }
             )
-        step_scales = sorted({s.scale for s in measured[0].stages if s.stage == "step"})
+        step_scales = sorted({s.scale for s in measured[0].stages if s.stage == "step" and s.scale is not None})
 
         def first_scale(get: Callable[[str], float]) -> float:
             return get("prefill") + get("sample[0]")
@@ -213,7 +213,8 @@ class StepProfiler:
 
 
 def _device_stats(values: list[float | None]) -> dict | None:
-    return summarize(values) if values and all(v is not None for v in values) else None
+    present = [v for v in values if v is not None]
+    return summarize(present) if values and len(present) == len(values) else None
 
 
 def _derived(runs: list[RunRecord], combine: Callable[[Callable[[str], float]], float]) -> dict:

@@ -243,7 +243,7 @@ def test_generate_with_no_other_argument_uses_the_default_model(tmp_path, monkey
     """`imagefolder generate --class 3 -o out.png` on a fresh install: the shipped model, a class-3 picture."""
     import torch
 
-    from imagefolder.runtime.images import load_images
+    from imagefolder.core.images import load_images
     from imagefolder.train.classifier import default_classifier_path, load_classifier
 
     monkeypatch.chdir(tmp_path)

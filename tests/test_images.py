@@ -20,9 +20,9 @@ from click.testing import CliRunner
 from PIL import Image, ImageFile
 
 from imagefolder.cli.main import main
+from imagefolder.core import images
+from imagefolder.core.images import load_images, psnr, read_image, to_uint8
 from imagefolder.errors import ImageFileError
-from imagefolder.runtime import images
-from imagefolder.runtime.images import load_images, psnr, read_image, to_uint8
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -356,7 +356,7 @@ def test_image_over_max_pixels_is_refused_before_decoding(tmp_path, monkeypatch)
     with pytest.raises(
         ImageFileError,
         match=r"big\.png has 40×40 = 1,600 pixels, over the limit of 1,000 "
-        r"\(imagefolder\.runtime\.images\.MAX_PIXELS",
+        r"\(imagefolder\.core\.images\.MAX_PIXELS",
     ):
         read_image(path)
     monkeypatch.setattr(images, "MAX_PIXELS", 1600)

@@ -12,7 +12,7 @@ MODULES = (
     "imagefolder.runtime.backends.ort",
     "imagefolder.runtime.profiler",
     "imagefolder.core.sampler",
-    "imagefolder.runtime.images",
+    "imagefolder.core.images",
     "imagefolder.runtime.backends.trt",
     "imagefolder.cli.main",  # the runtime commands start without torch; train/eval load it lazily
     "imagefolder.cli.export",

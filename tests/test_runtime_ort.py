@@ -20,13 +20,13 @@ import torch.nn as nn
 
 from imagefolder.configs import tiny
 from imagefolder.core.bundle import load_bundle
+from imagefolder.core.images import save_grid, save_png, to_uint8
 from imagefolder.core.sampler import sample_tokens
 from imagefolder.core.schedule import SamplingParams, guidance, scale_spans
 from imagefolder.core.specs import graph_specs
 from imagefolder.errors import InputError
 from imagefolder.models.sampler import SamplerGraph
 from imagefolder.runtime.backends.ort import OrtBackend, OrtBackendError
-from imagefolder.runtime.images import save_grid, save_png, to_uint8
 from imagefolder.runtime.loop import generate
 from imagefolder.runtime.profiler import StepProfiler, profile_generation
 from tests.test_runtime_bundle import CANDIDATES, make_bundle

@@ -338,7 +338,7 @@ def _check_files(root: Path, manifest: dict, verify: bool) -> None:
                 )
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     """Read and check a bundle folder (or its ``manifest.json``).
 
     Args:

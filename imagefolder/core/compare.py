@@ -16,6 +16,7 @@ No torch here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -95,7 +96,7 @@ class CheckReport:
     """Rows of graph, scale, output, metric, value, tolerance, ok; plus each graph's operator support."""
 
     rows: list[dict] = field(default_factory=list)
-    operators: dict[str, OperatorSummary] = field(default_factory=dict)
+    operators: Mapping[str, OperatorSummary] = field(default_factory=dict)
 
     def add(self, graph: str, scale: int | None, comparison: dict[str, dict]) -> None:
         """Add the rows of one ``compare_outputs`` result."""

@@ -114,7 +114,7 @@ class IndexStream:
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
         """The next ``batch_size`` indices (LongTensor), crossing epoch boundaries as needed."""
-        out = []
+        out: list[int] = []
         while len(out) < batch_size:
             epoch, pos = divmod(self.consumed, self.length)
             take = min(batch_size - len(out), self.length - pos)
@@ -189,7 +189,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (biases, norms, embeddings of shape (1, ...) excluded)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in unwrap(model).named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 and p.shape[0] > 1 else no_decay).append(p)

@@ -263,16 +263,14 @@ def dinov2_available() -> bool:
     return (hub / DINOV2_REPO / "hubconf.py").is_file() and _hub_checkpoint(DINOV2_WEIGHTS).is_file()
 
 
-def load_teacher(spec: str, device: torch.device | str = "cpu") -> nn.Module | None:
-    """The semantic teacher: ``none``, ``dinov2``, ``auto``, or a classifier checkpoint path.
+def load_teacher(spec: str, device: torch.device | str = "cpu") -> nn.Module:
+    """The semantic teacher: ``dinov2``, ``auto``, or a classifier checkpoint path (``none`` is the caller's).
 
     ``auto`` is DINOv2 when its repository and weights are in the torch hub cache, else the shipped
     shapes classifier. Nothing is ever downloaded.
     """
     from imagefolder.train.classifier import default_classifier_path, load_classifier
 
-    if spec == "none":
-        return None
     if spec == "dinov2" or (spec == "auto" and dinov2_available()):
         if not dinov2_available():
             raise MissingWeights(f"DINOv2 not in the torch hub cache {torch.hub.get_dir()} (nothing is downloaded)")

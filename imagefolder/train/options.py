@@ -43,6 +43,7 @@ class Range:
             return False
         if not math.isfinite(value):
             return False
+        value = float(value)
         above = self.low is None or (value > self.low if self.low_open else value >= self.low)
         below = self.high is None or (value < self.high if self.high_open else value <= self.high)
         return above and below

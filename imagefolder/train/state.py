@@ -22,7 +22,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class TrainingStateError(CheckpointError):
 
 def rng_state() -> dict[str, Any]:
     """Every global RNG this package draws from, as tensors and plain values."""
-    np_state, py_state = np.random.get_state(), random.getstate()
+    np_state, py_state = cast(tuple, np.random.get_state(legacy=True)), random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],

@@ -229,7 +229,7 @@ class TokenizerTrainer(RunTrainer):
             if self.disc is not None:
                 self.disc_model = nn.parallel.DistributedDataParallel(self.disc, device_ids=ids)
         self.optimizer = adamw(trained, opts.lr, opts.weight_decay, opts.betas)
-        self.disc_optimizer = None
+        self.disc_optimizer: torch.optim.Optimizer | None = None
         if self.disc is not None:
             self.disc_optimizer = torch.optim.AdamW(
                 self.disc.parameters(), lr=opts.disc_lr, betas=opts.betas, weight_decay=opts.disc_weight_decay
@@ -309,9 +309,9 @@ class TokenizerTrainer(RunTrainer):
             sem = clip_infonce(student, self._teacher_target(img[dropped:]))
             loss = loss + opts.sem_weight * sem
             metrics["semantic"] = sem.item()
-        adversarial = self.disc is not None and self.step_count >= opts.disc_start
-        if adversarial:
-            g_loss = hinge_g_loss(self.disc_model(diff_augment(recon)))
+        disc = self.disc_model if self.step_count >= opts.disc_start else None
+        if disc is not None:
+            g_loss = hinge_g_loss(disc(diff_augment(recon)))
             last = unwrap(self.tokenizer).decoder.to_pixel.model.weight
             weight = adaptive_weight(nll, g_loss, last)
             loss = loss + weight * opts.disc_weight * g_loss
@@ -320,21 +320,23 @@ class TokenizerTrainer(RunTrainer):
         loss.backward()
         self.optimizer.step()
         self.ema.update(self.tokenizer)
-        if adversarial:
-            metrics.update(self._disc_step(img, recon.detach()))
+        if disc is not None:
+            metrics.update(self._disc_step(disc, img, recon.detach()))
         metrics["loss"] = loss.item()
         self.step_count += 1
         return metrics
 
-    def _disc_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
-        d_real = self.disc_model(diff_augment(real))
-        d_fake = self.disc_model(diff_augment(fake))
+    def _disc_step(self, disc: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+        d_real = disc(diff_augment(real))
+        d_fake = disc(diff_augment(fake))
         hinge = hinge_d_loss(d_real, d_fake)
         lecam = self.lecam(d_real, d_fake)
         d_loss = self.opts.disc_weight * (hinge + self.opts.lecam_weight * lecam)
-        self.disc_optimizer.zero_grad(set_to_none=True)
+        optimizer = self.disc_optimizer
+        assert optimizer is not None  # made with the discriminator
+        optimizer.zero_grad(set_to_none=True)
         d_loss.backward()
-        self.disc_optimizer.step()
+        optimizer.step()
         self.lecam.update(all_reduce_mean(d_real.mean(), self.env), all_reduce_mean(d_fake.mean(), self.env))
         return {"d_loss": d_loss.item(), "lecam": lecam.item()}
 

@@ -76,12 +76,31 @@ class Session(Protocol):
 
 
 class Backend(Protocol):
-    name: str
-    scales: tuple[int, ...]  # the model's scales (side of each scale's square token grid)
-    num_classes: int  # class ids are in [0, num_classes); num_classes itself is the null class
-    candidates: int  # the sampler's TopK size: top_k above it acts as it
-    codebook_size: int  # V: the last axis of the sampling noise
-    image_size: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        """The model's scales (the side of each scale's square token grid)."""
+        ...
+
+    @property
+    def num_classes(self) -> int:
+        """Class ids are in [0, num_classes); num_classes itself is the null class."""
+        ...
+
+    @property
+    def candidates(self) -> int:
+        """The sampler's TopK size: top_k above it acts as it."""
+        ...
+
+    @property
+    def codebook_size(self) -> int:
+        """V, codes per branch."""
+        ...
+
+    @property
+    def image_size(self) -> int: ...
 
     def session(self, batch: int) -> Session:
         """Allocate a session for ``batch`` images (at most the bundle's ``batch_max``)."""

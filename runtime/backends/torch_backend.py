@@ -29,7 +29,8 @@ class TorchSession:
         k = tok.cfg.latent_size
         self.f_hat = torch.zeros(batch, self.cfg.folded_dim, k, k, device=backend.device)
         self.tokens: list[torch.Tensor] = []
-        self.logits = self.x_next = self.cond_blocks = self.cond_head = None
+        empty = torch.empty(0, device=backend.device)  # replaced by prefill, fold and step
+        self.logits = self.x_next = self.cond_blocks = self.cond_head = empty
 
     @property
     def device_timer(self):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -108,11 +109,11 @@ class Engine:
         self.name, self.path, self.entry = name, path, entry
         self.layer_profile = layer_profile
         self.layer_times: dict[str, list[float]] = {}
-        self.trt_engine = None
+        self.trt_engine: Any = None  # trt.ICudaEngine once loaded
         self.scratch: cuda.DeviceBuffer | None = None
         self.contexts: dict[int, ExecutionContext] = {}
         self.io_names: list[str] = []
-        self._profilers = []
+        self._profilers: list = []  # kept alive while their contexts may call them
 
     def load(self) -> Engine:
         if not self.path.is_file():

@@ -126,7 +126,7 @@ def _pixel_limit() -> tuple[int, str]:
     """The limit in force and the setting that holds it: ``MAX_PIXELS``, or Pillow's where that is lower."""
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
         return Image.MAX_IMAGE_PIXELS, "PIL.Image.MAX_IMAGE_PIXELS"
-    return MAX_PIXELS, "imagefolder.runtime.images.MAX_PIXELS"
+    return MAX_PIXELS, "imagefolder.core.images.MAX_PIXELS"
 
 
 def _check_size(path: str | os.PathLike, width: int, height: int) -> None:
@@ -137,7 +137,7 @@ def _check_size(path: str | os.PathLike, width: int, height: int) -> None:
 def _pixels_in(err: Image.DecompressionBombError) -> str:
     """The pixel count in Pillow's bomb error ("Image size (N pixels) exceeds limit of ...")."""
     found = re.search(r"\((\d+) pixels\)", str(err))
-    return f"{int(found[1]):,}" if found else f"more than {2 * Image.MAX_IMAGE_PIXELS:,}"
+    return f"{int(found[1]):,}" if found else f"more than {2 * (Image.MAX_IMAGE_PIXELS or MAX_PIXELS):,}"
 
 
 def _too_large(path: str | os.PathLike, pixels: str) -> ImageFileError:
@@ -215,7 +215,7 @@ def to_batch(pictures: list[Image.Image], size: int) -> np.ndarray:
 def _square(img: Image.Image, size: int) -> Image.Image:
     side = min(img.size)
     left, top = (img.width - side) // 2, (img.height - side) // 2
-    return img.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+    return img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
 
 
 def _to_array(img: Image.Image) -> np.ndarray:
