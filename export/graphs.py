@@ -47,29 +47,33 @@ class DecoderGraph(nn.Module):
 
 
 class PrefillGraph(nn.Module):
-    """labels (N,) → logits (N, 1, 2V), keys, values (L, N, H, 1, D), cond_blocks, cond_head."""
+    """labels (N,) → cond_start (N, 1, C), cond_blocks (N, L, 6, C), cond_head (N, 2, C).
+
+    Holds only what the conditioning reads (class embedding, start position, every AdaLN linear):
+    the trunk lives in the step graph alone, so no weight is stored twice.
+    """
 
     def __init__(self, generator: Generator, state_dtype: torch.dtype):
         super().__init__()
         self.generator, self.state_dtype = generator, state_dtype
 
     def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits, keys, values, cond_blocks, cond_head = self.generator.prefill(labels)
-        sd = self.state_dtype
-        return logits, keys.to(sd), values.to(sd), cond_blocks.to(sd), cond_head.to(sd)
+        return tuple(t.to(self.state_dtype) for t in self.generator.prefill(labels))
 
 
 class StepGraph(nn.Module):
-    """One scale ≥ 1 with the explicit cache; see ``Generator.step``."""
+    """One scale (0 included) with the explicit cache; see ``Generator.step``."""
 
     def __init__(self, generator: Generator, compute_dtype: torch.dtype, state_dtype: torch.dtype):
         super().__init__()
         self.generator, self.compute_dtype, self.state_dtype = generator, compute_dtype, state_dtype
 
-    def forward(self, x_folded, positions, cond_blocks, cond_head, past_keys, past_values):
+    def forward(self, x_folded, positions, cond_start, cond_blocks, cond_head, past_keys, past_values):
         cd, sd = self.compute_dtype, self.state_dtype
+        states = (x_folded, cond_start, cond_blocks, cond_head, past_keys, past_values)
+        x_folded, cond_start, cond_blocks, cond_head, past_keys, past_values = (t.to(cd) for t in states)
         logits, keys, values = self.generator.step(
-            x_folded.to(cd), positions, cond_blocks.to(cd), cond_head.to(cd), past_keys.to(cd), past_values.to(cd)
+            x_folded, positions, cond_start, cond_blocks, cond_head, past_keys, past_values
         )
         return logits, keys.to(sd), values.to(sd)
 

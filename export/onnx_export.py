@@ -19,6 +19,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,8 +52,9 @@ from imagefolder.core.specs import (
 from imagefolder.errors import ExportError, InputError
 from imagefolder.export.graphs import DecoderGraph, EncoderGraph, FoldGraph, PrefillGraph, StepGraph
 from imagefolder.export.opcheck import check_operators
+from imagefolder.export.weights import WEIGHTS_FILE, pack_weights, weight_report
 from imagefolder.io import atomic_write, folder_lock, staged_folder
-from imagefolder.models.generator import Generator
+from imagefolder.models.generator import Generator, KVCache
 from imagefolder.models.sampler import SamplerGraph
 from imagefolder.models.tokenizer import Tokenizer
 
@@ -161,13 +163,19 @@ class ExampleInputs:
     def _hidden_states(self, spec: GraphSpec, batch: int, si: int) -> dict[str, torch.Tensor]:
         wanted = {t.name for t in spec.inputs if t.dtype == STATE}
         out: dict[str, torch.Tensor] = {}
-        if wanted & {"cond_blocks", "cond_head", "past_keys", "past_values"}:
-            labels = cfg_rows(self.rng.integers(0, self.gen.cfg.num_classes, batch), self.gen.cfg.null_class)
-            _, keys, values, out["cond_blocks"], out["cond_head"] = self.gen.prefill(torch.from_numpy(labels))
-            positions = self.gen.cfg.positions  # a full cache of real magnitudes, each entry a little different
+        if wanted & {"cond_start", "cond_blocks", "cond_head", "past_keys", "past_values"}:
+            cfg = self.gen.cfg
+            labels = cfg_rows(self.rng.integers(0, cfg.num_classes, batch), cfg.null_class)
+            out["cond_start"], out["cond_blocks"], out["cond_head"] = self.gen.prefill(torch.from_numpy(labels))
+            # A full cache of real magnitudes: scale 0's keys and values, each entry a little different.
+            empty = KVCache.allocate(cfg, 2 * batch)
+            folded = torch.zeros(2 * batch, 1, cfg.folded_dim)
+            start = torch.zeros(1, dtype=torch.int64)
+            cond = (out["cond_start"], out["cond_blocks"], out["cond_head"])
+            _, keys, values = self.gen.step(folded, start, *cond, empty.keys, empty.values)
             for name, first in (("past_keys", keys), ("past_values", values)):
-                noise = torch.from_numpy(self.rng.standard_normal((*first.shape[:3], positions, first.shape[4])))
-                out[name] = first.repeat(1, 1, 1, positions, 1) + 0.1 * noise.float()
+                noise = torch.from_numpy(self.rng.standard_normal((*first.shape[:3], cfg.positions, first.shape[4])))
+                out[name] = first.repeat(1, 1, 1, cfg.positions, 1) + 0.1 * noise.float()
         if wanted & {"f_hat", "x_folded"}:
             f_hat = self._f_hat(batch, si)
             out["f_hat"] = f_hat
@@ -236,12 +244,13 @@ def graph_modules(tokenizer: Tokenizer, generator: Generator, dtype: str, candid
     tokenizer, generator = tokenizer.eval(), generator.eval()
     tok_c = copy.deepcopy(tokenizer).to(cd)
     gen_c = copy.deepcopy(generator).to(cd)
+    sampler_sizes = (generator.cfg.codebook_size, generator.cfg.num_branches)
     return {
         "encoder": (EncoderGraph(tok_c, cd), EncoderGraph(tokenizer, torch.float32)),
         "decoder": (DecoderGraph(tok_c, cd), DecoderGraph(tokenizer, torch.float32)),
         "ar_prefill": (PrefillGraph(gen_c, sd), PrefillGraph(generator, torch.float32)),
         "ar_step": (StepGraph(gen_c, cd, sd), StepGraph(generator, torch.float32, torch.float32)),
-        "sampler": (SamplerGraph(candidates), SamplerGraph(candidates)),
+        "sampler": (SamplerGraph(candidates, *sampler_sizes), SamplerGraph(candidates, *sampler_sizes)),
         "fold": (FoldGraph(tokenizer), FoldGraph(tokenizer)),
     }
 
@@ -312,6 +321,8 @@ def _write_bundle(
     source: dict | None,
     progress: bool,
 ) -> None:
+    """Export every graph into ``out``, store their weights once (``weights.bin``), check each against
+    PyTorch as it is on disk, and write the manifest last."""
     import onnx
     import onnxruntime as ort
 
@@ -321,17 +332,23 @@ def _write_bundle(
     modules = graph_modules(tokenizer, generator, dtype, candidates)
     examples = ExampleInputs(tokenizer, generator, model, candidates)
     num_scales = len(config.generator.scales)
-    graphs, files = {}, {}
-    bar = tqdm(modules.items(), desc=f"export {config.name} ({dtype})", unit="graph", disable=not progress)
-    for name, (module, reference) in bar:
-        bar.set_postfix_str(name)
+    bar = tqdm(total=2 * len(modules), desc=f"export {config.name} ({dtype})", unit="step", disable=not progress)
+    for name, (module, _) in modules.items():
+        bar.set_postfix_str(f"trace {name}")
         spec = specs[name]
-        path = out / f"{name}.onnx"
-        trace_si, check_si = trace_and_check_scales(spec, num_scales)
+        trace_si, _ = trace_and_check_scales(spec, num_scales)
         inputs = examples.for_graph(spec, TRACE_BATCH, trace_si)
         sd = getattr(torch, sdt)
         inputs = tuple(x.to(sd) if t.dtype == STATE else x for t, x in zip(spec.inputs, inputs, strict=True))
-        export_graph(module, spec, inputs, path, opset, sdt)
+        export_graph(module, spec, inputs, out / f"{name}.onnx", opset, sdt)
+        bar.update()
+    pack_weights([out / f"{name}.onnx" for name in modules], out)
+    graphs: dict[str, dict[str, Any]] = {}
+    files = {WEIGHTS_FILE: file_digest(out / WEIGHTS_FILE)}
+    for name, (_, reference) in modules.items():
+        bar.set_postfix_str(f"check {name}")
+        spec, path = specs[name], out / f"{name}.onnx"
+        _, check_si = trace_and_check_scales(spec, num_scales)
         if dtype in ORT_CPU_DTYPES:
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             parity = check_parity(session, reference, examples.for_graph(spec, PARITY_BATCH, check_si), spec, dtype)
@@ -342,19 +359,22 @@ def _write_bundle(
                 "skipped": f"ONNX Runtime's CPU provider has no {dtype} kernels; check on the GPU with "
                 "`imagefolder-export check --backend trt`"
             }
-        external = external_data_files(path)
         graphs[name] = {
             "file": path.name,
-            "external_data": external,
+            "external_data": external_data_files(path),
             "inputs": [t.to_dict(sdt) for t in spec.inputs],
             "outputs": [t.to_dict(sdt) for t in spec.outputs],
             "doc": spec.doc,
             "parity": {"batch": PARITY_BATCH, "scale_index": check_si, "outputs": parity},
             "operators": check_operators(path).to_dict(),
         }
-        for rel in [path.name, *external]:
-            files[rel] = file_digest(out / rel)
+        files[path.name] = file_digest(path)
         log.info("exported %s: %s", name, parity)
+        bar.update()
+    bar.close()
+    weights = weight_report(out, {name: entry["file"] for name, entry in graphs.items()})
+    for name, entry in graphs.items():
+        entry["weight_bytes"] = weights["graphs"][name]
     manifest = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -366,6 +386,7 @@ def _write_bundle(
         "batch_max": batch_max,
         "sampler_candidates": candidates,
         "graphs": graphs,
+        "weights": {"stored_bytes": weights["stored"], "duplicated_bytes": weights["duplicated"]},
         "files": dict(sorted(files.items())),
         "producer": _versions(),
         "source": source or {},

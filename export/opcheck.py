@@ -212,9 +212,11 @@ class OperatorReport:
 
 
 def _constants(graph) -> dict:
+    import onnx
     from onnx import numpy_helper
 
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    inline = [init for init in graph.initializer if init.data_location != onnx.TensorProto.EXTERNAL]
+    values = {init.name: numpy_helper.to_array(init) for init in inline}  # weights live in weights.bin
     for node in graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:

@@ -71,13 +71,18 @@ def generate(
     rng = torch.Generator(device=device)
     rng.manual_seed(params.seed)
     b, v, num_scales = labels.shape[0], gcfg.codebook_size, len(gcfg.scales)
-    logits, keys, values, cond_blocks, cond_head = generator.prefill(rows)
-    cache = KVCache.allocate(gcfg, 2 * b, keys.dtype, device)
-    cache.append(keys, values)
+    cond_start, cond_blocks, cond_head = generator.prefill(rows)
+    cache = KVCache.allocate(gcfg, 2 * b, cond_start.dtype, device)
     k = tokenizer.cfg.latent_size
     f_hat = torch.zeros(b, gcfg.folded_dim, k, k, device=device)
+    x_next = torch.zeros(2 * b, 1, gcfg.folded_dim, device=device, dtype=cond_start.dtype)  # unused at scale 0
     per_scale = []
     for si in range(num_scales):
+        scale_positions = torch.as_tensor(positions(gcfg.scales, si), device=device)
+        logits, keys, values = generator.step(
+            x_next, scale_positions, cond_start, cond_blocks, cond_head, cache.keys, cache.values
+        )
+        cache.append(keys, values)
         t = guidance(params.cfg, si, num_scales)
         mixed = (1 + t) * logits[:b] - t * logits[b:]  # (B, q, 2V)
         halves = [mixed[..., i * v : (i + 1) * v] for i in range(gcfg.num_branches)]  # branch 0 drawn first
@@ -87,8 +92,5 @@ def generate(
         if si == num_scales - 1:
             break
         x_next = tokenizer.next_scale_input(f_hat, si + 1).repeat(2, 1, 1)  # (N, q', 2Z)
-        next_positions = torch.as_tensor(positions(gcfg.scales, si + 1), device=device)
-        logits, keys, values = generator.step(x_next, next_positions, cond_blocks, cond_head, cache.keys, cache.values)
-        cache.append(keys, values)
     indices = torch.cat(per_scale, dim=1).permute(0, 2, 1)  # (B, 2, P)
     return tokenizer.fhat_to_img(f_hat), indices

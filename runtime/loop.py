@@ -1,13 +1,16 @@
 """The generation loop, written once against the backend protocol.
 
-``generate`` validates the request, draws the sampling noise on the host and calls a session in
-the order of ``backends/base.py``: prefill → for every scale: sample → fold → step (except after
-the last scale) → decode. The optional ``StepProfiler`` times every stage.
+``generate`` validates a request (class ids, sampling parameters), splits it into batches of at
+most the backend's ``batch_max`` images, and runs each batch through a session in the order of
+``backends/base.py``: prefill → for every scale: step → sample → fold (except after the last) →
+decode. The optional ``StepProfiler`` times every stage and records the bytes each run moved
+between host and device.
 
-Random stream: one ``np.random.default_rng(seed)`` per call; before sampling scale ``si`` (in scale
-order) it draws ``rng.random((B, q_si, 2, V), dtype=float32)``, one value per vocabulary entry, uniform in [0, 1)
-(the sampler clips it away from 0 and 1). The same seed, labels and bundle give the same noise on
-every backend; the noise of one image depends on the batch it is generated in.
+Random stream: image ``i`` of a request seeded ``s`` draws its uniforms from
+``core.sampler.image_uniforms(s, i, ...)``, one per token. They depend on nothing else: not on the
+batch the image is generated in, nor on how the request was split, so a server that batches
+requests together (``run_batch`` with ``ImageRequest``s of several requests) returns each request
+what it would get alone.
 """
 
 from __future__ import annotations
@@ -17,18 +20,75 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imagefolder.core.schedule import SamplingParams, check_labels, guidance, scale_spans
+from imagefolder.core.sampler import image_uniforms
+from imagefolder.core.schedule import SamplingParams, check_labels, guidance, num_positions
 from imagefolder.errors import InputError
-from imagefolder.runtime.backends.base import Backend, Session
+from imagefolder.runtime.backends.base import Backend, BatchRequest, Session
 from imagefolder.runtime.profiler import StepProfiler
 
-BRANCHES = 2  # tokens per position; the noise of a scale is (B, q, 2, V) (backends/base.py)
+BRANCHES = 2  # tokens per position
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image to generate: its class, its sampling parameters, and its place in its request.
+
+    The image's uniforms are ``image_uniforms(params.seed, index, ...)``.
+    """
+
+    label: int
+    params: SamplingParams
+    index: int = 0
 
 
 @dataclass(frozen=True)
 class GenerationResult:
     images: np.ndarray  # (B, 3, H, W) float32 in [-1, 1]
     indices: np.ndarray  # (B, 2, P) int32
+
+
+def batch_request(images: list[ImageRequest], scales: tuple[int, ...]) -> BatchRequest:
+    """The host arrays of one batch: labels, uniforms, per-scale guidance and the filters of every image."""
+    positions, num_scales = num_positions(scales), len(scales)
+    return BatchRequest(
+        labels=np.array([image.label for image in images], dtype=np.int64),
+        uniforms=np.stack([image_uniforms(im.params.seed, im.index, positions, BRANCHES) for im in images]),
+        guidance=np.array(
+            [[guidance(im.params.cfg, si, num_scales) for im in images] for si in range(num_scales)], dtype=np.float32
+        ),
+        top_k=np.array([image.params.top_k for image in images], dtype=np.int64),
+        top_p=np.array([image.params.top_p for image in images], dtype=np.float32),
+    )
+
+
+def run_batch(
+    session: Session, scales: tuple[int, ...], images: list[ImageRequest], profiler: StepProfiler | None = None
+) -> GenerationResult:
+    """Generate ``images`` (exactly ``session.batch`` of them, labels already checked) on one session."""
+    if len(images) != session.batch:
+        raise InputError(f"the session holds {session.batch} images, the request {len(images)}")
+    request = batch_request(images, scales)
+    num_scales = len(scales)
+    sent, received = session.transferred
+    with profiler.run(session.batch, session.device_timer) if profiler else contextlib.nullcontext() as run:
+        stage = profiler.stage if profiler else _no_stage
+        with stage("prefill"):
+            session.prefill(request)
+        for si in range(num_scales):
+            with stage("step", si):
+                session.step(si)
+            with stage("sample", si):
+                session.sample(si)
+            if si < num_scales - 1:
+                with stage("fold", si):
+                    session.fold(si)
+        with stage("decode"):
+            images_out = session.decode()
+        indices = session.indices()
+        if run is not None:
+            now_sent, now_received = session.transferred
+            run.bytes_to_device, run.bytes_from_device = now_sent - sent, now_received - received
+    return GenerationResult(images=images_out, indices=indices)
 
 
 def generate(
@@ -38,51 +98,32 @@ def generate(
     profiler: StepProfiler | None = None,
     session: Session | None = None,
 ) -> GenerationResult:
-    """Generate one image per label.
+    """Generate one image per label; requests above the backend's ``batch_max`` are split.
 
     Args:
-        backend: any backend; its ``scales``, ``num_classes`` and ``codebook_size`` shape the request.
+        backend: any backend; its ``scales``, ``num_classes`` and ``batch_max`` shape the request.
         labels: class ids, one per image.
         params: sampling parameters (default: ``SamplingParams()``, the official settings).
-        profiler: records every stage of this call as one run.
-        session: a session of this backend for ``len(labels)`` images to reuse (profiling); by
-            default one is allocated and closed here.
+        profiler: records every stage of each batch as one run.
+        session: a session of this backend for exactly ``len(labels)`` images to reuse (profiling);
+            by default sessions are allocated and closed here.
     Returns:
-        images (B, 3, H, W) float32 in [-1, 1] and the sampled indices (B, 2, P) int32.
+        images (B, 3, H, W) float32 in [-1, 1] and the sampled indices (B, 2, P) int32; image i
+        is the same whatever the split.
     """
     params = params or SamplingParams()
     labels = check_labels(labels, backend.num_classes)
-    batch = len(labels)
-    if session is not None and session.batch != batch:
-        raise InputError(f"the session holds {session.batch} images, the request {batch}")
-
-    owned = session is None
-    session = session or backend.session(batch)
-    rng = np.random.default_rng(params.seed)
-    spans = scale_spans(backend.scales)
-    num_scales = len(spans)
-    try:
-        with profiler.run(batch, session.device_timer) if profiler else contextlib.nullcontext():
-            stage = profiler.stage if profiler else _no_stage
-            with stage("prefill"):
-                session.prefill(labels)
-            for si in range(num_scales):
-                noise = rng.random((batch, spans[si][1], BRANCHES, backend.codebook_size), dtype=np.float32)
-                weight = guidance(params.cfg, si, num_scales)
-                with stage("sample", si):
-                    session.sample(si, weight, params.top_k, params.top_p, noise)
-                with stage("fold", si):
-                    session.fold(si)
-                if si < num_scales - 1:
-                    with stage("step", si + 1):
-                        session.step(si + 1)
-            with stage("decode"):
-                images = session.decode()
-            indices = session.indices()
-    finally:
-        if owned:
-            session.close()
-    return GenerationResult(images=images, indices=indices)
+    images = [ImageRequest(int(label), params, index) for index, label in enumerate(labels)]
+    if session is not None:
+        return run_batch(session, backend.scales, images, profiler)
+    results = []
+    for start in range(0, len(images), backend.batch_max):
+        part = images[start : start + backend.batch_max]
+        with contextlib.closing(backend.session(len(part))) as owned:
+            results.append(run_batch(owned, backend.scales, part, profiler))
+    return GenerationResult(
+        images=np.concatenate([r.images for r in results]), indices=np.concatenate([r.indices for r in results])
+    )
 
 
 def _no_stage(name: str, scale: int | None = None) -> contextlib.nullcontext:

@@ -2,18 +2,19 @@
 
 A ``StepProfiler`` records runs (one ``generate`` call each). The first ``warmup`` runs pay one-time
 costs (session creation, lazy allocation, kernel selection): they are recorded and reported
-apart, never mixed into the statistics. Stages are ``prefill``, ``sample[si]``, ``fold[si]``,
-``step[si]`` (si ≥ 1) and ``decode``. Host time is ``time.perf_counter_ns`` around the backend
+apart, never mixed into the statistics. Stages are ``prefill``, ``step[si]``, ``sample[si]``,
+``fold[si]`` (si below the last) and ``decode``. Host time is ``time.perf_counter_ns`` around the backend
 call, so for an asynchronous backend it is the enqueue time; device time comes from the session's
 ``DeviceTimer`` (CUDA events on the inference stream), collected once at the end of each run.
 
 Conventions follow trtllm-bench (TensorRT-LLM's benchmark): percentiles by nearest
 rank without interpolation (sorted values, index ⌊n·p⌋); derived numbers per run, then statistics:
 
-- time to first scale = prefill + sample[0] (the analogue of TTFT);
-- time per step = mean over scales si ≥ 1 of step[si] + sample[si] + fold[si] (the analogue of TPOT;
-  one step emits q_si·2 tokens);
-- end to end = wall time of the run, prefill to decoded images; images/s = images ÷ total end to end.
+- time to first scale = prefill + step[0] + sample[0] (the analogue of TTFT);
+- time per step = mean over scales si ≥ 1 of fold[si−1] + step[si] + sample[si] (the analogue of
+  TPOT: the fold that makes a scale's input, the step, the sampling; one step emits q_si·2 tokens);
+- end to end = wall time of the run, prefill to decoded images; images/s = images ÷ total end to end;
+- bytes to and from the device per image: what the session moved between host and device.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class RunRecord:
     start_ns: int
     wall_ns: int = 0
     stages: list[StageRecord] = field(default_factory=list)
+    bytes_to_device: int = 0
+    bytes_from_device: int = 0
 
     def host_ms(self, label: str) -> float:
         return next(s.host_ns for s in self.stages if s.label == label) / 1e6
@@ -154,10 +157,11 @@ class StepProfiler:
         step_scales = sorted({s.scale for s in measured[0].stages if s.stage == "step" and s.scale is not None})
 
         def first_scale(get: Callable[[str], float]) -> float:
-            return get("prefill") + get("sample[0]")
+            return get("prefill") + get("step[0]") + get("sample[0]")
 
         def per_step(get: Callable[[str], float]) -> float:
-            return sum(get(f"{st}[{si}]") for si in step_scales for st in ("step", "sample", "fold")) / len(step_scales)
+            later = [si for si in step_scales if si > 0]
+            return sum(get(f"fold[{si - 1}]") + get(f"step[{si}]") + get(f"sample[{si}]") for si in later) / len(later)
 
         batch = measured[0].batch
         e2e = [r.wall_ns / 1e6 for r in measured]
@@ -168,9 +172,11 @@ class StepProfiler:
             "warmup_e2e_ms": [r.wall_ns / 1e6 for r in self.runs if r.warmup],
             "stages": stages,
             "time_to_first_scale_ms": _derived(measured, first_scale),
-            "time_per_step_ms": _derived(measured, per_step) if step_scales else None,
+            "time_per_step_ms": _derived(measured, per_step) if len(step_scales) > 1 else None,
             "e2e_ms": summarize(e2e),
             "images_per_s": batch * len(measured) / (sum(e2e) / 1e3),
+            "bytes_to_device_per_image": max(r.bytes_to_device for r in measured) / batch,
+            "bytes_from_device_per_image": max(r.bytes_from_device for r in measured) / batch,
         }
 
     def chrome_trace(self) -> dict:
@@ -264,7 +270,10 @@ def format_table(report: dict) -> str:
             row(name, "host", report[key]["host"])
             row(name, "device", report[key]["device"])
     row("end to end", "host", report["e2e_ms"])
-    lines.append(f"images/s: {report['images_per_s']:.3f}")
+    lines.append(
+        f"images/s: {report['images_per_s']:.3f}; per image: host → device "
+        f"{report['bytes_to_device_per_image']:,.0f} B, device → host {report['bytes_from_device_per_image']:,.0f} B"
+    )
     return "\n".join(lines)
 
 

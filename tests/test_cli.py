@@ -183,10 +183,9 @@ def test_broken_bundles_are_refused(workspace, tmp_path, damage, message):
     [
         (["--class", "10"], "class"),
         (["--class", "-1"], "class"),
-        (["--class", "0,1,2,3,4"], "batch"),
         (["--top-p", "0"], "top_p"),
     ],
-    ids=["class-too-big", "class-negative", "batch-above-max", "bad-top-p"],
+    ids=["class-too-big", "class-negative", "bad-top-p"],
 )
 def test_bad_generation_requests(workspace, tmp_path, args, message):
     out = tmp_path / "out.png"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from imagefolder.export.onnx_export import export_bundle
 from imagefolder.generate import generate as official_generate
 from imagefolder.runtime.backends.ort import OrtBackend
 from imagefolder.runtime.backends.torch_backend import TorchBackend
-from imagefolder.runtime.loop import generate
+from imagefolder.runtime.loop import ImageRequest, generate, run_batch
 from tests.models import official_width, randomized
 
 
@@ -115,3 +117,63 @@ def test_fp16_bundle_generates_like_fp32(tmp_path):
     # Stated tolerance: greedy tokens agree on ≥ 99% of positions, images within 2e-2.
     assert (a.indices == b.indices).mean() >= 0.99
     assert np.abs(a.images - b.images).max() < 2e-2
+
+
+@pytest.fixture(scope="module")
+def default_setup(tmp_path_factory):
+    """The shipped default model on both backends, with a bundle whose batch maximum is 8."""
+    from imagefolder.default_model import load_default_or_checkpoint
+
+    config, tokenizer, generator, _ = load_default_or_checkpoint()
+    out = export_bundle(tmp_path_factory.mktemp("default"), tokenizer, generator, config, batch_max=8, progress=False)
+    return OrtBackend(load_bundle(out)), TorchBackend(tokenizer, generator, load_bundle(out).candidates)
+
+
+@pytest.mark.parametrize("backend_name", ["ort", "torch"])
+@pytest.mark.parametrize("params", [SamplingParams(top_k=1, top_p=1.0, seed=0), SamplingParams(seed=21)])
+def test_an_image_does_not_depend_on_its_batch(default_setup, backend_name, params):
+    """Image i of a request: the same tokens alone, in batches of 2, 4 and 8, and in a request split in two."""
+    backend = default_setup[0 if backend_name == "ort" else 1]
+    labels = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]  # 10 images: above the bundle's batch maximum of 8
+    whole = generate(backend, labels, params)  # split 8 + 2
+    assert whole.indices.shape[0] == 10
+    for size in (1, 2, 4, 8):  # image i of the request alone (i = 0) and in batches of 2, 4 and 8
+        np.testing.assert_array_equal(generate(backend, labels[:size], params).indices, whole.indices[:size])
+    with contextlib.closing(backend.session(4)) as session:  # a server's batch: images from anywhere in requests
+        images = [ImageRequest(labels[i], params, i) for i in (7, 2, 9, 0)]
+        mixed = run_batch(session, backend.scales, images)
+        np.testing.assert_array_equal(mixed.indices, whole.indices[[7, 2, 9, 0]])
+
+
+def test_requests_with_other_settings_share_a_batch(default_setup):
+    """Per-image sampling settings: a batch of two requests with different cfg/top-k/top-p/seed gives each
+    request's images exactly what they get alone."""
+    ort_backend, _ = default_setup
+    a, b = SamplingParams(cfg=1.0, top_k=5, top_p=0.8, seed=1), SamplingParams(cfg=4.0, top_k=200, top_p=1.0, seed=2)
+    alone_a, alone_b = generate(ort_backend, [2, 3], a), generate(ort_backend, [7], b)
+    with ort_backend.session(3) as session:
+        both = run_batch(
+            session, ort_backend.scales, [ImageRequest(2, a, 0), ImageRequest(7, b, 0), ImageRequest(3, a, 1)]
+        )
+    np.testing.assert_array_equal(both.indices, np.stack([alone_a.indices[0], alone_b.indices[0], alone_a.indices[1]]))
+
+
+def test_the_sampler_graph_has_no_loop_and_takes_one_uniform_per_token(tiny_setup):
+    bundle = tiny_setup[0]
+    entry = bundle.manifest["graphs"]["sampler"]
+    ops = set(entry["operators"]["counts"])
+    assert not ops & {"CumSum", "Loop", "Sort", "Multinomial", "If", "Scan"}, ops
+    assert {"TopK", "MatMul", "ScatterElements", "ArgMax"} <= ops
+    uniforms = next(t for t in entry["inputs"] if t["name"] == "uniforms")
+    assert uniforms["shape"] == ["B", "q", 2]  # no vocabulary axis
+
+
+@pytest.mark.slow
+def test_host_sends_a_few_kilobytes_per_image_at_official_shapes(official_setup):
+    from imagefolder.runtime.profiler import profile_generation
+
+    _, ort_backend, _, _ = official_setup
+    report = profile_generation(ort_backend, [1], SamplingParams(), runs=1, warmup=0).reports[0]
+    # 286 positions × 2 uniforms × 4 B + label + 10 guidance values + top-k + top-p
+    assert report["bytes_to_device_per_image"] == 286 * 2 * 4 + 8 + 10 * 4 + 8 + 4 <= 8 * 1024
+    assert report["bytes_from_device_per_image"] == 3 * 256 * 256 * 4 + 2 * 286 * 4  # the image and its indices

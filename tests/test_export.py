@@ -47,7 +47,29 @@ def test_bundle_io_equals_specs(bundle_fp32, models):
     # The spec's fixed dims are the model's: cache (L, N, H, P, D) for the tiny preset.
     step_inputs = {t["name"]: t["shape"] for t in manifest["graphs"]["ar_step"]["inputs"]}
     assert step_inputs["past_keys"] == [4, "N", 4, 66, 32]
-    assert set(manifest["files"]) == {f"{n}.onnx" for n in S.GRAPH_NAMES}
+    assert set(manifest["files"]) == {f"{n}.onnx" for n in S.GRAPH_NAMES} | {"weights.bin"}
+
+
+def test_no_weight_is_stored_twice(bundle_fp32, models):
+    """The default-size tiny model: every weight once on disk, within 2% of the parameters' bytes."""
+    from imagefolder.export.weights import weight_report
+
+    config, tokenizer, generator = models
+    manifest = json.loads((bundle_fp32 / "manifest.json").read_text())
+    report = weight_report(bundle_fp32, {name: entry["file"] for name, entry in manifest["graphs"].items()})
+    parameters = sum(p.numel() * 4 for model in (tokenizer, generator) for p in model.parameters())
+    assert report["duplicated"] == 0 and manifest["weights"]["duplicated_bytes"] == 0
+    assert report["stored"] <= 1.02 * parameters, (report["stored"], parameters)
+    assert (bundle_fp32 / "weights.bin").stat().st_size <= 1.03 * parameters  # alignment padding included
+    graphs = report["graphs"]
+    assert graphs == {name: entry["weight_bytes"] for name, entry in manifest["graphs"].items()}
+    # The codebooks serve encoder, decoder and fold: read by three graphs, stored once.
+    assert sum(graphs.values()) > report["stored"]
+    ada = sum(p.numel() * 4 for b in generator.blocks for p in b.ada_lin.parameters())
+    assert graphs["ar_prefill"] >= ada  # the AdaLN weights live in the prefill ...
+    assert graphs["ar_step"] < sum(p.numel() * 4 for p in generator.parameters()) - ada  # ... and not in the step
+    for name, entry in manifest["graphs"].items():
+        assert entry["external_data"] == ["weights.bin"] or graphs[name] == 0, name
 
 
 def test_fp32_parity_recorded_below_tolerance(bundle_fp32):
@@ -120,8 +142,13 @@ def test_check_command_compares_every_scale(bundle_fp32, models, tmp_path):
     ckpt = save_checkpoint(tmp_path / "m.safetensors", config, tokenizer.state_dict(), generator.state_dict())
     report = check_bundle(bundle_fp32, checkpoint=ckpt)
     assert report.ok, report.table()
-    steps = {r["scale"] for r in report.rows if r["graph"] == "ar_step"}
-    assert steps == set(range(1, len(config.generator.scales)))
+    scales = {g: {r["scale"] for r in report.rows if r["graph"] == g} for g in ("ar_step", "sampler", "fold")}
+    num_scales = len(config.generator.scales)
+    assert scales == {
+        "ar_step": set(range(num_scales)),
+        "sampler": set(range(num_scales)),
+        "fold": set(range(num_scales - 1)),
+    }  # scale 0 of the step included: its start-token path
     assert "ar_step" in report.table()
 
 

@@ -52,21 +52,23 @@ class FakeTimer:
 
 
 def _fake_generation(prof: StepProfiler, clock: ScriptedClock, scale_ms: float, timer=None, scales: int = 3) -> None:
-    """prefill 2 ms; per scale: sample 1, fold 0.5, step `scale_ms`; decode 4 ms; 0.25 ms between stages."""
-    with prof.run(batch=2, device_timer=timer):
+    """prefill 2 ms; per scale: step 1.5 (scale 0) or `scale_ms`, sample 1, fold 0.5 (but the last);
+    decode 4 ms; 0.25 ms before each scale. The run moves 100 bytes to the device and 300 back."""
+    with prof.run(batch=2, device_timer=timer) as run:
         with prof.stage("prefill"):
             clock.advance(2)
         for si in range(scales):
             clock.advance(0.25)
+            with prof.stage("step", si):
+                clock.advance(scale_ms if si else 1.5)
             with prof.stage("sample", si):
                 clock.advance(1)
-            with prof.stage("fold", si):
-                clock.advance(0.5)
             if si < scales - 1:
-                with prof.stage("step", si + 1):
-                    clock.advance(scale_ms)
+                with prof.stage("fold", si):
+                    clock.advance(0.5)
         with prof.stage("decode"):
             clock.advance(4)
+        run.bytes_to_device, run.bytes_from_device = 100, 300
 
 
 def test_nearest_rank_percentiles():
@@ -89,12 +91,13 @@ def test_report_on_scripted_runs():
         _fake_generation(prof, clock, scale_ms=step_ms)
     report = prof.report()
     assert (report["batch"], report["runs"], report["warmup_runs"]) == (2, 4, 1)
-    e2e_warm = 2 + 3 * 0.25 + 3 * 1.5 + 2 * 100 + 4
+    e2e_warm = 2 + 3 * 0.25 + 1.5 + 2 * 100 + 3 * 1 + 2 * 0.5 + 4
     assert report["warmup_e2e_ms"] == [pytest.approx(e2e_warm)]
 
     labels = [s["label"] for s in report["stages"]]
     assert labels == [
         "prefill",
+        "step[0]",
         "sample[0]",
         "fold[0]",
         "step[1]",
@@ -102,20 +105,21 @@ def test_report_on_scripted_runs():
         "fold[1]",
         "step[2]",
         "sample[2]",
-        "fold[2]",
         "decode",
     ]
-    step1 = report["stages"][3]["host_ms"]
+    step1 = report["stages"][4]["host_ms"]
     assert step1 == {"n": 4, "mean": 4.5, "min": 3.0, "max": 6.0, "p50": 5.0, "p90": 6.0, "p99": 6.0}
-    assert report["stages"][3]["device_ms"] is None
+    assert report["stages"][4]["device_ms"] is None
 
-    assert report["time_to_first_scale_ms"]["host"]["p50"] == pytest.approx(3.0)  # prefill 2 + sample[0] 1
+    ttfs = report["time_to_first_scale_ms"]["host"]["p50"]
+    assert ttfs == pytest.approx(4.5)  # prefill 2 + step[0] 1.5 + sample[0] 1
     assert report["time_to_first_scale_ms"]["device"] is None
-    tps = report["time_per_step_ms"]["host"]  # step + 1 + 0.5 per run
+    tps = report["time_per_step_ms"]["host"]  # fold[si-1] 0.5 + step + sample 1 per run
     assert (tps["min"], tps["p50"], tps["max"]) == (pytest.approx(4.5), pytest.approx(6.5), pytest.approx(7.5))
-    e2e = [2 + 0.75 + 4.5 + 2 * s + 4 for s in (3, 5, 4, 6)]
+    e2e = [2 + 0.75 + 1.5 + 2 * s + 3 + 1 + 4 for s in (3, 5, 4, 6)]
     assert report["e2e_ms"]["mean"] == pytest.approx(sum(e2e) / 4)
     assert report["images_per_s"] == pytest.approx(2 * 4 / (sum(e2e) / 1e3))
+    assert (report["bytes_to_device_per_image"], report["bytes_from_device_per_image"]) == (50, 150)
 
     table = format_table(report)
     assert "step[2]" in table and "time per step" in table and "images/s" in table
@@ -135,7 +139,7 @@ def test_device_times_are_collected_per_stage():
     assert stages["step[1]"]["device_ms"]["p50"] == len("step[1]") / 2
     assert stages["prefill"]["device_ms"]["mean"] == len("prefill") / 2
     ttfs = report["time_to_first_scale_ms"]["device"]
-    assert ttfs["p50"] == (len("prefill") + len("sample[0]")) / 2
+    assert ttfs["p50"] == (len("prefill") + len("step[0]") + len("sample[0]")) / 2
     assert "device" in format_table(report)
 
 
@@ -148,7 +152,7 @@ def test_chrome_trace_round_trips():
     trace = json.loads(json.dumps(prof.chrome_trace()))
     events = trace["traceEvents"]
     complete = [e for e in events if e["ph"] == "X"]
-    assert len(complete) == 2 * (1 + 1 + 3 * 2 + 2 + 1)  # per run: run, prefill, sample+fold ×3, step ×2, decode
+    assert len(complete) == 2 * (1 + 1 + 3 * 2 + 2 + 1)  # per run: run, prefill, step+sample ×3, fold ×2, decode
     for event in events:
         required = {"name", "ph", "pid", "tid"} | ({"ts", "dur"} if event["ph"] == "X" else {"args"})
         assert required <= event.keys(), event

@@ -99,9 +99,15 @@ def test_loads_and_resolves_shapes(bundle_dir):
     assert shapes["x_folded"] == (4, 16, 32)
     assert shapes["past_keys"] == (4, 4, 4, 66, 32)  # (L, N, H, P, D)
     assert shapes["positions"] == (16,)
-    fold = bundle.shapes("fold", batch=2, scale_index=4)  # the last scale folds into its own size
+    fold = bundle.shapes("fold", batch=2, scale_index=3)  # the fold before the last scale makes its input
     assert fold["x_next"] == (4, 36, 32) and fold["f_hat"] == (2, 32, 6, 6)
-    assert bundle.shapes("sampler", 3, 2)["noise"] == (3, 9, 2, 256)  # one value per vocabulary entry
+    assert bundle.shapes("sampler", 3, 2)["uniforms"] == (3, 9, 2)  # one uniform per token
+    assert bundle.shapes("ar_prefill", 3)["cond_start"] == (6, 1, 128)
+    assert [bundle.specs[g].served_scales(5) for g in ("ar_prefill", "ar_step", "fold")] == [
+        [None],
+        [0, 1, 2, 3, 4],
+        [0, 1, 2, 3],
+    ]
     assert bundle.graph_path("fold") == bundle_dir / "fold.onnx"
 
 
@@ -174,12 +180,12 @@ def test_onnx_io_must_match_the_manifest(bundle_dir):
 def test_onnx_fixed_dimension_must_match(bundle_dir):
     specs = graph_specs(tiny().to_dict())
     model = onnx.load_from_string(_onnx_graph(specs["sampler"]))
-    model.graph.input[4].type.tensor_type.shape.dim[3].dim_value = 257
+    model.graph.input[4].type.tensor_type.shape.dim[2].dim_value = 3  # uniforms (B, q, 2) with 3 branches
     onnx.save(model, str(bundle_dir / "sampler.onnx"))
     manifest = _manifest(bundle_dir)
     manifest["files"]["sampler.onnx"] = _record(bundle_dir, "sampler.onnx")
     _write_manifest(bundle_dir, manifest)
-    with pytest.raises(BundleError, match=r"sampler\.onnx noise is float32 \['B', 'q', 2, 257\]"):
+    with pytest.raises(BundleError, match=r"sampler\.onnx uniforms is float32 \['B', 'q', 3\]"):
         load_bundle(bundle_dir)
 
 

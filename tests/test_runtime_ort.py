@@ -21,13 +21,13 @@ import torch.nn as nn
 from imagefolder.configs import tiny
 from imagefolder.core.bundle import load_bundle
 from imagefolder.core.images import save_grid, save_png, to_uint8
-from imagefolder.core.sampler import sample_tokens
+from imagefolder.core.sampler import image_uniforms, sample_tokens
 from imagefolder.core.schedule import SamplingParams, guidance, scale_spans
 from imagefolder.core.specs import graph_specs
 from imagefolder.errors import InputError
 from imagefolder.models.sampler import SamplerGraph
 from imagefolder.runtime.backends.ort import OrtBackend, OrtBackendError
-from imagefolder.runtime.loop import generate
+from imagefolder.runtime.loop import ImageRequest, batch_request, generate
 from imagefolder.runtime.profiler import StepProfiler, profile_generation
 from tests.test_runtime_bundle import CANDIDATES, make_bundle
 
@@ -40,18 +40,19 @@ P, K, IMG = CFG.generator.positions, CFG.generator.scales[-1], CFG.tokenizer.ima
 class Prefill(nn.Module):
     def forward(self, labels):
         x = labels.float()  # (N,)
-        logits = torch.sin(x[:, None, None] * torch.arange(V2) * 0.37)  # (N, 1, 2V)
-        kv = x.reshape(1, -1, 1, 1, 1) + torch.zeros(L, 1, H, 1, D)
+        cond_start = torch.sin(x[:, None, None] * 0.37) + torch.zeros(1, 1, C)
         cond_blocks = x.reshape(-1, 1, 1, 1) + torch.zeros(1, L, 6, C)
-        return logits, kv + 1, kv - 1, cond_blocks, x.reshape(-1, 1, 1) + torch.zeros(1, 2, C)
+        return cond_start, cond_blocks, x.reshape(-1, 1, 1) + torch.zeros(1, 2, C)
 
 
 class Step(nn.Module):
-    def forward(self, x_folded, positions, cond_blocks, cond_head, past_keys, past_values):
+    def forward(self, x_folded, positions, cond_start, cond_blocks, cond_head, past_keys, past_values):
         valid = (torch.arange(P) < positions[:1]).float()  # only entries before this scale count
         past = ((past_keys - 0.5 * past_values) * valid[:, None]).sum((0, 2, 3, 4))  # (N,)
         cond = cond_blocks.mean((1, 2, 3)) + cond_head.mean((1, 2))  # (N,)
-        base = x_folded.mean(-1, keepdim=True) + (past + cond)[:, None, None] * 0.01  # (N, q, 1)
+        first = positions[:1] == 0  # scale 0 reads the start token, not the folded input
+        x = torch.where(first, cond_start.mean(-1, keepdim=True), x_folded.mean(-1, keepdim=True))  # (N, q, 1)
+        base = x + (past + cond)[:, None, None] * 0.01  # (N, q, 1)
         logits = torch.sin(base * torch.arange(V2) * 0.21 + positions[None, :, None].float())  # (N, q, 2V)
         kv = base.squeeze(-1)[None, :, None, :, None] + torch.zeros(L, 1, H, 1, D)  # (L, N, H, q, D)
         return logits, kv, kv * 2
@@ -107,6 +108,7 @@ def bundle_dir(tmp_path_factory):
             (
                 torch.rand(N, q, Z2),
                 torch.arange(1, 1 + q),
+                torch.rand(N, 1, C),
                 torch.rand(N, L, 6, C),
                 torch.rand(N, 2, C),
                 torch.rand(L, N, H, P, D),
@@ -114,13 +116,13 @@ def bundle_dir(tmp_path_factory):
             ),
         ),
         "sampler": (
-            SamplerGraph(CANDIDATES),
+            SamplerGraph(CANDIDATES, V2 // 2),
             (
                 torch.randn(N, q, V2),
-                torch.tensor([1.0]),
-                torch.tensor([5]),
-                torch.tensor([0.9]),
-                torch.rand(B, q, 2, V2 // 2),
+                torch.tensor([1.0, 2.0]),
+                torch.tensor([5, 7]),
+                torch.tensor([0.9, 0.8]),
+                torch.rand(B, q, 2),
             ),
         ),
         "fold": (
@@ -146,39 +148,39 @@ def _reference(bundle_dir, labels, params: SamplingParams) -> np.ndarray:
         for g in ("ar_prefill", "ar_step", "fold")
     }
     spans, B = scale_spans(CFG.generator.scales), len(labels)
-    rng = np.random.default_rng(params.seed)
     rows = np.concatenate([labels, np.full(B, CFG.generator.num_classes)]).astype(np.int64)
-    logits, keys, values, cond_blocks, cond_head = run["ar_prefill"](None, {"labels": rows})
+    cond_start, cond_blocks, cond_head = run["ar_prefill"](None, {"labels": rows})
     cache_k, cache_v = np.zeros((L, 2 * B, H, P, D), np.float32), np.zeros((L, 2 * B, H, P, D), np.float32)
-    cache_k[:, :, :, :1], cache_v[:, :, :, :1] = keys, values
     f_hat, indices = np.zeros((B, Z2, K, K), np.float32), np.zeros((B, 2, P), np.int32)
+    uniforms = np.stack([image_uniforms(params.seed, i, P, 2) for i in range(B)])
+    x = np.zeros((2 * B, 1, Z2), np.float32)
     for si, (start, q) in enumerate(spans):
-        noise = rng.random((B, q, 2, V2 // 2), dtype=np.float32)
+        positions = np.arange(start, start + q)
+        feeds = {
+            "x_folded": x,
+            "positions": positions,
+            "cond_start": cond_start,
+            "cond_blocks": cond_blocks,
+            "cond_head": cond_head,
+            "past_keys": cache_k,
+            "past_values": cache_v,
+        }
+        logits, keys, values = run["ar_step"](None, feeds)
+        cache_k[:, :, :, positions], cache_v[:, :, :, positions] = keys, values
         t = guidance(params.cfg, si, len(spans))
-        tokens = sample_tokens(logits, t, params.top_k, params.top_p, noise, CANDIDATES)
+        tokens = sample_tokens(logits, t, params.top_k, params.top_p, uniforms[:, start : start + q], CANDIDATES)
         indices[:, :, start : start + q] = tokens.transpose(0, 2, 1)
-        nxt = spans[min(si + 1, len(spans) - 1)]
-        f_hat, x = run["fold"](
-            None,
-            {
-                "tokens": tokens,
-                "f_hat": f_hat,
-                "scale_index": np.array([si]),
-                "next_positions": np.arange(nxt[0], nxt[0] + nxt[1]),
-            },
-        )
         if si + 1 < len(spans):
-            positions = np.arange(nxt[0], nxt[0] + nxt[1])
-            feeds = {
-                "x_folded": x,
-                "positions": positions,
-                "cond_blocks": cond_blocks,
-                "cond_head": cond_head,
-                "past_keys": cache_k,
-                "past_values": cache_v,
-            }
-            logits, keys, values = run["ar_step"](None, feeds)
-            cache_k[:, :, :, positions], cache_v[:, :, :, positions] = keys, values
+            nxt = spans[si + 1]
+            f_hat, x = run["fold"](
+                None,
+                {
+                    "tokens": tokens,
+                    "f_hat": f_hat,
+                    "scale_index": np.array([si]),
+                    "next_positions": np.arange(nxt[0], nxt[0] + nxt[1]),
+                },
+            )
     return indices
 
 
@@ -199,7 +201,8 @@ def test_generate_matches_the_reference_loop(bundle_dir):
             again = generate(backend, labels, params, profiler=prof, session=session)
             np.testing.assert_array_equal(again.indices, result.indices)
     report = prof.report()
-    assert report["runs"] == 2 and len(report["stages"]) == 1 + 2 * 5 + 4 + 1
+    assert report["runs"] == 2 and len(report["stages"]) == 1 + 2 * 5 + 4 + 1  # prefill, step+sample ×5, fold ×4
+    assert report["bytes_to_device_per_image"] == 66 * 2 * 4 + 8 + 5 * 4 + 8 + 4  # uniforms, label, cfg, k, p
     other = generate(backend, labels, SamplingParams(cfg=2.0, top_k=8, top_p=0.9, seed=4))
     assert not np.array_equal(other.indices, result.indices)
     for batch in (1, 3):  # every batch size up to batch_max through the same graphs
@@ -221,9 +224,14 @@ def test_errors_are_clear(bundle_dir):
         SamplingParams(top_k=0)
     with pytest.raises(InputError, match="cfg"):
         SamplingParams(cfg=-1.0)
-    with backend.session(1) as session, pytest.raises(OrtBackendError, match="noise of scale 0"):
-        session.prefill(np.array([1]))
-        session.sample(0, 0.0, 5, 0.9, np.zeros((1, 1, 2, CANDIDATES + 1), np.float32))
+    request = batch_request(
+        [ImageRequest(1, SamplingParams()), ImageRequest(2, SamplingParams(), 1)], CFG.generator.scales
+    )
+    with (
+        backend.session(1) as session,
+        pytest.raises(OrtBackendError, match="a request of 2 images for a session of 1"),
+    ):
+        session.prefill(request)
 
 
 def test_encode_decode_and_images(bundle_dir, tmp_path):

@@ -76,7 +76,7 @@ def test_engines_and_record(bundle):
     assert record["batches"] == BATCHES and record["flags"]["strongly_typed"]
     for entry in record["graphs"].values():
         assert sha256_file(bundle / entry["file"]) == entry["sha256"]
-    assert len(record["graphs"]["ar_step"]["profiles"]) == len(BATCHES) * 4  # tiny: 5 scales
+    assert len(record["graphs"]["ar_step"]["profiles"]) == len(BATCHES) * 5  # tiny: 5 scales, 0 included
     assert (bundle / "engines" / "timing.cache").stat().st_size > 0
 
 

@@ -96,7 +96,7 @@ def test_engines_plans_and_record(built, gpu):
     record = json.loads((root / "engines" / "build.json").read_text())
     assert record["tensorrt_version"] == version and record["gpu"] == {"name": "Fake Orin", "compute_capability": "8.7"}
     assert set(record["graphs"]) == {"encoder", "decoder", "ar_prefill", "ar_step", "sampler", "fold"}
-    assert len(record["graphs"]["ar_step"]["profiles"]) == len(BATCHES) * 4  # tiny: 5 scales
+    assert len(record["graphs"]["ar_step"]["profiles"]) == len(BATCHES) * 5  # tiny: 5 scales, 0 included
     for graph, entry in record["graphs"].items():
         plan = (root / entry["file"]).read_bytes()
         assert sha256_file(root / entry["file"]) == entry["sha256"]

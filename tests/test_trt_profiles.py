@@ -26,11 +26,11 @@ def test_profile_counts(case):
         "encoder": 2,
         "decoder": 2,
         "ar_prefill": 2,
-        "ar_step": 2 * (sn - 1),
+        "ar_step": 2 * sn,  # scale 0 included: the prefill no longer runs the trunk
         "sampler": 2 * sn,
-        "fold": 2 * sn,
+        "fold": 2 * (sn - 1),  # the last scale has no next input to make
     }
-    assert sum(counts.values()) == (6 + 2 * (sn - 1) + 4 * sn)  # tiny: 34, official: 64
+    assert sum(counts.values()) == (6 + 4 * sn + 2 * (sn - 1))  # tiny: 34, official: 64
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -42,13 +42,14 @@ def test_profile_shapes(case):
     plan = plan_profiles(make_manifest(cfg, candidates=64), [8, 1])  # order of the request does not matter
 
     steps = plan["ar_step"]
-    assert [(p.batch, p.scale_index) for p in steps] == [(b, si) for b in (1, 8) for si in range(1, len(scales))]
+    assert [(p.batch, p.scale_index) for p in steps] == [(b, si) for b in (1, 8) for si in range(len(scales))]
     for p in steps:
         q, n = spans[p.scale_index][1], 2 * p.batch
         assert p.graph == "ar_step"
         assert p.shapes == {
             "x_folded": (n, q, 2 * gen.code_dim),
             "positions": (q,),
+            "cond_start": (n, 1, gen.width),
             "cond_blocks": (n, L, 6, gen.width),
             "cond_head": (n, 2, gen.width),
             "past_keys": (L, n, H, P, D),
@@ -57,10 +58,10 @@ def test_profile_shapes(case):
     for p in plan["sampler"]:
         q = spans[p.scale_index][1]
         assert p.shapes["logits"] == (2 * p.batch, q, 2 * gen.codebook_size)
-        assert p.shapes["noise"] == (p.batch, q, 2, gen.codebook_size)  # one value per vocabulary entry
-        assert p.shapes["guidance"] == p.shapes["top_k"] == p.shapes["top_p"] == (1,)
+        assert p.shapes["uniforms"] == (p.batch, q, 2)  # one uniform per token
+        assert p.shapes["guidance"] == p.shapes["top_k"] == p.shapes["top_p"] == (p.batch,)  # per image
     for p in plan["fold"]:
-        nxt = spans[min(p.scale_index + 1, len(scales) - 1)][1]
+        nxt = spans[p.scale_index + 1][1]
         assert p.shapes["tokens"] == (p.batch, spans[p.scale_index][1], 2)
         assert p.shapes["next_positions"] == (nxt,)
         assert p.shapes["f_hat"] == (p.batch, 2 * gen.code_dim, scales[-1], scales[-1])
@@ -72,11 +73,11 @@ def test_profile_shapes(case):
 
 
 def test_profile_serialises():
-    profile = plan_profiles(make_manifest(tiny()), [1])["fold"][4]
+    profile = plan_profiles(make_manifest(tiny()), [1])["fold"][3]
     assert profile.to_dict() == {
         "batch": 1,
-        "scale_index": 4,
-        "shapes": {"tokens": [1, 36, 2], "f_hat": [1, 32, 6, 6], "scale_index": [1], "next_positions": [36]},
+        "scale_index": 3,
+        "shapes": {"tokens": [1, 16, 2], "f_hat": [1, 32, 6, 6], "scale_index": [1], "next_positions": [36]},
     }
 
 

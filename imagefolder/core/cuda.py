@@ -7,6 +7,8 @@ imports on machines without CUDA; ``CudaUnavailable`` says how to install it. No
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 from imagefolder.errors import DeviceError, MissingDependency
@@ -76,6 +78,37 @@ def device_properties(device: int = 0) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Memory
+
+
+class PinnedHostBuffer:
+    """Page-locked host memory (``cudaMallocHost``) with a numpy view.
+
+    Copies between it and the device are truly asynchronous and may be captured in a CUDA graph
+    (copies from pageable memory stall the host and cannot be captured). The host must not write
+    it while a copy from it may still be in flight: synchronise the stream first.
+    """
+
+    def __init__(self, nbytes: int):
+        self.nbytes = max(int(nbytes), 1)
+        self.ptr = int(check(cudart().cudaMallocHost(self.nbytes)))
+        self.array = np.ctypeslib.as_array((ctypes.c_uint8 * self.nbytes).from_address(self.ptr))
+
+    def free(self) -> None:
+        if self.ptr:
+            self.array = np.empty(0, np.uint8)  # no view may outlive the memory
+            check(cudart().cudaFreeHost(self.ptr))
+            self.ptr = 0
+
+
+def memcpy_async(dst: int, src: int, nbytes: int, kind: str, stream: Stream) -> None:
+    """Queue a copy of ``nbytes`` between raw addresses; ``kind`` is "htod", "dtoh" or "dtod"."""
+    rt = cudart()
+    kinds = {
+        "htod": rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+        "dtoh": rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+        "dtod": rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+    }
+    check(rt.cudaMemcpyAsync(dst, src, nbytes, kinds[kind], stream.handle))
 
 
 class DeviceBuffer:

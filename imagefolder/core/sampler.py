@@ -1,29 +1,34 @@
-"""The numpy reference of the exported ``sampler`` graph: CFG mix, top-k/top-p, Gumbel-max.
+"""The sampler: its algorithm as the numpy reference, its constants, and the per-image random stream.
 
-The same algorithm lives in ``imagefolder/models/sampler.py`` as the torch module that becomes the graph;
-both give the same tokens for the same inputs. Each step is one ONNX operator TensorRT parses at
-opset 17 (TopK with a constant K, Softmax, CumSum, Where, Log, ArgMax, GatherElements), so the graph
-has no Multinomial, Sort or If, and sampling runs where the logits are.
-
-Per row of logits (one image, one position, one branch):
+The same algorithm lives in ``imagefolder/models/sampler.py`` as the torch module exported as the
+``sampler`` graph; both give the same tokens for the same inputs. Per row of logits (one image, one
+position, one branch) and **one uniform u per token**:
 
 1. mixed = (1 + t)·cond − t·uncond over the branch's V logits (t: guidance of this scale);
-2. the ``candidates`` (Kc) largest, sorted descending, ties to the lower index (ONNX TopK);
-3. top-k: ranks ≥ clip(top_k, 1, Kc) masked to −inf;
-4. top-p: keep a rank while the probability mass before it is < top_p (rank 0 always kept;
-   everything kept when top_p ≥ 1, so rounding of the cumulative sum never drops a candidate);
-5. Gumbel-max: argmax over ranks of masked value + g[token], g = −log(−log(clip(u, U_MIN, U_MAX)))
-   with one uniform u per vocabulary entry, first maximum on ties; the token is the candidate's
-   vocabulary index.
+2. the ``candidates`` (Kc) largest, in rank order (TopK, ties to the lower index);
+3. top-k: ranks ≥ clip(top_k, 1, Kc) are dropped;
+4. top-p over the softmax of what is left: a rank is kept while the probability mass ranked before
+   it is < top_p (rank 0 always; everything when top_p ≥ 1, so rounding never drops a candidate);
+5. the draw, by inverse CDF over the kept candidates **in token-id order**: the kept probabilities
+   are scattered back to their vocabulary positions, summed cumulatively in token-id order, and the
+   token is the first kept one whose cumulative mass exceeds u · (kept mass).
 
-The noise is indexed by token id, not by rank. Two tokens with nearly equal logits can swap ranks
-when another implementation computes the logits a few ulps differently; with noise per rank they
-would swap noise too and the sample would change (measured: one token in 572 diverged between ONNX
-Runtime and PyTorch at the official width, and the rest of the image with it). With noise per
-token, a swap changes nothing.
+This is the official distribution (top-k, then top-p, then a draw proportional to the probabilities
+of what is kept; tested against it with a chi-square test), with a property the official
+``torch.multinomial`` lacks: the token depends on the kept candidates' probabilities by token id, not
+on their rank order. Two tokens with nearly equal logits can swap ranks when another implementation
+(ONNX Runtime, TensorRT, PyTorch) computes the logits a few ulps differently; a draw in rank order
+would then change the sample, in token-id order it changes nothing. Identical tokens across
+implementations hold up to floating-point rounding (a different last bit can only matter when u
+falls within an ulp of a boundary of the cumulative mass, or the top-p mass ties to within an ulp).
 
-Identical tokens across implementations hold up to floating-point rounding of exp/log (a
-different last bit can only matter when two scores or the top-p mass tie to within an ulp).
+The graph uses no CumSum (TensorRT 10.3 turns it into a loop of Kc iterations), Loop, Sort,
+Multinomial or If: cumulative sums are blocked matrix products with constant triangular matrices
+(``blocked_cumsum``), the scatter is ScatterElements, the pick an ArgMax.
+
+The random stream: image ``index`` of a request with seed ``seed`` draws its P × branches uniforms
+from ``numpy.random.default_rng((seed, index))`` (``image_uniforms``), whatever the batch it is
+generated in, so a server that batches requests returns each what it would get alone.
 """
 
 from __future__ import annotations
@@ -32,11 +37,9 @@ import numpy as np
 
 from imagefolder.errors import InputError
 
-# Clipping of the uniform noise before the double log, identical in the torch graph: u = 0 would
-# give g = -inf (harmless), u = 1 would give g = +inf and pick a masked candidate.
-U_MIN = np.float32(1e-20)
-U_MAX = np.float32(1.0 - 2.0**-24)  # largest float32 below 1
-
+# The uniforms are clipped to [0, U_MAX] so that u · total < total for every float32 total: at
+# U_MAX = 1 − 2⁻²³ the product is at least one ulp below the total (at 1 − 2⁻²⁴ it can round up to it).
+U_MAX = np.float32(1.0 - 2.0**-23)
 
 # TensorRT's TopK takes K < 3840 (a constant); the sampler keeps at most this many candidates per branch.
 TRT_TOPK_LIMIT = 3840
@@ -51,6 +54,19 @@ def default_candidates(codebook_size: int, requested: int | None = None) -> int:
             raise InputError(f"the sampler's candidates must be in [1, {limit}], got {requested}")
         return requested
     return codebook_size if codebook_size < TRT_TOPK_LIMIT else 1024
+
+
+def cumsum_block(length: int) -> int:
+    """The block size of ``blocked_cumsum`` for a row of ``length``: about √length, so both products are small."""
+    return max(1, int(np.ceil(np.sqrt(length))))
+
+
+def image_uniforms(seed: int, index: int, positions: int, branches: int) -> np.ndarray:
+    """The (positions, branches) float32 uniforms of image ``index`` of a request seeded ``seed``.
+
+    Position-major in the concatenated order of the scales: scale si uses rows ``start:start+q``.
+    """
+    return np.random.default_rng((int(seed), int(index))).random((positions, branches), dtype=np.float32)
 
 
 def _top_candidates(mixed: np.ndarray, candidates: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,50 +93,57 @@ def sample_tokens(
     guidance: float | np.ndarray,
     top_k: int | np.ndarray,
     top_p: float | np.ndarray,
-    noise: np.ndarray,
+    uniforms: np.ndarray,
     candidates: int,
 ) -> np.ndarray:
     """Sample one token per branch and position, exactly as the ``sampler`` graph does.
 
     Args:
         logits: (N, q, nb·V) float32; rows [0, B) conditional, rows [B, 2B) unconditional.
-        guidance: CFG weight t (scalar or shape (1,)).
-        top_k: candidates kept by rank (clipped to [1, candidates]).
-        top_p: nucleus mass in (0, 1]; 1 keeps every top-k candidate.
-        noise: (B, q, nb, V) uniform in [0, 1): one value per vocabulary entry.
+        guidance: CFG weight t, per image (B,) or one for all.
+        top_k: candidates kept by rank (clipped to [1, candidates]), per image (B,) or one for all.
+        top_p: nucleus mass in (0, 1] (1 keeps every top-k candidate), per image (B,) or one for all.
+        uniforms: (B, q, nb) in [0, 1): one per token.
         candidates: Kc, the TopK size of the graph (≤ V).
     Returns:
         tokens (B, q, nb) int32.
     """
     logits = np.asarray(logits, dtype=np.float32)
-    noise = np.asarray(noise, dtype=np.float32)
-    n, q, _ = logits.shape
-    batch, nb = n // 2, noise.shape[2]
-    vocab = logits.shape[-1] // nb
-    if n % 2 or noise.shape != (batch, q, nb, vocab) or not 1 <= candidates <= vocab:
+    uniforms = np.asarray(uniforms, dtype=np.float32)
+    n, q, width = logits.shape
+    batch, nb = n // 2, uniforms.shape[-1] if uniforms.ndim == 3 else 0
+    if n % 2 or uniforms.shape != (batch, q, nb) or nb == 0 or width % nb or not 1 <= candidates <= width // nb:
         raise ValueError(
-            f"sampler shapes: logits {logits.shape}, noise {noise.shape}, candidates {candidates} "
-            f"(expected noise (N/2, q, branches, V) and 1 ≤ candidates ≤ V)"
+            f"sampler shapes: logits {logits.shape}, uniforms {uniforms.shape}, candidates {candidates} "
+            f"(expected uniforms (N/2, q, branches) and 1 ≤ candidates ≤ V)"
         )
-    t = np.float32(np.asarray(guidance, dtype=np.float32).reshape(-1)[0])
-    k = int(np.asarray(top_k).reshape(-1)[0])
-    p = np.float32(np.asarray(top_p, dtype=np.float32).reshape(-1)[0])
+    vocab = width // nb
+
+    def per_row(value, dtype) -> np.ndarray:  # one value per image → one per row of (B·q·nb)
+        per_image = np.broadcast_to(np.asarray(value, dtype=dtype).reshape(-1), (batch,))
+        return np.repeat(per_image, q * nb)[:, None]
+
+    t = np.broadcast_to(np.asarray(guidance, dtype=np.float32).reshape(-1), (batch,)).reshape(batch, 1, 1, 1)
+    k, p = per_row(top_k, np.int64), per_row(top_p, np.float32)  # (R, 1)
 
     split = logits.reshape(n, q, nb, vocab)  # (N, q, nb, V)
     mixed = (np.float32(1.0) + t) * split[:batch] - t * split[batch:]  # (B, q, nb, V)
-    vals, idx = _top_candidates(mixed.reshape(-1, vocab), candidates)  # (R, Kc) each
+    vals, idx = _top_candidates(mixed.reshape(-1, vocab), candidates)  # (R, Kc) each, rank order
 
     ranks = np.arange(candidates)
-    keep_k = (ranks < k) | (ranks == 0)  # (Kc,) rank < clip(top_k, 1, Kc)
-    masked = np.where(keep_k, vals, np.float32(-np.inf))  # (R, Kc)
+    keep_k = (ranks < k) | (ranks == 0)  # (R, Kc): rank < clip(top_k, 1, Kc)
+    masked = np.where(keep_k, vals, np.float32(-np.inf))
     shifted = np.exp(masked - masked[:, :1])
     probs = shifted / shifted.sum(axis=-1, keepdims=True)
     before = np.cumsum(probs, axis=-1, dtype=np.float32) - probs  # mass of the higher-ranked candidates
     keep = keep_k & ((before < p) | (p >= np.float32(1.0)))
+    kept = np.where(keep, probs, np.float32(0.0))  # (R, Kc)
 
-    u = np.clip(np.take_along_axis(noise.reshape(-1, vocab), idx, axis=-1), U_MIN, U_MAX)  # (R, Kc)
-    gumbel = -np.log(-np.log(u))
-    score = np.where(keep, masked, np.float32(-np.inf)) + gumbel
-    choice = np.argmax(score, axis=-1)[:, None]  # (R, 1), first maximum
-    tokens = np.take_along_axis(idx, choice, axis=-1)
+    dense = np.zeros((kept.shape[0], vocab), np.float32)  # the kept probabilities in token-id order
+    np.put_along_axis(dense, idx, kept, axis=-1)
+    cdf = np.cumsum(dense, axis=-1, dtype=np.float32)
+    kept_tokens = dense > 0
+    total = np.where(kept_tokens, cdf, np.float32(0.0)).max(axis=-1, keepdims=True)
+    target = np.clip(uniforms.reshape(-1, 1), 0.0, U_MAX) * total
+    tokens = np.argmax(kept_tokens & (cdf > target), axis=-1)  # the first kept token past u · total
     return tokens.reshape(batch, q, nb).astype(np.int32)

@@ -20,7 +20,7 @@ import numpy as np
 
 from imagefolder.core.schedule import cfg_rows, guidance, positions, scale_spans
 
-SCHEMA_VERSION = 2  # 2: sampler noise per vocabulary entry (B, q, nb, V)
+SCHEMA_VERSION = 3  # 3: one uniform per token; the prefill computes only the conditioning; ar_step serves scale 0
 
 GRAPH_NAMES = ("encoder", "decoder", "ar_prefill", "ar_step", "sampler", "fold")
 
@@ -29,9 +29,9 @@ FLOAT32, INT32, INT64, STATE = "float32", "int32", "int64", "state"
 DTYPES = ("fp32", "fp16", "bf16")
 ORT_CPU_DTYPES = ("fp32", "fp16")  # bundle dtypes ONNX Runtime's CPU provider has kernels for
 
-# Which scales a graph serves: one profile per batch ("batch"), every scale ("all"), or the
-# scales after the first, which the prefill covers ("steps").
-SCALE_USES = ("batch", "all", "steps")
+# Which scales a graph serves: once per batch, whatever the scale ("batch"), every scale ("all"), or
+# every scale but the last ("before_last": the fold, whose output feeds the next scale).
+SCALE_USES = ("batch", "all", "before_last")
 
 # What a tensor holds; ``example_inputs`` draws inputs by role and ``compare`` picks tolerances by it.
 ROLES = (
@@ -93,7 +93,7 @@ class GraphSpec:
         """The scales this graph runs at (None: once per batch, whatever the scale)."""
         if self.scales == "batch":
             return [None]
-        return list(range(1 if self.scales == "steps" else 0, num_scales))
+        return list(range(max(num_scales - 1, 1) if self.scales == "before_last" else num_scales))
 
 
 def state_dtype(dtype: str) -> str:
@@ -130,6 +130,7 @@ def graph_specs(model_config: dict) -> dict[str, GraphSpec]:
     img = ("B", 3, d["H_img"], d["H_img"])
     cache = (d["L"], "N", d["Hd"], d["P"], d["D"])
     new_kv = (d["L"], "N", d["Hd"], "q", d["D"])
+    cond_start = TensorSpec("cond_start", STATE, ("N", 1, d["C"]))
     cond_blocks = TensorSpec("cond_blocks", STATE, ("N", d["L"], 6, d["C"]))
     cond_head = TensorSpec("cond_head", STATE, ("N", 2, d["C"]))
     fhat = ("B", d["Z2"], d["K"], d["K"])
@@ -150,20 +151,15 @@ def graph_specs(model_config: dict) -> dict[str, GraphSpec]:
         GraphSpec(
             "ar_prefill",
             (TensorSpec("labels", INT64, ("N",), "labels"),),
-            (
-                TensorSpec("logits", FLOAT32, ("N", 1, d["V2"]), "logits"),
-                TensorSpec("keys", STATE, (d["L"], "N", d["Hd"], 1, d["D"])),
-                TensorSpec("values", STATE, (d["L"], "N", d["Hd"], 1, d["D"])),
-                cond_blocks,
-                cond_head,
-            ),
-            "class labels → scale-0 logits, its keys/values, and the per-image AdaLN conditioning",
+            (cond_start, cond_blocks, cond_head),
+            "class labels → the per-image conditioning: the start token, every block's and the head's AdaLN modulation",
         ),
         GraphSpec(
             "ar_step",
             (
                 TensorSpec("x_folded", STATE, ("N", "q", d["Z2"])),
                 TensorSpec("positions", INT64, ("q",), "positions"),
+                cond_start,
                 cond_blocks,
                 cond_head,
                 TensorSpec("past_keys", STATE, cache),
@@ -174,20 +170,20 @@ def graph_specs(model_config: dict) -> dict[str, GraphSpec]:
                 TensorSpec("keys", STATE, new_kv),
                 TensorSpec("values", STATE, new_kv),
             ),
-            "one scale: folded input + explicit KV cache → logits and this scale's keys/values",
-            scales="steps",
+            "one scale (scale 0: the start token) + explicit KV cache → logits and this scale's keys/values",
+            scales="all",
         ),
         GraphSpec(
             "sampler",
             (
                 TensorSpec("logits", FLOAT32, ("N", "q", d["V2"]), "logits"),
-                TensorSpec("guidance", FLOAT32, (1,), "guidance"),
-                TensorSpec("top_k", INT64, (1,), "top_k"),
-                TensorSpec("top_p", FLOAT32, (1,), "top_p"),
-                TensorSpec("noise", FLOAT32, ("B", "q", d["nb"], d["V"]), "uniform"),
+                TensorSpec("guidance", FLOAT32, ("B",), "guidance"),
+                TensorSpec("top_k", INT64, ("B",), "top_k"),
+                TensorSpec("top_p", FLOAT32, ("B",), "top_p"),
+                TensorSpec("uniforms", FLOAT32, ("B", "q", d["nb"]), "uniform"),
             ),
             (TensorSpec("tokens", INT32, ("B", "q", d["nb"]), "tokens"),),
-            "CFG mix, per-branch top-k/top-p, Gumbel-max with the given uniform noise → tokens",
+            "CFG mix, per-branch top-k/top-p, a draw by inverse CDF in token-id order with one uniform per token",
             scales="all",
             float32_compute=True,
         ),
@@ -204,7 +200,7 @@ def graph_specs(model_config: dict) -> dict[str, GraphSpec]:
                 TensorSpec("x_next", STATE, ("N", "q_next", d["Z2"])),
             ),
             "tokens of one scale + running f̂ → updated f̂ and the next scale's folded input (both CFG halves)",
-            scales="all",
+            scales="before_last",
             float32_compute=True,
         ),
     ]
@@ -269,12 +265,12 @@ def example_inputs(
             value = rng.random(shape) * 2 - 1
         elif role == "uniform":
             value = rng.random(shape)
-        elif role == "guidance":
-            value = np.array([guidance(3.0, max(si, 1), num_scales)])
+        elif role == "guidance":  # a different setting per image: the graphs take them per image
+            value = guidance(3.0, max(si, 1), num_scales) * rng.uniform(0.5, 1.5, shape)
         elif role == "top_k":
-            value = np.array([min(50, candidates or gen["codebook_size"])])
+            value = rng.integers(1, (candidates or gen["codebook_size"]) + 1, shape)
         elif role == "top_p":
-            value = np.array([0.9])
+            value = rng.uniform(0.5, 1.0, shape)
         elif role == "logits":
             value = 3.0 * rng.standard_normal(shape)
         else:  # hidden states: real activations are O(1)

@@ -278,42 +278,44 @@ class Generator(nn.Module):
 
     # -- inference: prefill and step, the two exported graphs -----------------------------------
 
-    def prefill(self, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Scale 0 from the labels alone.
+    def prefill(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The per-image conditioning, computed once: it depends on the label alone.
 
         Args:
             labels: (N,) int64 class ids; ``cfg.null_class`` is the unconditional row.
         Returns:
-            logits (N, 1, 2V), keys and values (L, N, H, 1, D), cond_blocks (N, L, 6, C), cond_head (N, 2, C).
+            cond_start (N, 1, C): the start token of scale 0 (class embedding + ``pos_start``);
+            cond_blocks (N, L, 6, C) and cond_head (N, 2, C): the AdaLN modulation of every block and of the head.
         """
         sos, cond_blocks, cond_head = self.condition(labels)
-        x = sos.unsqueeze(1) + self.pos_start + self.lvl_embed.weight[0] + self.pos_1LC[:, :1]  # (N, 1, C)
-        x, keys, values = self._trunk(x, cond_blocks)
-        return self.logits(x, cond_head), keys, values, cond_blocks, cond_head
+        return sos.unsqueeze(1) + self.pos_start, cond_blocks, cond_head
 
     def step(
         self,
         x_folded: torch.Tensor,
         positions: torch.Tensor,
+        cond_start: torch.Tensor,
         cond_blocks: torch.Tensor,
         cond_head: torch.Tensor,
         past_keys: torch.Tensor,
         past_values: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One scale after the first, attending to the cache.
+        """One scale, attending to the cache; the same computation serves every scale.
 
         Args:
-            x_folded: (N, q, 2Z) folded input of this scale (area-downsampled running f̂).
+            x_folded: (N, q, 2Z) folded input of this scale (area-downsampled running f̂); ignored at
+                scale 0, whose input is the start token.
             positions: (q,) int64 global positions of this scale; cache entries before
-                ``positions[0]`` are attended to, later ones are ignored.
-            cond_blocks, cond_head: the conditioning returned by ``prefill``.
+                ``positions[0]`` are attended to, later ones are ignored (all of them at scale 0).
+            cond_start, cond_blocks, cond_head: the conditioning returned by ``prefill``.
             past_keys, past_values: (L, N, H, P, D) cache.
         Returns:
             logits (N, q, 2V), and this scale's keys and values (L, N, H, q, D).
         """
         pos = self.pos_1LC[0].index_select(0, positions)  # (q, C)
         lvl = self.lvl_embed(self.lvl_1L[0].index_select(0, positions))  # (q, C)
-        x = self.word_embed(x_folded) + pos + lvl  # (N, q, C)
+        first = positions[:1] == 0  # scale 0: the start token instead of a folded input (a Where, no If)
+        x = torch.where(first, cond_start, self.word_embed(x_folded)) + pos + lvl  # (N, q, C)
         valid = torch.arange(past_keys.shape[3], device=positions.device) < positions[:1]  # (P,)
         x, keys, values = self._trunk(x, cond_blocks, past=(past_keys, past_values, valid))
         return self.logits(x, cond_head), keys, values

@@ -2,29 +2,54 @@
 
 A backend turns a loaded bundle into sessions. A ``Session`` is allocated for one batch size and
 owns all per-generation state in the backend's memory (the KV cache, the conditioning, the current
-logits, f̂, the next folded input, the sampled tokens). The loop only passes small host values
-(labels, sampling parameters, uniform noise) in and takes images and indices out, so on the GPU
-logits never cross to the host.
+logits, f̂, the next folded input, the sampled tokens). Every per-image input of a generation goes
+in once, at ``prefill``: the labels, one uniform per token, and the sampling parameters of every
+scale. Then the scales run on what the session holds, and only indices and images come out: on a
+GPU, logits never cross to the host and the host sends a few KB per image.
 
-Order of calls for one generation (``runtime.loop.generate``)::
+Order of calls for one generation (``runtime.loop``)::
 
-    session.prefill(labels)
+    session.prefill(request)
     for si in range(num_scales):
-        session.sample(si, guidance, top_k, top_p, noise)
-        session.fold(si)
+        session.step(si)          # scale 0 starts from the conditioning's start token
+        session.sample(si)
         if si < num_scales - 1:
-            session.step(si + 1)
-    image = session.decode()
+            session.fold(si)      # this scale's tokens into f̂, and the next scale's input
+    images = session.decode()
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
     from imagefolder.core.bundle import Bundle
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """Everything a session needs for one generation of B images, as host arrays.
+
+    Args:
+        labels: (B,) int64 class ids (the session adds the null-class rows).
+        uniforms: (B, P, branches) float32 in [0, 1): one per token (``core.sampler.image_uniforms``).
+        guidance: (SN, B) float32: the CFG weight of every scale and image.
+        top_k: (B,) int64; top_p: (B,) float32.
+    """
+
+    labels: np.ndarray
+    uniforms: np.ndarray
+    guidance: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the request: what a session sends to its device per generation."""
+        return sum(a.nbytes for a in (self.labels, self.uniforms, self.guidance, self.top_k, self.top_p))
 
 
 class DeviceTimer(Protocol):
@@ -45,23 +70,28 @@ class Session(Protocol):
     @property
     def device_timer(self) -> DeviceTimer | None: ...
 
-    def prefill(self, labels: np.ndarray) -> None:
+    @property
+    def transferred(self) -> tuple[int, int]:
+        """Bytes sent host → device and device → host since the session was made."""
+        ...
+
+    def prefill(self, request: BatchRequest) -> None:
         """Start a generation (a session is reused across generations: this resets its state).
 
-        labels (B,) int64 → scale-0 logits, cache entries of scale 0, conditioning (CFG rows added here).
+        Takes every per-image input of the generation and computes the conditioning (CFG rows added here).
         """
         ...
 
-    def sample(self, scale_index: int, guidance: float, top_k: int, top_p: float, noise: np.ndarray) -> None:
-        """Sample this scale's tokens (B, q, 2) from the current logits with uniform ``noise`` (B, q, 2, V)."""
+    def step(self, scale_index: int) -> None:
+        """Run the generator on the input of ``scale_index`` and write its keys/values into the cache."""
+        ...
+
+    def sample(self, scale_index: int) -> None:
+        """Sample this scale's tokens (B, q, branches) from the current logits."""
         ...
 
     def fold(self, scale_index: int) -> None:
         """Add this scale's tokens to f̂ and compute the next scale's folded input."""
-        ...
-
-    def step(self, scale_index: int) -> None:
-        """Run the generator on the folded input of ``scale_index`` (≥ 1) and append its keys/values to the cache."""
         ...
 
     def decode(self) -> np.ndarray:
@@ -102,6 +132,11 @@ class Backend(Protocol):
     @property
     def image_size(self) -> int: ...
 
+    @property
+    def batch_max(self) -> int:
+        """The largest session; the loop splits larger requests."""
+        ...
+
     def session(self, batch: int) -> Session:
         """Allocate a session for ``batch`` images (at most the bundle's ``batch_max``)."""
         ...
@@ -141,3 +176,7 @@ class BundleFacts:
     @property
     def image_size(self) -> int:
         return self.bundle.image_size
+
+    @property
+    def batch_max(self) -> int:
+        return self.bundle.batch_max

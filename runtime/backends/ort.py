@@ -23,7 +23,7 @@ import onnxruntime as ort
 from imagefolder.core.bundle import Bundle, load_bundle
 from imagefolder.core.schedule import cfg_rows, positions
 from imagefolder.errors import InputError
-from imagefolder.runtime.backends.base import BundleFacts
+from imagefolder.runtime.backends.base import BatchRequest, BundleFacts
 
 log = logging.getLogger(__name__)
 
@@ -138,32 +138,39 @@ class OrtSession:
         widest_step = bundle.shapes("ar_step", batch, last)  # the last scale has the most positions
         widest_fold = bundle.shapes("fold", batch, last)
         widest_sample = bundle.shapes("sampler", batch, last)
+        positions_total = self._spans[-1][0] + self._spans[-1][1]
 
         self._labels = np.empty(prefill["labels"], np.int64)
+        self._cond = {name: np.empty(prefill[name], state) for name in ("cond_start", "cond_blocks", "cond_head")}
         self._cache_keys = np.zeros(widest_step["past_keys"], state)
         self._cache_values = np.zeros(widest_step["past_values"], state)
-        self._cond_blocks = np.empty(prefill["cond_blocks"], state)
-        self._cond_head = np.empty(prefill["cond_head"], state)
         # One flat buffer per per-scale tensor, viewed with the shape of each scale (a contiguous prefix).
         self._logits = np.empty(math.prod(widest_step["logits"]), np.float32)
         self._new_keys = np.empty(math.prod(widest_step["keys"]), state)
         self._new_values = np.empty(math.prod(widest_step["values"]), state)
-        self._folded = np.empty(math.prod(widest_fold["x_next"]), state)
+        self._folded = np.zeros(math.prod(widest_fold["x_next"]), state)  # scale 0 reads zeros (ignored)
         self._tokens = np.empty(math.prod(widest_sample["tokens"]), np.int32)
-        self._noise = np.empty(math.prod(widest_sample["noise"]), np.float32)
+        # The uniforms of all scales, scale after scale, each a contiguous (B, q, branches) block.
+        self._uniforms = np.empty(batch * positions_total * bundle.num_branches, np.float32)
+        self._guidance = np.empty((len(self._spans), batch), np.float32)
+        self._top_k = np.empty(batch, np.int64)
+        self._top_p = np.empty(batch, np.float32)
         self._f_hat = (np.zeros(widest_fold["f_hat"], state), np.zeros(widest_fold["f_hat"], state))
         self._indices = np.zeros(bundle.shapes("decoder", batch)["indices"], np.int32)
         self._image = np.empty(bundle.shapes("decoder", batch)["image"], np.float32)
-        self._guidance = np.zeros(1, np.float32)
-        self._top_k = np.ones(1, np.int64)
-        self._top_p = np.ones(1, np.float32)
         self._positions = [positions(bundle.scales, si) for si in range(len(self._spans))]
         self._scale_index = [np.array([si], np.int64) for si in range(len(self._spans))]
         self._bindings: dict[tuple[str, int], ort.IOBinding] = {}
+        self._sent = self._received = 0
 
     @property
     def device_timer(self) -> None:
         return None
+
+    @property
+    def transferred(self) -> tuple[int, int]:
+        """Bytes the session took in (the requests) and gave out (indices and images)."""
+        return self._sent, self._received
 
     # -- buffers and bindings ----------------------------------------------------------------------
 
@@ -171,27 +178,20 @@ class OrtSession:
         return self.backend.bundle.shapes(graph, self.batch, scale_index)
 
     @staticmethod
-    def _view(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        return flat[: math.prod(shape)].reshape(shape)
+    def _view(flat: np.ndarray, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
+        return flat[offset : offset + math.prod(shape)].reshape(shape)
 
     def _buffers(self, graph: str, si: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The inputs and outputs of ``graph`` at scale ``si``, as views of the session's buffers."""
         s = self._shapes(graph, si)
         view = self._view
         if graph == "ar_prefill":
-            return {"labels": self._labels}, {
-                "logits": view(self._logits, s["logits"]),
-                "keys": view(self._new_keys, s["keys"]),
-                "values": view(self._new_values, s["values"]),
-                "cond_blocks": self._cond_blocks,
-                "cond_head": self._cond_head,
-            }
+            return {"labels": self._labels}, dict(self._cond)
         if graph == "ar_step":
             return {
                 "x_folded": view(self._folded, s["x_folded"]),
                 "positions": self._positions[si],
-                "cond_blocks": self._cond_blocks,
-                "cond_head": self._cond_head,
+                **self._cond,
                 "past_keys": self._cache_keys,
                 "past_values": self._cache_values,
             }, {
@@ -200,20 +200,20 @@ class OrtSession:
                 "values": view(self._new_values, s["values"]),
             }
         if graph == "sampler":
+            start = self._spans[si][0]
             return {
                 "logits": view(self._logits, s["logits"]),
-                "guidance": self._guidance,
+                "guidance": self._guidance[si],
                 "top_k": self._top_k,
                 "top_p": self._top_p,
-                "noise": view(self._noise, s["noise"]),
+                "uniforms": view(self._uniforms, s["uniforms"], self.batch * start * s["uniforms"][2]),
             }, {"tokens": view(self._tokens, s["tokens"])}
         if graph == "fold":
-            nxt = min(si + 1, len(self._spans) - 1)  # the last fold gets its own positions; x_next unused
             return {
                 "tokens": view(self._tokens, s["tokens"]),
                 "f_hat": self._f_hat[si % 2],
                 "scale_index": self._scale_index[si],
-                "next_positions": self._positions[nxt],
+                "next_positions": self._positions[si + 1],
             }, {"f_hat_out": self._f_hat[(si + 1) % 2], "x_next": view(self._folded, s["x_next"])}
         if graph == "decoder":
             return {"indices": self._indices}, {"image": self._image}
@@ -231,31 +231,33 @@ class OrtSession:
             self._bindings[key] = binding
         self.backend.graph(graph).run_with_iobinding(self._bindings[key])
 
-    def _append_to_cache(self, si: int) -> None:
-        start, q = self._spans[si]
-        shape = self._shapes("ar_step", si)["keys"]  # (L, N, H, q, D)
+    # -- the Session protocol ----------------------------------------------------------------------
+
+    def prefill(self, request: BatchRequest) -> None:
+        """Take the request's inputs and compute the conditioning (null-class rows added here)."""
+        if request.labels.shape != (self.batch,):
+            raise OrtBackendError(f"a request of {request.labels.shape[0]} images for a session of {self.batch}")
+        self._labels[:] = cfg_rows(request.labels, self.backend.bundle.num_classes)
+        offset = 0
+        for start, q in self._spans:  # scale-major: each scale's (B, q, branches) block contiguous
+            block = request.uniforms[:, start : start + q]
+            self._uniforms[offset : offset + block.size] = block.reshape(-1)
+            offset += block.size
+        self._guidance[:], self._top_k[:], self._top_p[:] = request.guidance, request.top_k, request.top_p
+        self._sent += request.nbytes
+        self._f_hat[0].fill(0)  # fold(0) reads buffer 0; a reused session starts from an empty f̂
+        self._run("ar_prefill", 0)
+
+    def step(self, scale_index: int) -> None:
+        """Run the generator on the input of ``scale_index`` and write its keys/values into the cache."""
+        self._run("ar_step", scale_index)
+        start, q = self._spans[scale_index]
+        shape = self._shapes("ar_step", scale_index)["keys"]  # (L, N, H, q, D)
         self._cache_keys[:, :, :, start : start + q] = self._view(self._new_keys, shape)
         self._cache_values[:, :, :, start : start + q] = self._view(self._new_values, shape)
 
-    # -- the Session protocol ----------------------------------------------------------------------
-
-    def prefill(self, labels: np.ndarray) -> None:
-        """labels (B,) int64 → scale-0 logits, cache entries of scale 0, conditioning (null-class rows added here)."""
-        labels = np.asarray(labels)
-        if labels.shape != (self.batch,) or not np.issubdtype(labels.dtype, np.integer):
-            raise OrtBackendError(f"labels must be ({self.batch},) integers, got {labels.dtype} {labels.shape}")
-        self._labels[:] = cfg_rows(labels, self.backend.bundle.num_classes)
-        self._f_hat[0].fill(0)  # fold(0) reads buffer 0; a reused session starts from an empty f̂
-        self._run("ar_prefill", 0)
-        self._append_to_cache(0)
-
-    def sample(self, scale_index: int, guidance: float, top_k: int, top_p: float, noise: np.ndarray) -> None:
-        """Sample this scale's tokens (B, q, 2) from the current logits with uniform ``noise`` (B, q, 2, V)."""
-        want = self._shapes("sampler", scale_index)["noise"]
-        if np.shape(noise) != want:
-            raise OrtBackendError(f"noise of scale {scale_index} has shape {np.shape(noise)}, expected {want}")
-        np.copyto(self._view(self._noise, want), noise, casting="same_kind")
-        self._guidance[0], self._top_k[0], self._top_p[0] = guidance, top_k, top_p
+    def sample(self, scale_index: int) -> None:
+        """Sample this scale's tokens (B, q, 2) from the current logits."""
         self._run("sampler", scale_index)
         start, q = self._spans[scale_index]
         tokens = self._view(self._tokens, self._shapes("sampler", scale_index)["tokens"])  # (B, q, 2)
@@ -265,16 +267,10 @@ class OrtSession:
         """Add this scale's tokens to f̂ and compute the next scale's folded input."""
         self._run("fold", scale_index)
 
-    def step(self, scale_index: int) -> None:
-        """Run the generator on the folded input of ``scale_index`` (≥ 1) and append its keys/values to the cache."""
-        if not 1 <= scale_index < len(self._spans):
-            raise OrtBackendError(f"step takes a scale in [1, {len(self._spans) - 1}], got {scale_index}")
-        self._run("ar_step", scale_index)
-        self._append_to_cache(scale_index)
-
     def decode(self) -> np.ndarray:
         """Decode the sampled indices to images (B, 3, H, W) float32 in [-1, 1]."""
         self._run("decoder", 0)
+        self._received += self._image.nbytes + self._indices.nbytes
         return self._image.copy()
 
     def indices(self) -> np.ndarray:

@@ -16,6 +16,7 @@ from imagefolder.errors import InputError
 from imagefolder.models.generator import Generator, KVCache
 from imagefolder.models.sampler import SamplerGraph
 from imagefolder.models.tokenizer import Tokenizer
+from imagefolder.runtime.backends.base import BatchRequest
 
 
 class TorchSession:
@@ -25,35 +26,64 @@ class TorchSession:
         self.backend, self.batch = backend, batch
         gen, tok = backend.generator, backend.tokenizer
         self.cfg = gen.cfg
-        self.cache = KVCache.allocate(self.cfg, 2 * batch, backend.dtype, backend.device)
+        device = backend.device
+        self.cache = KVCache.allocate(self.cfg, 2 * batch, backend.dtype, device)
         k = tok.cfg.latent_size
-        self.f_hat = torch.zeros(batch, self.cfg.folded_dim, k, k, device=backend.device)
+        self.f_hat = torch.zeros(batch, self.cfg.folded_dim, k, k, device=device)
+        self.x_start = torch.zeros(2 * batch, 1, self.cfg.folded_dim, device=device)  # scale 0's input: ignored
+        self.x_next = self.x_start
         self.tokens: list[torch.Tensor] = []
-        empty = torch.empty(0, device=backend.device)  # replaced by prefill, fold and step
-        self.logits = self.x_next = self.cond_blocks = self.cond_head = empty
+        empty = torch.empty(0, device=device)  # replaced by prefill and step
+        self.logits = self.cond_start = self.cond_blocks = self.cond_head = empty
+        self.request: dict[str, torch.Tensor] = {}
+        self._sent = self._received = 0
 
     @property
     def device_timer(self):
         return None
 
+    @property
+    def transferred(self) -> tuple[int, int]:
+        """Bytes the session took in (the requests) and gave out (indices and images)."""
+        return self._sent, self._received
+
     @torch.no_grad()
-    def prefill(self, labels: np.ndarray) -> None:
+    def prefill(self, request: BatchRequest) -> None:
+        device = self.backend.device
         self.cache.length = 0  # a new generation: the session is reused across calls
         self.f_hat.zero_()
+        self.x_next = self.x_start
         self.tokens.clear()
-        rows = torch.as_tensor(cfg_rows(labels, self.cfg.null_class), device=self.backend.device)
-        self.logits, keys, values, self.cond_blocks, self.cond_head = self.backend.generator.prefill(rows)
+        self.request = {
+            "uniforms": torch.as_tensor(request.uniforms, device=device),
+            "guidance": torch.as_tensor(request.guidance, device=device),
+            "top_k": torch.as_tensor(request.top_k, device=device),
+            "top_p": torch.as_tensor(request.top_p, device=device),
+        }
+        self._sent += request.nbytes
+        rows = torch.as_tensor(cfg_rows(request.labels, self.cfg.null_class), device=device)
+        self.cond_start, self.cond_blocks, self.cond_head = self.backend.generator.prefill(rows)
+
+    @torch.no_grad()
+    def step(self, scale_index: int) -> None:
+        scale_positions = torch.as_tensor(positions(self.cfg.scales, scale_index), device=self.backend.device)
+        self.logits, keys, values = self.backend.generator.step(
+            self.x_next.to(self.backend.dtype),
+            scale_positions,
+            self.cond_start,
+            self.cond_blocks,
+            self.cond_head,
+            self.cache.keys,
+            self.cache.values,
+        )
         self.cache.append(keys, values)
 
     @torch.no_grad()
-    def sample(self, scale_index: int, guidance: float, top_k: int, top_p: float, noise: np.ndarray) -> None:
-        dev = self.backend.device
+    def sample(self, scale_index: int) -> None:
+        start, q = self.cfg.scale_offsets[scale_index], self.cfg.scales[scale_index] ** 2
+        r = self.request
         tokens = self.backend.sampler(
-            self.logits.float(),
-            torch.tensor([guidance], dtype=torch.float32, device=dev),
-            torch.tensor([top_k], dtype=torch.int64, device=dev),
-            torch.tensor([top_p], dtype=torch.float32, device=dev),
-            torch.as_tensor(noise, device=dev),
+            self.logits.float(), r["guidance"][scale_index], r["top_k"], r["top_p"], r["uniforms"][:, start : start + q]
         )
         self.tokens.append(tokens)
 
@@ -61,22 +91,14 @@ class TorchSession:
     def fold(self, scale_index: int) -> None:
         tok = self.backend.tokenizer
         self.f_hat = self.f_hat + tok.embed_scale(self.tokens[scale_index].long(), scale_index).float()
-        if scale_index < len(self.cfg.scales) - 1:
-            self.x_next = tok.next_scale_input(self.f_hat, scale_index + 1).repeat(2, 1, 1)
-
-    @torch.no_grad()
-    def step(self, scale_index: int) -> None:
-        scale_positions = torch.as_tensor(positions(self.cfg.scales, scale_index), device=self.backend.device)
-        dtype = self.backend.dtype
-        self.logits, keys, values = self.backend.generator.step(
-            self.x_next.to(dtype), scale_positions, self.cond_blocks, self.cond_head, self.cache.keys, self.cache.values
-        )
-        self.cache.append(keys, values)
+        self.x_next = tok.next_scale_input(self.f_hat, scale_index + 1).repeat(2, 1, 1)
 
     @torch.no_grad()
     def decode(self) -> np.ndarray:
-        tok = self.backend.tokenizer
-        return tok.fhat_to_img(self.f_hat.to(self.backend.dtype)).float().cpu().numpy()
+        indices = torch.cat(self.tokens, dim=1).permute(0, 2, 1)  # (B, nb, P)
+        images = self.backend.tokenizer.indices_to_img(indices.long()).float().cpu().numpy()
+        self._received += images.nbytes + indices.numel() * 4
+        return images
 
     def indices(self) -> np.ndarray:
         return torch.cat(self.tokens, dim=1).permute(0, 2, 1).int().cpu().numpy()  # (B, nb, P)
@@ -108,7 +130,7 @@ class TorchBackend:
         self.device, self.dtype, self.batch_max = torch.device(device), dtype, batch_max
         self.tokenizer = tokenizer.eval().to(self.device, dtype)
         self.generator = generator.eval().to(self.device, dtype)
-        self.sampler = SamplerGraph(candidates, generator.cfg.num_branches).to(self.device)
+        self.sampler = SamplerGraph(candidates, generator.cfg.codebook_size, generator.cfg.num_branches).to(self.device)
         self.candidates = candidates
         self.num_classes = generator.cfg.num_classes
         self.scales = generator.cfg.scales

@@ -37,7 +37,7 @@ from imagefolder.core.engines import (
 from imagefolder.core.schedule import cfg_rows, positions
 from imagefolder.errors import EngineError, InputError
 from imagefolder.io import atomic_write_text, sha256_file
-from imagefolder.runtime.backends.base import BundleFacts
+from imagefolder.runtime.backends.base import BatchRequest, BundleFacts
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +398,47 @@ class TrtBackend(BundleFacts):
 # Session
 
 
+ALIGNMENT = 256  # TensorRT wants every tensor address 256-byte aligned
+
+
+class RequestLayout:
+    """Where every per-image input of one generation lies in one buffer, each segment 256-byte aligned.
+
+    Segments: ``labels`` (the N CFG rows), ``uniforms[si]`` (B, q, branches) and ``guidance[si]`` (B,)
+    per scale, ``top_k`` and ``top_p`` (B,). The host packs a request into pinned memory with this
+    layout and one copy moves it to the device, where each engine reads its segment in place.
+    """
+
+    def __init__(self, batch: int, spans: list[tuple[int, int]], branches: int):
+        self.batch, self.spans, self.branches = batch, spans, branches
+        self.segments: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}
+        self.nbytes = 0
+        self._add("labels", np.int64, (2 * batch,))
+        for si, (_, q) in enumerate(spans):
+            self._add(f"uniforms[{si}]", np.float32, (batch, q, branches))
+            self._add(f"guidance[{si}]", np.float32, (batch,))
+        self._add("top_k", np.int64, (batch,))
+        self._add("top_p", np.float32, (batch,))
+
+    def _add(self, name: str, dtype, shape: tuple[int, ...]) -> None:
+        self.nbytes += -self.nbytes % ALIGNMENT
+        self.segments[name] = (self.nbytes, np.dtype(dtype), shape)
+        self.nbytes += int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+    def offset(self, name: str) -> int:
+        return self.segments[name][0]
+
+    def pack(self, request: BatchRequest, null_class: int, host: np.ndarray) -> None:
+        """Write ``request`` into the uint8 array ``host`` (at least ``nbytes`` long) in this layout."""
+        values = {"labels": cfg_rows(request.labels, null_class), "top_k": request.top_k, "top_p": request.top_p}
+        for si, (start, q) in enumerate(self.spans):
+            values[f"uniforms[{si}]"] = request.uniforms[:, start : start + q]
+            values[f"guidance[{si}]"] = request.guidance[si]
+        for name, (offset, dtype, shape) in self.segments.items():
+            size = int(np.prod(shape)) * dtype.itemsize
+            host[offset : offset + size].view(dtype).reshape(shape)[...] = values[name]
+
+
 class TrtSession:
     """One batch size's generation state in device memory; see ``runtime.backends.base.Session``."""
 
@@ -411,7 +452,10 @@ class TrtSession:
         self.null_class = bundle.num_classes
         self.graphs: dict | None = {} if backend.use_cuda_graphs else None
         self.timer = cuda.EventTimer(backend.stream)
+        self.layout = RequestLayout(batch, self.spans, self.nb)
         self._arrays: list[cuda.DeviceArray] = []
+        self._pinned: list[cuda.PinnedHostBuffer] = []
+        self._sent = self._received = 0
         self.closed = False
         try:
             self._allocate()
@@ -438,57 +482,53 @@ class TrtSession:
         array = self._array((nbytes,), np.uint8)
         return array.buffer
 
-    def _view(self, buffer: cuda.DeviceBuffer, graph: str, name: str, si: int = 0) -> cuda.DeviceArray:
-        return cuda.DeviceArray(self._shape(graph, name, si), self._dtype(graph, name), buffer)
-
     def _allocate(self) -> None:
         stream, sn = self.backend.stream, self.num_scales
-        steps = range(1, sn)
+        scales, folds = range(sn), range(max(sn - 1, 1))
 
         def own(graph: str, name: str, si: int = 0) -> cuda.DeviceArray:
             return self._array(self._shape(graph, name, si), self._dtype(graph, name))
 
-        self.labels = own("ar_prefill", "labels")
-        self.cond_blocks, self.cond_head = own("ar_prefill", "cond_blocks"), own("ar_prefill", "cond_head")
+        self.request = self._array((self.layout.nbytes,), np.uint8)
+        self.request_host = cuda.PinnedHostBuffer(self.layout.nbytes)
+        self._pinned.append(self.request_host)
+        self.cond = {name: own("ar_prefill", name) for name in ("cond_start", "cond_blocks", "cond_head")}
         self.cache_keys, self.cache_values = own("ar_step", "past_keys"), own("ar_step", "past_values")
-        # Logits: prefill and step write them, the sampler reads them; one buffer, a view per scale.
+        # Logits: the step writes them, the sampler reads them; one buffer, a view per scale.
         self.logits_buffer = self._shared(
-            [("ar_prefill", "logits", 0)]
-            + [("ar_step", "logits", si) for si in steps]
-            + [("sampler", "logits", si) for si in range(sn)]
+            [("ar_step", "logits", si) for si in scales] + [("sampler", "logits", si) for si in scales]
         )
         # This step's keys/values, copied into the cache after each step.
-        self.new_keys = self._shared([("ar_prefill", "keys", 0)] + [("ar_step", "keys", si) for si in steps])
-        self.new_values = self._shared([("ar_prefill", "values", 0)] + [("ar_step", "values", si) for si in steps])
-        self.x_next = self._shared([("fold", "x_next", si) for si in range(sn)])
-        self.noise = self._shared([("sampler", "noise", si) for si in range(sn)])
+        self.new_keys = self._shared([("ar_step", "keys", si) for si in scales])
+        self.new_values = self._shared([("ar_step", "values", si) for si in scales])
+        # The folded input of the next step; zeros for scale 0, which reads the start token instead.
+        self.x_next = self._shared([("fold", "x_next", si) for si in folds] + [("ar_step", "x_folded", 0)])
+        cuda.DeviceArray((self.x_next.nbytes,), np.uint8, self.x_next).zero(stream)
         self.f_hat = [own("fold", "f_hat") for _ in range(2)]
-        self.tokens = [own("sampler", "tokens", si) for si in range(sn)]
+        self.tokens = [own("sampler", "tokens", si) for si in scales]
         self.indices_dev, self.image = own("decoder", "indices"), own("decoder", "image")
-        self.guidance = self._array((1,), self._dtype("sampler", "guidance"))
-        self.top_k = self._array((1,), self._dtype("sampler", "top_k"))
-        self.top_p = self._array((1,), self._dtype("sampler", "top_p"))
-        # Constant per-scale inputs, uploaded once: positions of each scale, the scale index, the next positions.
-        self.positions, self.scale_index, self.next_positions = {}, {}, {}
+        # Constant per-scale inputs, uploaded once: positions of each scale, the scale index.
+        self.positions, self.scale_index = {}, {}
         pos_dtype = self._dtype("ar_step", "positions")
-        for si in range(sn):
+        for si in scales:
             scale_positions = positions(self.scales, si).astype(pos_dtype)
             self.positions[si] = self._array(scale_positions.shape, pos_dtype)
             self.positions[si].upload(scale_positions, stream)
             index = np.array([si], dtype=self._dtype("fold", "scale_index"))
             self.scale_index[si] = self._array(index.shape, index.dtype)
             self.scale_index[si].upload(index, stream)
-        for si in range(sn):
-            # The fold reads only the length of next_positions (q of the next scale; q again at the last).
-            self.next_positions[si] = self.positions[min(si + 1, sn - 1)]
         # Execution contexts of every profile this batch uses, created now rather than inside the loop.
         be = self.backend
         self.ctx_prefill = be.context("ar_prefill", self.batch)
-        self.ctx_step = {si: be.context("ar_step", self.batch, si) for si in steps}
-        self.ctx_sampler = {si: be.context("sampler", self.batch, si) for si in range(sn)}
-        self.ctx_fold = {si: be.context("fold", self.batch, si) for si in range(sn)}
+        self.ctx_step = {si: be.context("ar_step", self.batch, si) for si in scales}
+        self.ctx_sampler = {si: be.context("sampler", self.batch, si) for si in scales}
+        self.ctx_fold = {si: be.context("fold", self.batch, si) for si in folds}
         self.ctx_decoder = be.context("decoder", self.batch)
         stream.synchronize()
+
+    def _segment(self, name: str) -> int:
+        """The device address of one segment of the request buffer."""
+        return self.request.ptr + self.layout.offset(name)
 
     # -- device copies -------------------------------------------------------------------------------------------------
 
@@ -526,43 +566,44 @@ class TrtSession:
     def device_timer(self) -> cuda.EventTimer:
         return self.timer
 
-    def prefill(self, labels: np.ndarray) -> None:
-        labels = np.asarray(labels, dtype=self.labels.dtype).reshape(-1)
-        if labels.shape != (self.batch,):
-            raise ValueError(f"labels of shape {labels.shape} for a session of batch {self.batch}")
+    @property
+    def transferred(self) -> tuple[int, int]:
+        """Bytes copied host → device and device → host by generations of this session."""
+        return self._sent, self._received
+
+    def prefill(self, request: BatchRequest) -> None:
+        if request.labels.shape != (self.batch,):
+            raise InputError(f"a request of {request.labels.shape[0]} images for a session of {self.batch}")
         stream = self.backend.stream
-        self.labels.upload(cfg_rows(labels, self.null_class).astype(self.labels.dtype), stream)
+        stream.synchronize()  # the pinned staging buffer may still feed the previous generation's copy
+        self.layout.pack(request, self.null_class, self.request_host.array)
+        cuda.memcpy_async(self.request.ptr, self.request_host.ptr, self.layout.nbytes, "htod", stream)
+        self._sent += self.layout.nbytes
+        addresses = {"labels": self._segment("labels"), **{name: a.ptr for name, a in self.cond.items()}}
+        self.backend.run(self.ctx_prefill, addresses, self.graphs, "prefill", lambda: self.f_hat[0].zero(stream))
+
+    def step(self, scale_index: int) -> None:
+        si = scale_index
         addresses = {
-            "labels": self.labels.ptr,
+            "x_folded": self.x_next.ptr,
+            "positions": self.positions[si].ptr,
+            **{name: a.ptr for name, a in self.cond.items()},
+            "past_keys": self.cache_keys.ptr,
+            "past_values": self.cache_values.ptr,
             "logits": self.logits_buffer.ptr,
             "keys": self.new_keys.ptr,
             "values": self.new_values.ptr,
-            "cond_blocks": self.cond_blocks.ptr,
-            "cond_head": self.cond_head.ptr,
         }
+        self.backend.run(self.ctx_step[si], addresses, self.graphs, "step", lambda: self._append_cache(si))
 
-        def after():
-            self._append_cache(0)
-            self.f_hat[0].zero(stream)
-
-        self.backend.run(self.ctx_prefill, addresses, self.graphs, "prefill", after)
-
-    def sample(self, scale_index: int, guidance: float, top_k: int, top_p: float, noise: np.ndarray) -> None:
-        si, stream = scale_index, self.backend.stream
-        shape = self._shape("sampler", "noise", si)
-        noise = np.asarray(noise, dtype=np.float32)
-        if noise.shape != shape:
-            raise ValueError(f"noise of shape {noise.shape} at scale {si}; expected {shape}")
-        cuda.DeviceArray(shape, np.float32, self.noise).upload(noise, stream)
-        self.guidance.upload(np.array([guidance], self.guidance.dtype), stream)
-        self.top_k.upload(np.array([top_k], self.top_k.dtype), stream)
-        self.top_p.upload(np.array([top_p], self.top_p.dtype), stream)
+    def sample(self, scale_index: int) -> None:
+        si = scale_index
         addresses = {
             "logits": self.logits_buffer.ptr,
-            "guidance": self.guidance.ptr,
-            "top_k": self.top_k.ptr,
-            "top_p": self.top_p.ptr,
-            "noise": self.noise.ptr,
+            "guidance": self._segment(f"guidance[{si}]"),
+            "top_k": self._segment("top_k"),
+            "top_p": self._segment("top_p"),
+            "uniforms": self._segment(f"uniforms[{si}]"),
             "tokens": self.tokens[si].ptr,
         }
         self.backend.run(self.ctx_sampler[si], addresses, self.graphs, "sample", lambda: self._scatter_tokens(si))
@@ -573,32 +614,16 @@ class TrtSession:
             "tokens": self.tokens[si].ptr,
             "f_hat": self.f_hat[si % 2].ptr,
             "scale_index": self.scale_index[si].ptr,
-            "next_positions": self.next_positions[si].ptr,
+            "next_positions": self.positions[si + 1].ptr,
             "f_hat_out": self.f_hat[(si + 1) % 2].ptr,
             "x_next": self.x_next.ptr,
         }
         self.backend.run(self.ctx_fold[si], addresses, self.graphs, "fold")
 
-    def step(self, scale_index: int) -> None:
-        si = scale_index
-        if not 1 <= si < self.num_scales:
-            raise ValueError(f"step scale {si} is outside 1..{self.num_scales - 1}")
-        addresses = {
-            "x_folded": self.x_next.ptr,
-            "positions": self.positions[si].ptr,
-            "cond_blocks": self.cond_blocks.ptr,
-            "cond_head": self.cond_head.ptr,
-            "past_keys": self.cache_keys.ptr,
-            "past_values": self.cache_values.ptr,
-            "logits": self.logits_buffer.ptr,
-            "keys": self.new_keys.ptr,
-            "values": self.new_values.ptr,
-        }
-        self.backend.run(self.ctx_step[si], addresses, self.graphs, "step", lambda: self._append_cache(si))
-
     def decode(self) -> np.ndarray:
         addresses = {"indices": self.indices_dev.ptr, "image": self.image.ptr}
         self.backend.run(self.ctx_decoder, addresses, self.graphs, "decode")
+        self._received += self.image.nbytes + self.indices_dev.nbytes
         return self.image.download(self.backend.stream)
 
     def indices(self) -> np.ndarray:
@@ -617,6 +642,9 @@ class TrtSession:
         for array in self._arrays:
             array.free()
         self._arrays.clear()
+        for pinned in self._pinned:
+            pinned.free()
+        self._pinned.clear()
         if self in self.backend._sessions:
             self.backend._sessions.remove(self)
 
