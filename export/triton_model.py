@@ -4,9 +4,9 @@
 ``imagefolder.json`` (scales, classes, sampler candidates, model names). It runs inside Triton's
 Python backend, so it imports only numpy and ``triton_python_backend_utils``, never imagefolder.
 
-The loop and the random stream are those of ``runtime/loop.py``: prefill → for each scale: sample →
-fold → step; then decode. The noise of scale si is ``rng.random((B, q, branches, V), float32)``
-from one ``np.random.default_rng(seed)``, so a seed gives the tokens the other backends give. State
+The loop and the random stream are those of ``runtime/loop.py``: prefill → for each scale: step →
+sample → fold; then decode. Image i draws its uniforms from ``np.random.default_rng((seed, i))``, one
+per token, so a seed gives the tokens the other backends give. State
 (the KV cache, f̂, indices) lives on the host between model calls; every engine call is one BLS request.
 """
 
@@ -83,62 +83,53 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"class ids must be in [0, {num_classes})")
         batch, sn, nb = labels.size, len(self.scales), int(self.cfg["num_branches"])
         rows = np.concatenate([labels, np.full_like(labels, num_classes)])  # conditional rows, then the null class
-        rng = np.random.default_rng(seed)
+        # Image i's uniforms: default_rng((seed, i)), one per token, as in runtime/loop.py.
+        uniforms = np.stack(
+            [np.random.default_rng((seed, i)).random((self.positions, nb), dtype=np.float32) for i in range(batch)]
+        )
 
-        out = self._infer("ar_prefill", {"labels": rows}, ["logits", "keys", "values", "cond_blocks", "cond_head"])
-        logits, cond_blocks, cond_head = out["logits"], out["cond_blocks"], out["cond_head"]
-        layers, n, heads, _, head_dim = out["keys"].shape
-        cache_shape = (layers, n, heads, self.positions, head_dim)
+        cond = self._infer("ar_prefill", {"labels": rows}, ["cond_start", "cond_blocks", "cond_head"])
+        layers, heads, head_dim = int(self.cfg["depth"]), int(self.cfg["heads"]), int(self.cfg["head_dim"])
+        cache_shape = (layers, 2 * batch, heads, self.positions, head_dim)
         past_keys = np.zeros(cache_shape, self.state_dtype)
         past_values = np.zeros(cache_shape, self.state_dtype)
-        past_keys[:, :, :, 0:1], past_values[:, :, :, 0:1] = out["keys"], out["values"]
         k = self.scales[-1]
         f_hat = np.zeros((batch, int(self.cfg["folded_dim"]), k, k), self.state_dtype)
+        x_folded = np.zeros((2 * batch, 1, int(self.cfg["folded_dim"])), self.state_dtype)  # scale 0: unused
         indices = np.zeros((batch, nb, self.positions), np.int32)
 
         for si in range(sn):
             start, q = self.spans[si]
-            noise = rng.random((batch, q, nb, int(self.cfg["codebook_size"])), dtype=np.float32)
+            feeds = {"x_folded": x_folded, "positions": self._positions(si), **cond}
+            out = self._infer(
+                "ar_step", {**feeds, "past_keys": past_keys, "past_values": past_values}, ["logits", "keys", "values"]
+            )
+            past_keys[:, :, :, start : start + q] = out["keys"]
+            past_values[:, :, :, start : start + q] = out["values"]
             tokens = self._infer(
                 "sampler",
                 {
-                    "logits": logits,
-                    "guidance": np.array([self._guidance(cfg, si)], np.float32),
-                    "top_k": np.array([top_k], np.int64),
-                    "top_p": np.array([top_p], np.float32),
-                    "noise": noise,
+                    "logits": out["logits"],
+                    "guidance": np.full(batch, self._guidance(cfg, si), np.float32),
+                    "top_k": np.full(batch, top_k, np.int64),
+                    "top_p": np.full(batch, top_p, np.float32),
+                    "uniforms": np.ascontiguousarray(uniforms[:, start : start + q]),
                 },
                 ["tokens"],
             )["tokens"]  # (B, q, nb)
             indices[:, :, start : start + q] = tokens.transpose(0, 2, 1)
-            out = self._infer(
-                "fold",
-                {
-                    "tokens": tokens,
-                    "f_hat": f_hat,
-                    "scale_index": np.array([si], np.int64),
-                    "next_positions": self._positions(min(si + 1, sn - 1)),
-                },
-                ["f_hat_out", "x_next"],
-            )
-            f_hat = out["f_hat_out"]
             if si < sn - 1:
-                nxt_start, nxt_q = self.spans[si + 1]
                 out = self._infer(
-                    "ar_step",
+                    "fold",
                     {
-                        "x_folded": out["x_next"],
-                        "positions": self._positions(si + 1),
-                        "cond_blocks": cond_blocks,
-                        "cond_head": cond_head,
-                        "past_keys": past_keys,
-                        "past_values": past_values,
+                        "tokens": tokens,
+                        "f_hat": f_hat,
+                        "scale_index": np.array([si], np.int64),
+                        "next_positions": self._positions(si + 1),
                     },
-                    ["logits", "keys", "values"],
+                    ["f_hat_out", "x_next"],
                 )
-                logits = out["logits"]
-                past_keys[:, :, :, nxt_start : nxt_start + nxt_q] = out["keys"]
-                past_values[:, :, :, nxt_start : nxt_start + nxt_q] = out["values"]
+                f_hat, x_folded = out["f_hat_out"], out["x_next"]
 
         image = self._infer("decoder", {"indices": indices}, ["image"])["image"]
         return image, indices

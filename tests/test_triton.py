@@ -179,26 +179,23 @@ def test_generate_model_runs_the_loop(bundle, tmp_path, monkeypatch):
 
     def prefill(labels):
         n = labels.shape[0]
-        kv = np.full((L, n, H, 1, D), 1.0, np.float32)
         return {
-            "logits": np.zeros((n, 1, V2), np.float32),
-            "keys": kv,
-            "values": kv,
+            "cond_start": np.zeros((n, 1, gen.width), np.float32),
             "cond_blocks": np.zeros((n, L, 6, gen.width), np.float32),
             "cond_head": np.zeros((n, 2, gen.width), np.float32),
         }
 
-    def sampler(logits, guidance, top_k, top_p, noise):
-        b, q = noise.shape[:2]
-        assert logits.shape == (2 * b, q, V2)
+    def sampler(logits, guidance, top_k, top_p, uniforms):
+        b, q = uniforms.shape[:2]
+        assert logits.shape == (2 * b, q, V2) and guidance.shape == top_k.shape == top_p.shape == (b,)
         return {"tokens": np.broadcast_to(np.arange(q, dtype=np.int32)[None, :, None], (b, q, 2)).copy()}
 
     def fold(tokens, f_hat, scale_index, next_positions):
         b = tokens.shape[0]
         return {"f_hat_out": f_hat + 1, "x_next": np.zeros((2 * b, next_positions.shape[0], 32), np.float32)}
 
-    def step(x_folded, positions, cond_blocks, cond_head, past_keys, past_values):
-        n, q = x_folded.shape[:2]
+    def step(x_folded, positions, cond_start, cond_blocks, cond_head, past_keys, past_values):
+        n, q = x_folded.shape[0], positions.shape[0]
         step_positions.append(positions.tolist())
         # The cache holds every earlier scale (filled with its scale number + 1) and zeros after.
         filled = int((past_keys[0, 0, 0, :, 0] != 0).sum())
@@ -235,15 +232,15 @@ def test_generate_model_runs_the_loop(bundle, tmp_path, monkeypatch):
     assert indices.shape == (2, 2, P)
     for start, q in spans:  # each scale's tokens (0..q-1 here) land at its positions, per branch
         assert (indices[:, :, start : start + q] == np.arange(q)).all()
-    assert step_positions == [list(range(s, s + q)) for s, q in spans[1:]]
-    assert cache_fill == [s for s, _ in spans[1:]]  # step si sees exactly the positions before its scale
+    assert step_positions == [list(range(s, s + q)) for s, q in spans]
+    assert cache_fill == [s for s, _ in spans]  # step si sees exactly the positions before its scale
     assert [c[0] for c in calls] == (
         ["imagefolder_ar_prefill"]
         + [
             m
             for si in range(len(scales))
-            for m in ("imagefolder_sampler", "imagefolder_fold")
-            + (("imagefolder_ar_step",) if si < len(scales) - 1 else ())
+            for m in ("imagefolder_ar_step", "imagefolder_sampler")
+            + (("imagefolder_fold",) if si < len(scales) - 1 else ())
         ]
         + ["imagefolder_decoder"]
     )
