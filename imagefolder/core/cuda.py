@@ -1,7 +1,8 @@
 """A small layer over cuda-python's runtime API: device buffers, streams, events, copies, CUDA graphs.
 
 Every cuda-python call returns ``(error, *values)``; each one passes through ``check``, which raises
-``CudaError`` on any error and unwraps the values. cuda-python is imported lazily, so this module
+``CudaError`` on any error and unwraps the values; the errors a user meets before any work (a driver
+older than cuda-python's CUDA, no GPU) say what to do. cuda-python is imported lazily, so this module
 imports on machines without CUDA; ``CudaUnavailable`` says how to install it. No torch.
 """
 
@@ -9,7 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from imagefolder.core import gpu_stack
 from imagefolder.errors import DeviceError, MissingDependency
+
+CUDA_ERROR_INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: the driver is older than the runtime
+CUDA_ERROR_NO_DEVICE = 100  # cudaErrorNoDevice
 
 
 class CudaUnavailable(MissingDependency):
@@ -33,7 +38,7 @@ def cudart():
             try:
                 from cuda import cudart as module
             except ImportError as err:
-                raise CudaUnavailable("cuda-python", "gpu", err) from err
+                raise gpu_stack.missing("cuda-python", err, cls=CudaUnavailable) from err
         _cudart = module
     return _cudart
 
@@ -49,7 +54,12 @@ def check(result):
         err, values = result, ()
     if int(err) != 0:
         name = getattr(err, "name", str(err))
-        raise CudaError(f"CUDA error {int(err)} ({name})")
+        hint = ""
+        if int(err) == CUDA_ERROR_INSUFFICIENT_DRIVER:
+            hint = f": {gpu_stack.insufficient_driver_hint()}"
+        elif int(err) == CUDA_ERROR_NO_DEVICE:
+            hint = ": no CUDA GPU is visible (check nvidia-smi, CUDA_VISIBLE_DEVICES, a container's --gpus)"
+        raise CudaError(f"CUDA error {int(err)} ({name}){hint}")
     if not values:
         return None
     return values[0] if len(values) == 1 else values
@@ -57,6 +67,18 @@ def check(result):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Device
+
+
+def device_count() -> int:
+    """How many CUDA GPUs are visible: 0 when the runtime reports none; ``CudaError`` for any other failure.
+
+    The one question whose "no" is an answer rather than a fault, e.g. for deciding to skip GPU tests:
+    a driver too old for cuda-python (error 35) is a broken installation and raises.
+    """
+    result = cudart().cudaGetDeviceCount()
+    if int(result[0]) == CUDA_ERROR_NO_DEVICE:
+        return 0
+    return int(check(result))
 
 
 def device_properties(device: int = 0) -> dict:

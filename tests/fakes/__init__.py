@@ -10,6 +10,10 @@ parametrise it indirectly with a TensorRT version::
     @pytest.mark.parametrize("fake_gpu", ["10.3.0", "11.4.0"], indirect=True)
     def test_x(fake_gpu): ...
 
+``driver_error`` makes every CUDA call fail from the start, as the real runtime does on a machine
+whose driver is older than cuda-python's CUDA (``cudaErrorInsufficientDriver``, 35) or that has no
+GPU (``cudaErrorNoDevice``, 100).
+
 What each fake enforces, and where the real rule is documented, is in each module's docstring.
 """
 
@@ -21,7 +25,7 @@ import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tests.fakes.cudart import FakeCuda
+from tests.fakes.cudart import FakeCuda, cudaError_t
 from tests.fakes.tensorrt import VERSIONS, Env, make_module, unpack_plan
 
 MODULES = ("tensorrt", "cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart")
@@ -65,9 +69,13 @@ def installed(
     compute_capability: tuple[int, int] = DEFAULT_GPU[1],
     num_dla_cores: int = 0,
     total_memory: int = 8 << 30,
+    driver_error: str | None = None,
 ) -> Iterator[FakeGpu]:
-    """Fake ``tensorrt`` and cuda-python in ``sys.modules`` for the block, on one simulated GPU."""
+    """Fake ``tensorrt`` and cuda-python in ``sys.modules`` for the block, on one simulated GPU
+    (or, with ``driver_error`` such as "cudaErrorInsufficientDriver", on none that any call reaches)."""
     cuda = FakeCuda(gpu_name, compute_capability, total_memory)
+    if driver_error is not None:
+        cuda.sticky = getattr(cudaError_t, driver_error)  # every call returns it first, as a broken context does
     trt = make_module(trt_version, cuda, num_dla_cores)
     runtime = cuda.module("cuda.bindings.runtime")
     package = types.ModuleType("cuda")
