@@ -56,10 +56,21 @@ class FakeGpu:
 
 
 def _reset_product_cache() -> None:
-    """``imagefolder.core.cuda`` caches the cuda-python module it found; forget it."""
+    """Forget the tensorrt and cuda-python modules found earlier: ``imagefolder.core.cuda`` caches its
+    cuda-python module, polygraphy each lazily imported module (its ``LazyModule`` proxies) and the
+    TensorRT logger it made for that module (a logger of one fake's ``ILogger`` must not reach another)."""
     module = sys.modules.get("imagefolder.core.cuda")
     if module is not None:
         module._cudart = None
+    for name, loaded in list(sys.modules.items()):
+        if not name.startswith("polygraphy") or loaded is None:
+            continue
+        for value in list(vars(loaded).values()):
+            if type(value).__name__ == "LazyModule" and getattr(vars(value).get("module"), "__name__", "") in MODULES:
+                object.__setattr__(value, "module", None)
+    trt_util = sys.modules.get("polygraphy.backend.trt.util")
+    if trt_util is not None:
+        trt_util.TRT_LOGGER = None
 
 
 @contextlib.contextmanager
