@@ -125,12 +125,10 @@ def _save_for_bisection(
     ort_only.append(results[-1])  # (runner name, iterations) of the ONNX Runtime runner, every tensor included
     ort_only.save(str(outputs))
     shapes = bundle.shapes(graph, batch, si or 0)
-    tolerance = TOLERANCES["ort"][bundle.dtype]["relative"]
-    command = [
-        "polygraphy", "run", str(bundle.graph_path(graph)), "--trt", "--strongly-typed",
-        "--input-shapes", *(f"{t.name}:{list(shapes[t.name])}".replace(" ", "") for t in bundle.specs[graph].inputs),
-        "--load-inputs", str(inputs), "--load-outputs", str(outputs),
-        "--trt-outputs", "*", "--atol", str(tolerance), "--rtol", str(tolerance),
-    ]  # fmt: skip
+    input_shapes = [f"{t.name}:{list(shapes[t.name])}".replace(" ", "") for t in bundle.specs[graph].inputs]
+    tolerance = str(TOLERANCES["ort"][bundle.dtype]["relative"])
+    command = ["polygraphy", "run", str(bundle.graph_path(graph)), "--trt", "--strongly-typed"]
+    command += ["--input-shapes", *input_shapes, "--load-inputs", str(inputs), "--load-outputs", str(outputs)]
+    command += ["--trt-outputs", "*", "--atol", tolerance, "--rtol", tolerance]
     where = graph if si is None else f"{graph} at scale {si}"
     return f"{where}: on the GPU, compare every tensor with ONNX Runtime's: {shlex.join(command)}"

@@ -101,12 +101,13 @@ def test_probe_runs_the_gpu_tests_where_everything_is_present():
     ],
 )
 def test_probe_skips_only_for_what_is_absent(monkeypatch, absent, reason):
-    with installed(driver_error="cudaErrorNoDevice" if absent == "gpu" else None):
+    # The hiding is undone before the fakes leave, or undoing it would put the fakes back into sys.modules.
+    with installed(driver_error="cudaErrorNoDevice" if absent == "gpu" else None), monkeypatch.context() as hidden:
         if absent == "tensorrt":
-            monkeypatch.setitem(sys.modules, "tensorrt", None)
+            hidden.setitem(sys.modules, "tensorrt", None)
         elif absent == "cuda-python":
             for name in CUDA_MODULES:
-                monkeypatch.setitem(sys.modules, name, None)
+                hidden.setitem(sys.modules, name, None)
         assert reason in gpu_probe.skip_reason()
 
 
