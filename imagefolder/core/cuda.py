@@ -13,8 +13,12 @@ import numpy as np
 from imagefolder.core import gpu_stack
 from imagefolder.errors import DeviceError, MissingDependency
 
-CUDA_ERROR_INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: the driver is older than the runtime
-CUDA_ERROR_NO_DEVICE = 100  # cudaErrorNoDevice
+NO_DEVICE = "cudaErrorNoDevice"  # 100
+# What to do about the errors met before any work starts, by cuda-python's name of the error.
+ERROR_HINTS = {
+    "cudaErrorInsufficientDriver": gpu_stack.insufficient_driver_hint,  # 35: the driver is older than the runtime
+    NO_DEVICE: lambda: "no CUDA GPU is visible (check nvidia-smi, CUDA_VISIBLE_DEVICES, a container's --gpus)",
+}
 
 
 class CudaUnavailable(MissingDependency):
@@ -54,11 +58,7 @@ def check(result):
         err, values = result, ()
     if int(err) != 0:
         name = getattr(err, "name", str(err))
-        hint = ""
-        if int(err) == CUDA_ERROR_INSUFFICIENT_DRIVER:
-            hint = f": {gpu_stack.insufficient_driver_hint()}"
-        elif int(err) == CUDA_ERROR_NO_DEVICE:
-            hint = ": no CUDA GPU is visible (check nvidia-smi, CUDA_VISIBLE_DEVICES, a container's --gpus)"
+        hint = f": {ERROR_HINTS[name]()}" if name in ERROR_HINTS else ""
         raise CudaError(f"CUDA error {int(err)} ({name}){hint}")
     if not values:
         return None
@@ -76,7 +76,7 @@ def device_count() -> int:
     a driver too old for cuda-python (error 35) is a broken installation and raises.
     """
     result = cudart().cudaGetDeviceCount()
-    if int(result[0]) == CUDA_ERROR_NO_DEVICE:
+    if getattr(result[0], "name", None) == NO_DEVICE:
         return 0
     return int(check(result))
 
