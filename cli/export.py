@@ -78,15 +78,24 @@ def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candida
     help="PyTorch weights to compare with (default: the bundle's recorded source).",
 )
 @click.option("--trust-checkpoint", is_flag=True)
-def check(bundle, backend, checkpoint, trust_checkpoint) -> None:
+@click.option(
+    "--debug",
+    "debug_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="trt: mark every ONNX tensor as an output and save, for each failing graph, what bisects it "
+    "(inputs, ONNX Runtime's outputs, the polygraphy command) into this folder.",
+)
+def check(bundle, backend, checkpoint, trust_checkpoint, debug_dir) -> None:
     """Run every graph against its reference and print max abs / relative error per output."""
     if backend == "trt":
         from imagefolder.core.bundle import load_bundle
-        from imagefolder.export.opcheck import operator_reports
+        from imagefolder.export.trt_capability import operator_reports
         from imagefolder.runtime.engine_check import check_engines
 
-        report = check_engines(bundle)
+        report = check_engines(bundle, debug_dir=debug_dir)
         report.operators = operator_reports(load_bundle(bundle, verify=False))
+    elif debug_dir is not None:
+        raise click.UsageError("--debug needs --backend trt (it bisects TensorRT against ONNX Runtime)")
     else:
         from imagefolder.export.check import check_bundle
 

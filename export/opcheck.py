@@ -205,7 +205,8 @@ class OperatorReport:
 
     def summary(self) -> str:
         status = "ok" if self.ok else "NOT SUPPORTED"
-        lines = [f"opset {self.opset}, {sum(self.counts.values())} nodes, {len(self.counts)} operator types: {status}"]
+        nodes = f"opset {self.opset}, {sum(self.counts.values())} nodes, {len(self.counts)} operator types"
+        lines = [f"static list of TensorRT 10.3's parser: {nodes}: {status}"]
         lines += [f"  unsupported operator: {op}" for op in self.unsupported]
         lines += [f"  {problem}" for problem in self.problems]
         return "\n".join(lines)

@@ -53,16 +53,27 @@ class OutputError(ImagefolderError):
 
 
 class MissingDependency(ImagefolderError, ImportError):
-    """An optional package is not installed; the message names the extra that brings it."""
+    """An optional package is not installed; the message names the extra that brings it.
+
+    ``install`` replaces the pip command where no extra brings the package (JetPack's TensorRT comes
+    from apt); ``extra`` still names the extra for the rest of the stack.
+    """
 
     def __init__(
-        self, package: str, extra: str, detail: str | BaseException | None = None, purpose: str = "", hint: str = ""
+        self,
+        package: str,
+        extra: str,
+        detail: str | BaseException | None = None,
+        purpose: str = "",
+        hint: str = "",
+        install: str = "",
     ):
         self.package, self.extra = package, extra
         why = f" ({detail})" if detail else ""
         need = f" {purpose}" if purpose else ""
         more = f"; {hint}" if hint else ""
-        super().__init__(f"{package} is not installed{need}{why}: pip install 'imagefolder[{extra}]'{more}")
+        command = install or f"pip install 'imagefolder[{extra}]'"
+        super().__init__(f"{package} is not installed{need}{why}: {command}{more}")
 
 
 def output_error(path: str | os.PathLike, err: OSError, what: str = "output") -> OutputError:

@@ -93,10 +93,16 @@ class OperatorSummary(Protocol):
 
 @dataclass
 class CheckReport:
-    """Rows of graph, scale, output, metric, value, tolerance, ok; plus each graph's operator support."""
+    """Rows of graph, scale, output, metric, value, tolerance, ok; each graph's operator support; notes.
+
+    ``operators`` come from TensorRT's own parser where TensorRT is installed and from the static
+    listing otherwise; each summary says which. ``notes`` are printed after the table (e.g. what
+    ``--debug`` saved for a failure and the command that bisects it).
+    """
 
     rows: list[dict] = field(default_factory=list)
     operators: Mapping[str, OperatorSummary] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def add(self, graph: str, scale: int | None, comparison: dict[str, dict]) -> None:
         """Add the rows of one ``compare_outputs`` result."""
@@ -125,7 +131,9 @@ class CheckReport:
                 f"{r['value']:>10.3e} {r['tolerance']:>10.0e}  {'yes' if r['ok'] else 'NO'}"
             )
         if self.operators:
-            lines += ["", "TensorRT 10.3 ONNX operator support:"]
+            lines += ["", "TensorRT ONNX operator support:"]
             for name, report in self.operators.items():
                 lines.append(f"  {name:<11} " + report.summary().replace("\n", "\n" + " " * 14))
+        if self.notes:
+            lines += ["", *self.notes]
         return "\n".join(lines)

@@ -1,7 +1,8 @@
 """A small layer over cuda-python's runtime API: device buffers, streams, events, copies, CUDA graphs.
 
 Every cuda-python call returns ``(error, *values)``; each one passes through ``check``, which raises
-``CudaError`` on any error and unwraps the values. cuda-python is imported lazily, so this module
+``CudaError`` on any error and unwraps the values; the errors a user meets before any work (a driver
+older than cuda-python's CUDA, no GPU) say what to do. cuda-python is imported lazily, so this module
 imports on machines without CUDA; ``CudaUnavailable`` says how to install it. No torch.
 """
 
@@ -11,7 +12,15 @@ import ctypes
 
 import numpy as np
 
+from imagefolder.core import gpu_stack
 from imagefolder.errors import DeviceError, MissingDependency
+
+NO_DEVICE = "cudaErrorNoDevice"  # 100
+# What to do about the errors met before any work starts, by cuda-python's name of the error.
+ERROR_HINTS = {
+    "cudaErrorInsufficientDriver": gpu_stack.insufficient_driver_hint,  # 35: the driver is older than the runtime
+    NO_DEVICE: lambda: "no CUDA GPU is visible (check nvidia-smi, CUDA_VISIBLE_DEVICES, a container's --gpus)",
+}
 
 
 class CudaUnavailable(MissingDependency):
@@ -35,7 +44,7 @@ def cudart():
             try:
                 from cuda import cudart as module
             except ImportError as err:
-                raise CudaUnavailable("cuda-python", "gpu", err) from err
+                raise gpu_stack.missing("cuda-python", err, cls=CudaUnavailable) from err
         _cudart = module
     return _cudart
 
@@ -51,7 +60,8 @@ def check(result):
         err, values = result, ()
     if int(err) != 0:
         name = getattr(err, "name", str(err))
-        raise CudaError(f"CUDA error {int(err)} ({name})")
+        hint = f": {ERROR_HINTS[name]()}" if name in ERROR_HINTS else ""
+        raise CudaError(f"CUDA error {int(err)} ({name}){hint}")
     if not values:
         return None
     return values[0] if len(values) == 1 else values
@@ -59,6 +69,18 @@ def check(result):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Device
+
+
+def device_count() -> int:
+    """How many CUDA GPUs are visible: 0 when the runtime reports none; ``CudaError`` for any other failure.
+
+    The one question whose "no" is an answer rather than a fault, e.g. for deciding to skip GPU tests:
+    a driver too old for cuda-python (error 35) is a broken installation and raises.
+    """
+    result = cudart().cudaGetDeviceCount()
+    if getattr(result[0], "name", None) == NO_DEVICE:
+        return 0
+    return int(check(result))
 
 
 def device_properties(device: int = 0) -> dict:

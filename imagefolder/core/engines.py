@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from imagefolder.core import gpu_stack
 from imagefolder.errors import EngineError, MissingDependency
 
 ENGINE_DIR = "engines"
@@ -31,12 +32,11 @@ class EngineMismatch(EngineError):
 
 
 def import_tensorrt():
-    """Import tensorrt, or raise ``TensorRTUnavailable`` with the install hint."""
+    """Import tensorrt, or raise ``TensorRTUnavailable`` naming what installs it on this machine."""
     try:
         import tensorrt
     except ImportError as err:
-        hint = "TensorRT itself comes from NVIDIA's index or JetPack"
-        raise TensorRTUnavailable("TensorRT", "gpu", err, hint=hint) from err
+        raise gpu_stack.missing("TensorRT", err, cls=TensorRTUnavailable) from err
     return tensorrt
 
 

@@ -10,6 +10,10 @@ parametrise it indirectly with a TensorRT version::
     @pytest.mark.parametrize("fake_gpu", ["10.3.0", "11.4.0"], indirect=True)
     def test_x(fake_gpu): ...
 
+``driver_error`` makes every CUDA call fail from the start, as the real runtime does on a machine
+whose driver is older than cuda-python's CUDA (``cudaErrorInsufficientDriver``, 35) or that has no
+GPU (``cudaErrorNoDevice``, 100).
+
 What each fake enforces, and where the real rule is documented, is in each module's docstring.
 """
 
@@ -21,7 +25,7 @@ import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tests.fakes.cudart import FakeCuda
+from tests.fakes.cudart import FakeCuda, cudaError_t
 from tests.fakes.tensorrt import VERSIONS, Env, make_module, unpack_plan
 
 MODULES = ("tensorrt", "cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart")
@@ -52,10 +56,21 @@ class FakeGpu:
 
 
 def _reset_product_cache() -> None:
-    """``imagefolder.core.cuda`` caches the cuda-python module it found; forget it."""
+    """Forget the tensorrt and cuda-python modules found earlier: ``imagefolder.core.cuda`` caches its
+    cuda-python module, polygraphy each lazily imported module (its ``LazyModule`` proxies) and the
+    TensorRT logger it made for that module (a logger of one fake's ``ILogger`` must not reach another)."""
     module = sys.modules.get("imagefolder.core.cuda")
     if module is not None:
         module._cudart = None
+    for name, loaded in list(sys.modules.items()):
+        if not name.startswith("polygraphy") or loaded is None:
+            continue
+        for value in list(vars(loaded).values()):
+            if type(value).__name__ == "LazyModule" and getattr(vars(value).get("module"), "__name__", "") in MODULES:
+                object.__setattr__(value, "module", None)
+    trt_util = sys.modules.get("polygraphy.backend.trt.util")
+    if trt_util is not None:
+        trt_util.TRT_LOGGER = None
 
 
 @contextlib.contextmanager
@@ -65,9 +80,13 @@ def installed(
     compute_capability: tuple[int, int] = DEFAULT_GPU[1],
     num_dla_cores: int = 0,
     total_memory: int = 8 << 30,
+    driver_error: str | None = None,
 ) -> Iterator[FakeGpu]:
-    """Fake ``tensorrt`` and cuda-python in ``sys.modules`` for the block, on one simulated GPU."""
+    """Fake ``tensorrt`` and cuda-python in ``sys.modules`` for the block, on one simulated GPU
+    (or, with ``driver_error`` such as "cudaErrorInsufficientDriver", on none that any call reaches)."""
     cuda = FakeCuda(gpu_name, compute_capability, total_memory)
+    if driver_error is not None:
+        cuda.sticky = getattr(cudaError_t, driver_error)  # every call returns it first, as a broken context does
     trt = make_module(trt_version, cuda, num_dla_cores)
     runtime = cuda.module("cuda.bindings.runtime")
     package = types.ModuleType("cuda")

@@ -32,6 +32,8 @@ class cudaError_t(IntEnum):  # the names and values of cuda-python (CUDA driver_
     cudaErrorInvalidPitchValue = 12
     cudaErrorInvalidDevicePointer = 17
     cudaErrorInvalidMemcpyDirection = 21
+    cudaErrorInsufficientDriver = 35
+    cudaErrorNoDevice = 100
     cudaErrorInvalidDevice = 101
     cudaErrorInvalidResourceHandle = 400
     cudaErrorIllegalState = 401

@@ -2,7 +2,8 @@
 
 Rules mirrored, with where the real behaviour is documented:
 
-- ``OnnxParser.parse_from_file`` loads the model with ``onnx`` (external data relative to the file)
+- ``OnnxParser.parse_from_file`` (and ``parse(model_bytes, path=None)``, which polygraphy's
+  ``inspect capability`` calls) loads the model with ``onnx`` (external data relative to the file)
   and records one ``ParserError`` per problem: an unreadable model (``MODEL_DESERIALIZE_FAILED``), an
   opset outside 9..20 on 10.x (onnx-tensorrt ``docs/operators.md``, "TensorRT 10.0 supports operators
   in the inclusive range of opset 9 to opset 20"), and every node whose operator onnx-tensorrt marks
@@ -173,12 +174,31 @@ class OnnxParser:
     def parse_from_file(self, model):
         import onnx
 
-        env, path = self._env, Path(os.fspath(model))
+        path = Path(os.fspath(model))
         try:
             proto = onnx.load(str(path), load_external_data=True)  # external data resolves beside the file
         except Exception as err:  # any failure to read is the parser's deserialisation error
             self._error("MODEL_DESERIALIZE_FAILED", f"Failed to parse ONNX model from file {path}: {err}")
             return False
+        return self._import(proto, str(path))
+
+    def parse(self, model, path=None):
+        """``parse(model: buffer, path: str = None)``: a serialised model; external weights resolve beside ``path``."""
+        import onnx
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            proto = onnx.load_model_from_string(bytes(model))
+            if path is not None:
+                load_external_data_for_model(proto, str(Path(os.fspath(path)).parent))
+        except Exception as err:
+            self._error("MODEL_DESERIALIZE_FAILED", f"Failed to parse ONNX model: {err}")
+            return False
+        return self._import(proto, None if path is None else os.fspath(path))
+
+    def _import(self, proto, path: str | None) -> bool:
+        """Check the model as the real importer would, and fill the network on success."""
+        env = self._env
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
         if env.major < 11 and not 9 <= opset <= 20:
             self._error("UNSUPPORTED_GRAPH", f"opset {opset} is outside the range TensorRT {env.version} parses (9-20)")
@@ -218,7 +238,7 @@ class OnnxParser:
         if self._errors:
             return False
         net = self._network
-        net._model, net._inputs, net._outputs, net._path = proto, inputs, outputs, str(path)
+        net._model, net._inputs, net._outputs, net._path = proto, inputs, outputs, path
         return True
 
 

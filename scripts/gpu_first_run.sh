@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The TensorRT path's first run on a GPU: what is installed, engine build, check against ONNX Runtime,
+# generation, per-step latency with CUDA graphs on and off, a per-layer profile, the GPU tests, and the
+# measured time per step beside the memory floor. docs/gpu-first-run.md says what each step should print.
+#
+#   scripts/gpu_first_run.sh [BUNDLE] [OUT]
+#
+# BUNDLE: an exported bundle (default: export the model shipped with the package into OUT/bundle, which
+# needs torch). OUT: where everything is written (default: gpu-first-run). Environment: BATCH (default 1),
+# CLASS (default 3: valid for the default model's 10 classes and ImageNet's 1000), RUNS (default 20),
+# BANDWIDTH_TBS (the GPU's memory bandwidth in TB/s for the floor; H200 4.8 is known by name).
+# Stops at the first failing step.
+set -euo pipefail
+
+BUNDLE=${1:-}
+OUT=${2:-gpu-first-run}
+BATCH=${BATCH:-1}
+CLASS=${CLASS:-3}
+RUNS=${RUNS:-20}
+mkdir -p "$OUT"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "1/8 the stack: driver, GPU, packages"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "(no nvidia-smi)"
+python3 - <<'EOF'
+import importlib.metadata as metadata
+
+from imagefolder.core import cuda, gpu_stack
+
+for name in ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "cuda-python", "cuda-bindings", "polygraphy",
+             "onnxruntime-gpu", "onnxruntime", "onnx", "numpy"):
+    try:
+        print(f"{name:16} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        pass
+import tensorrt  # JetPack's comes from apt and has no pip metadata
+
+print(f"{'tensorrt module':16} {tensorrt.__version__}")
+print(f"driver supports CUDA {gpu_stack.driver_cuda_version()}; the extra for this machine: {gpu_stack.gpu_extra()}")
+print(f"{cuda.device_count()} GPU(s); device 0: {cuda.device_properties()}")
+EOF
+
+if [[ -z "$BUNDLE" ]]; then
+  step "2/8 export the default model (torch)"
+  BUNDLE="$OUT/bundle"
+  imagefolder-export onnx --out "$BUNDLE"
+else
+  step "2/8 bundle: $BUNDLE"
+fi
+
+step "3/8 build engines (batch $BATCH)"
+imagefolder-export trt "$BUNDLE" --batch "$BATCH"
+
+step "4/8 engines against ONNX Runtime (polygraphy), operator support from TensorRT's parser"
+imagefolder-export check "$BUNDLE" --backend trt --debug "$OUT/check-debug"
+
+step "5/8 generate class $CLASS"
+imagefolder generate --bundle "$BUNDLE" --backend trt --class "$CLASS" --seed 0 -o "$OUT/class-$CLASS.png" \
+  --indices "$OUT/class-$CLASS.npy"
+
+step "6/8 profile, CUDA graphs on, then off"
+imagefolder profile --bundle "$BUNDLE" --backend trt --batch "$BATCH" --runs "$RUNS" --warmup 3 \
+  --json "$OUT/profile-graphs.json" --trace "$OUT/trace-graphs.json"
+imagefolder profile --bundle "$BUNDLE" --backend trt --batch "$BATCH" --runs "$RUNS" --warmup 3 --no-cuda-graphs \
+  --json "$OUT/profile-eager.json" --trace "$OUT/trace-eager.json"
+
+step "7/8 per-layer profile and engine inspector dumps"
+imagefolder profile --bundle "$BUNDLE" --backend trt --batch "$BATCH" --runs 3 --warmup 1 --layers \
+  --json "$OUT/profile-layers.json"
+
+step "8/8 the GPU tests (tests/test_trt_gpu.py; from a checkout with pytest)"
+if [[ -f tests/test_trt_gpu.py ]] && python3 -c "import pytest" 2>/dev/null; then
+  python3 -m pytest -q -rs tests/test_trt_gpu.py
+else
+  echo "skipped: run from the repository with the dev extra installed"
+fi
+
+step "summary: time per step and per image against the memory floor"
+BUNDLE="$BUNDLE" OUT="$OUT" python3 - <<'EOF'
+import json
+import os
+from pathlib import Path
+
+from imagefolder.core import cuda
+
+bundle, out = Path(os.environ["BUNDLE"]), Path(os.environ["OUT"])
+manifest = json.loads((bundle / "manifest.json").read_text())
+step_graph = manifest["graphs"]["ar_step"]
+files = [step_graph["file"], *step_graph["external_data"]]
+weights = sum(manifest["files"][f]["bytes"] for f in files)  # read once per step, whatever the batch
+name = cuda.device_properties()["name"]
+known = {"H200": 4.8}
+bandwidth = float(os.environ.get("BANDWIDTH_TBS") or next((v for k, v in known.items() if k in name), 0))
+steps = len(manifest["model"]["generator"]["scales"])
+print(f"{name}; ar_step reads {weights / 1e9:.3f} GB per step; {steps} steps per image")
+for label in ("graphs", "eager"):
+    for report in json.loads((out / f"profile-{label}.json").read_text())["reports"]:
+        step = report["time_per_step_ms"]
+        device = step["device"]["p50"] if step["device"] else float("nan")
+        print(f"CUDA graphs {'on ' if label == 'graphs' else 'off'} batch {report['batch']}: "
+              f"step p50 host {step['host']['p50']:.3f} ms, device {device:.3f} ms; "
+              f"image p50 {report['e2e_ms']['p50'] / report['batch']:.3f} ms; {report['images_per_s']:.1f} images/s")
+if bandwidth:
+    floor = weights / (bandwidth * 1e12) * 1e3
+    print(f"memory floor at {bandwidth} TB/s: {floor:.3f} ms per step, {floor * steps:.3f} ms per image at batch 1")
+else:
+    print("set BANDWIDTH_TBS (e.g. 0.2 for Jetson AGX Orin) to print the memory floor")
+EOF
