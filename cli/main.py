@@ -12,6 +12,7 @@ import click
 import numpy as np
 
 from imagefolder.cli.common import BACKENDS, CommandGroup, open_backend, ort_providers, parse_ints, setup_logging
+from imagefolder.core.schedule import SamplingParams
 from imagefolder.errors import InputError, MissingDependency
 
 BUNDLE = click.option(
@@ -77,12 +78,16 @@ def main(verbose: int) -> None:
 @CHECKPOINT
 @TRUST
 @click.option("--class", "classes", default="0", show_default=True, help="Class id(s), comma-separated.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--cfg", default=3.25, show_default=True, type=float, help="Guidance at the last scale.")
+@click.option("--seed", default=SamplingParams.seed, show_default=True, type=int)
+@click.option("--cfg", default=SamplingParams.cfg, show_default=True, type=float, help="Guidance at the last scale.")
 @click.option(
-    "--top-k", default=750, show_default=True, type=int, help="Per branch; at most the bundle's sampler candidates."
+    "--top-k",
+    default=SamplingParams.top_k,
+    show_default=True,
+    type=int,
+    help="Per branch; at most the bundle's sampler candidates.",
 )
-@click.option("--top-p", default=0.95, show_default=True, type=float)
+@click.option("--top-p", default=SamplingParams.top_p, show_default=True, type=float)
 @click.option(
     "--sampling",
     type=click.Choice(["gumbel", "official"]),
@@ -122,7 +127,6 @@ def generate(
             bundle, backend, checkpoint, trust_checkpoint, labels, cfg, top_k, top_p, seed
         )
     else:
-        from imagefolder.core.schedule import SamplingParams
         from imagefolder.runtime.loop import generate as run_generation
 
         params = SamplingParams(cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
@@ -208,9 +212,9 @@ def reconstruct(bundle, backend, checkpoint, trust_checkpoint, images, output) -
 @click.option("--batch", "batches", default="1", show_default=True, help="Batch sizes, comma-separated (e.g. 1,8).")
 @click.option("--runs", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(0))
-@click.option("--cfg", default=3.25, show_default=True, type=float)
-@click.option("--top-k", default=750, show_default=True, type=int)
-@click.option("--top-p", default=0.95, show_default=True, type=float)
+@click.option("--cfg", default=SamplingParams.cfg, show_default=True, type=float)
+@click.option("--top-k", default=SamplingParams.top_k, show_default=True, type=int)
+@click.option("--top-p", default=SamplingParams.top_p, show_default=True, type=float)
 @click.option("--no-cuda-graphs", is_flag=True)
 @PROVIDERS
 @click.option("--layers", is_flag=True, help="trt backend: per-layer times (IProfiler) and an engine-inspector dump.")
@@ -239,7 +243,6 @@ def profile(
     trace_out,
 ) -> None:
     """Per-step latency of the generation loop: p50/p90/p99, time to first scale, images/s."""
-    from imagefolder.core.schedule import SamplingParams
     from imagefolder.runtime.profiler import profile_generation
 
     sizes = parse_ints(batches, "batch size")

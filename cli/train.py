@@ -12,6 +12,7 @@ import logging
 import click
 
 from imagefolder.cli.common import setup_logging
+from imagefolder.core.schedule import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +148,9 @@ def classifier_command(out: str, data: str, steps: int, batch_size: int, lr: flo
 @click.option("--num-images", "-n", type=int, default=200, show_default=True)
 @click.option("--reconstruction/--no-reconstruction", default=True, show_default=True)
 @click.option("--generation/--no-generation", default=True, show_default=True)
-@click.option("--cfg", type=float, default=3.25, show_default=True, help="Guidance at the last scale.")
-@click.option("--top-k", type=int, default=750, show_default=True)
-@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--cfg", type=float, default=SamplingParams.cfg, show_default=True, help="Guidance at the last scale.")
+@click.option("--top-k", type=int, default=SamplingParams.top_k, show_default=True)
+@click.option("--top-p", type=float, default=SamplingParams.top_p, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the metrics here.")
 @click.option("-v", "--verbose", count=True)

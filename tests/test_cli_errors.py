@@ -305,3 +305,12 @@ def test_indices_output_is_valid_numpy(workspace, tmp_path):
         ],
     )
     assert np.load(tmp_path / "i.npy").shape == (2, 2, 66)
+
+
+def test_very_verbose_shows_the_traceback_of_a_user_error(workspace, tmp_path):
+    args = ["generate", "--bundle", workspace["bundle"], "--backend", "ort", "--class", "10", "-o", tmp_path / "x.png"]
+    quiet = CliRunner().invoke(main, [str(a) for a in args])
+    loud = CliRunner().invoke(main, ["-vv", *map(str, args)])
+    assert quiet.exit_code == loud.exit_code == 1
+    assert "Traceback" not in quiet.output and "Traceback" in loud.output and "InputError" in loud.output
+    assert loud.output.rstrip().splitlines()[-1] == quiet.output.rstrip().splitlines()[-1]  # the same one line
