@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imagefolder.core.schedule import cfg_rows, guidance, positions, scale_spans
+from imagefolder.core.schedule import cfg_rows, guidance, num_positions, positions, scale_spans
 
 SCHEMA_VERSION = 3  # 3: one uniform per token; the prefill computes only the conditioning; ar_step serves scale 0
 
@@ -111,7 +111,7 @@ def model_dims(model_config: dict) -> dict[str, int]:
     scales = list(gen["scales"])
     return {
         "H_img": tok["image_size"],
-        "P": sum(pn * pn for pn in scales),
+        "P": num_positions(scales),
         "K": scales[-1],
         "Z2": gen["code_dim"] * gen["num_branches"],
         "V": gen["codebook_size"],
