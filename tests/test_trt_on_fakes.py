@@ -307,3 +307,21 @@ def test_dla_and_hardware_compatibility_reach_the_builder(built, tmp_path):
             build_engines(copy, batches=[1], graphs=["sampler"], hardware_compat="same_cc", progress=False)
             header = fake.plan_header((copy / "engines" / "sampler.plan").read_bytes())
             assert header["hardware_compatibility_level"] == "SAME_COMPUTE_CAPABILITY"
+
+
+def test_a_refused_optimization_profile_fails_the_build_and_names_it(built, tmp_path, monkeypatch):
+    from imagefolder.export.trt_build import EngineBuildError, build_engines
+
+    root, version = built
+    copy = tmp_path / "bundle"
+    shutil.copytree(root, copy)
+    with installed(version) as fake:
+        config_class = type(fake.trt.Builder(fake.trt.Logger()).create_builder_config())
+        add = config_class.add_optimization_profile
+
+        def refuse_the_third(self, profile):  # what TensorRT returns for a profile it finds invalid
+            return -1 if self.num_optimization_profiles == 2 else add(self, profile)
+
+        monkeypatch.setattr(config_class, "add_optimization_profile", refuse_the_third)
+        with pytest.raises(EngineBuildError, match=r"ar_step: TensorRT refused optimization profile 2 \(batch 1, "):
+            build_engines(copy, batches=[1], graphs=["ar_step"], progress=False)
