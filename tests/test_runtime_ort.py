@@ -231,7 +231,7 @@ def test_errors_are_clear(bundle_dir):
         backend.session(1) as session,
         pytest.raises(OrtBackendError, match="a request of 2 images for a session of 1"),
     ):
-        session.prefill(request)
+        session.generate(request)
 
 
 def test_encode_decode_and_images(bundle_dir, tmp_path):
