@@ -17,6 +17,7 @@ what it would get alone.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,25 @@ def batch_request(images: list[ImageRequest], scales: tuple[int, ...]) -> BatchR
         top_k=np.array([image.params.top_k for image in images], dtype=np.int64),
         top_p=np.array([image.params.top_p for image in images], dtype=np.float32),
     )
+
+
+def session_sizes(count: int, sizes: Sequence[int]) -> list[int]:
+    """Session batch sizes that hold ``count`` images, in order: the largest size while it fills, then the
+    smallest size that holds the rest (the caller pads it).
+
+    For engines built for a few batch sizes (TensorRT profiles): one launch with at most size − 1 padded
+    images costs less than several launches of smaller sessions. Since an image's tokens depend only on
+    its own label, seed, index and settings, padding and packing change nothing in the images.
+    """
+    if count < 0 or not sizes or min(sizes) < 1:
+        raise InputError(f"cannot pack {count} images into sessions of sizes {list(sizes)}")
+    largest, out = max(sizes), []
+    while count >= largest:
+        out.append(largest)
+        count -= largest
+    if count:
+        out.append(min(s for s in sizes if s >= count))
+    return out
 
 
 def run_batch(
