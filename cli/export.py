@@ -143,10 +143,17 @@ def trt(
 @main.command()
 @BUNDLE_ARG
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--batch", "batches", default="1", show_default=True)
-def triton(bundle, out_dir, batches) -> None:
-    """Write a Triton Inference Server model repository (engines + the loop as a Python model)."""
+@click.option("--batch", "batches", help="Engine batch sizes to serve, comma-separated (default: every built one).")
+@click.option(
+    "--max-batch-size",
+    type=click.IntRange(1),
+    help="The most images Triton hands the model at once (default: 8 × the largest served batch).",
+)
+def triton(bundle, out_dir, batches, max_batch_size) -> None:
+    """Write a Triton Inference Server model repository: generation on device-resident TensorRT sessions
+    as a Python-backend model with dynamic batching (docs/triton.md)."""
     from imagefolder.export.triton import export_triton_repository
 
-    out = export_triton_repository(bundle, out_dir, parse_ints(batches, "batch size"))
+    sizes = parse_ints(batches, "batch size") if batches else None
+    out = export_triton_repository(bundle, out_dir, sizes, max_batch_size=max_batch_size)
     click.echo(f"wrote Triton repository {out}")

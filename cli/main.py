@@ -95,7 +95,12 @@ def main(verbose: int) -> None:
     show_default=True,
     help="official: torch.multinomial in the official draw order (torch backend only).",
 )
-@click.option("--no-cuda-graphs", is_flag=True, help="trt backend: launch every step instead of replaying graphs.")
+@click.option(
+    "--no-cuda-graphs",
+    is_flag=True,
+    help="trt backend: never capture a CUDA graph. By default a session captures its whole generation at its "
+    "second batch of one size and replays it after; a single batch always runs eagerly.",
+)
 @PROVIDERS
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default="out.png", show_default=True)
 @click.option(
@@ -215,7 +220,12 @@ def reconstruct(bundle, backend, checkpoint, trust_checkpoint, images, output) -
 @click.option("--cfg", default=SamplingParams.cfg, show_default=True, type=float)
 @click.option("--top-k", default=SamplingParams.top_k, show_default=True, type=int)
 @click.option("--top-p", default=SamplingParams.top_p, show_default=True, type=float)
-@click.option("--no-cuda-graphs", is_flag=True)
+@click.option(
+    "--no-cuda-graphs",
+    is_flag=True,
+    help="trt backend: eager runs only. By default eager runs (per stage) are followed by CUDA-graph runs "
+    "(the whole generation as one launch; one capture run, then --runs replays).",
+)
 @PROVIDERS
 @click.option("--layers", is_flag=True, help="trt backend: per-layer times (IProfiler) and an engine-inspector dump.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
@@ -242,7 +252,11 @@ def profile(
     json_out,
     trace_out,
 ) -> None:
-    """Per-step latency of the generation loop: p50/p90/p99, time to first scale, images/s."""
+    """Per-step latency of the generation loop: p50/p90/p99, time to first scale, images/s.
+
+    On TensorRT, two reports per batch size: eager (device time of every stage from CUDA events) and
+    CUDA graph (device time of the whole generation around its one launch, and launches per generation).
+    """
     from imagefolder.runtime.profiler import profile_generation
 
     sizes = parse_ints(batches, "batch size")

@@ -2,47 +2,43 @@
 
 Layout (``prefix`` defaults to ``imagefolder``)::
 
-    OUT/<prefix>_<graph>/config.pbtxt, 1/model.plan      platform "tensorrt_plan", one per graph
-    OUT/<prefix>_generate/config.pbtxt, 1/model.py, 1/imagefolder.json
-                                                          backend "python": the generation loop over
-                                                          the engine models through BLS
+    OUT/<prefix>_generate/config.pbtxt      backend "python", dynamic batching, one instance per GPU
+    OUT/<prefix>_generate/1/model.py        one line: the model is ``imagefolder.runtime.triton_model``
+    OUT/<prefix>_generate/1/bundle/         the bundle: manifest, graphs, engines (hard links where possible)
 
-Engine models take unbatched tensors (``max_batch_size: 0``; symbolic dims are -1) and list the
-optimization profiles of the requested batches in their instance group, so Triton picks the fixed-
-shape profile that fits each request. ``config.pbtxt`` files are written by ``to_pbtxt`` (protobuf
-text format of Triton's ``ModelConfig``) and every file is written atomically. No torch, no tensorrt.
+The model runs the whole generation on the device (``TrtBackend`` sessions, one per served batch size,
+replaying a CUDA graph per generation): no state crosses the Triton boundary, so the repository has
+no engine models. It imports ``imagefolder.runtime``, which must be installed in the Triton image
+(``pip install 'imagefolder[gpu]'`` into the Python the Python backend runs; docs/triton.md).
+Each input has the batch dimension Triton's dynamic batcher concatenates along (one row per image);
+``config.pbtxt`` is written by ``to_pbtxt`` (protobuf text format of Triton's ``ModelConfig``) and the
+model folder replaces an old one in one step. No torch, no tensorrt.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
-from imagefolder.core.bundle import load_bundle
-from imagefolder.core.engines import ENGINE_DIR, read_build_record
+from imagefolder.core.bundle import MANIFEST, load_bundle
+from imagefolder.core.engines import BUILD_RECORD, ENGINE_DIR, read_build_record
 from imagefolder.core.schedule import SamplingParams
-from imagefolder.errors import EngineError, ExportError, InputError
-from imagefolder.io import atomic_write_bytes, atomic_write_text
+from imagefolder.errors import InputError
+from imagefolder.io import folder_lock, staged_folder
 
 log = logging.getLogger(__name__)
 
-MODEL_PY = Path(__file__).with_name("triton_model.py")
 GENERATE = "generate"
-
-TRITON_DTYPES = {
-    "float32": "TYPE_FP32",
-    "float16": "TYPE_FP16",
-    "bfloat16": "TYPE_BF16",
-    "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64",
-    "int8": "TYPE_INT8",
-    "uint8": "TYPE_UINT8",
-    "bool": "TYPE_BOOL",
-}
+BUNDLE_DIR = "bundle"  # inside the version folder
+MAX_QUEUE_DELAY_US = 2000  # how long the dynamic batcher may hold a request to fill a preferred batch
+MODEL_PY = """\
+# Triton Python-backend model: imagefolder's device-resident TensorRT generation (written by imagefolder-export).
+from imagefolder.runtime.triton_model import TritonPythonModel  # noqa: F401
+"""
 
 
 class Enum(str):
@@ -93,53 +89,47 @@ def to_pbtxt(message: dict, indent: int = 0) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Model configs
+# Model config
 
 
-def _tensor(t: dict, optional: bool = False) -> dict:
-    dtype = TRITON_DTYPES.get(t["dtype"])
-    if dtype is None:
-        raise ExportError(f"tensor {t['name']}: dtype {t['dtype']} has no Triton type")
-    out = {"name": t["name"], "data_type": Enum(dtype), "dims": [d if isinstance(d, int) else -1 for d in t["shape"]]}
-    if optional:
-        out["optional"] = True
-    return out
+def _input(name: str, data_type: str, optional: bool = False) -> dict:
+    return {"name": name, "data_type": Enum(data_type), "dims": [1], **({"optional": True} if optional else {})}
 
 
-def engine_config(model_name: str, graph_entry: dict, profiles: list[int]) -> dict:
-    """``config.pbtxt`` (as a dict) of one TensorRT engine model."""
-    return {
-        "name": model_name,
-        "platform": "tensorrt_plan",
-        "max_batch_size": 0,
-        "input": [_tensor(t) for t in graph_entry["inputs"]],
-        "output": [_tensor(t) for t in graph_entry["outputs"]],
-        "instance_group": [{"kind": Enum("KIND_GPU"), "count": 1, "profile": [str(p) for p in profiles]}],
-    }
+def generate_config(
+    model_name: str, manifest: dict, batches: list[int], max_batch_size: int, defaults: SamplingParams
+) -> dict:
+    """``config.pbtxt`` (as a dict) of the generation model.
 
-
-def generate_config(model_name: str, manifest: dict) -> dict:
-    """``config.pbtxt`` (as a dict) of the Python-backend generation model."""
-    model, size = manifest["model"], manifest["model"]["tokenizer"]["image_size"]
-    nb = model["generator"]["num_branches"]
-    positions = sum(pn * pn for pn in model["generator"]["scales"])
+    One row per image in every tensor (Triton's batch dimension): a request of n images sends
+    ``class_labels`` (n, 1) and, optionally, per-image ``seed``, ``cfg``, ``top_k``, ``top_p`` (n, 1);
+    the row of image i in its request is i (its uniforms are ``image_uniforms(seed_i, i)``). Parameters
+    carry the bundle's place, the batch sizes to serve and the sampling defaults, as strings.
+    """
+    gen, size = manifest["model"]["generator"], manifest["model"]["tokenizer"]["image_size"]
+    positions = sum(pn * pn for pn in gen["scales"])
+    parameters = {"bundle": BUNDLE_DIR, "batches": ",".join(map(str, batches))}
+    parameters.update({k: str(v) for k, v in dataclasses.asdict(defaults).items()})
     return {
         "name": model_name,
         "backend": "python",
-        "max_batch_size": 0,
+        "max_batch_size": max_batch_size,
         "input": [
-            {"name": "class_labels", "data_type": Enum("TYPE_INT64"), "dims": [-1]},
-            {"name": "seed", "data_type": Enum("TYPE_INT64"), "dims": [1], "optional": True},
-            {"name": "cfg", "data_type": Enum("TYPE_FP32"), "dims": [1], "optional": True},
-            {"name": "top_k", "data_type": Enum("TYPE_INT64"), "dims": [1], "optional": True},
-            {"name": "top_p", "data_type": Enum("TYPE_FP32"), "dims": [1], "optional": True},
+            _input("class_labels", "TYPE_INT64"),
+            _input("seed", "TYPE_INT64", optional=True),
+            _input("cfg", "TYPE_FP32", optional=True),
+            _input("top_k", "TYPE_INT64", optional=True),
+            _input("top_p", "TYPE_FP32", optional=True),
         ],
         "output": [
-            {"name": "image", "data_type": Enum("TYPE_FP32"), "dims": [-1, 3, size, size]},
-            {"name": "indices", "data_type": Enum("TYPE_INT32"), "dims": [-1, nb, positions]},
+            {"name": "image", "data_type": Enum("TYPE_FP32"), "dims": [3, size, size]},
+            {"name": "indices", "data_type": Enum("TYPE_INT32"), "dims": [gen["num_branches"], positions]},
         ],
-        # The loop itself is light host code; the engines it calls run on the GPU.
-        "instance_group": [{"kind": Enum("KIND_CPU"), "count": 1}],
+        # Requests wait up to the delay to fill an engine batch; the model packs what it gets into sessions.
+        "dynamic_batching": {"preferred_batch_size": batches, "max_queue_delay_microseconds": MAX_QUEUE_DELAY_US},
+        # The model owns its GPU work: one instance per GPU, each with its own engines and sessions.
+        "instance_group": [{"kind": Enum("KIND_GPU"), "count": 1}],
+        "parameters": [{"key": key, "value": {"string_value": value}} for key, value in parameters.items()],
     }
 
 
@@ -147,24 +137,41 @@ def generate_config(model_name: str, manifest: dict) -> dict:
 # Repository
 
 
+def _bundle_files(manifest: dict, record: dict) -> list[str]:
+    """What the model reads: the manifest, every file it lists, the build record and the plans."""
+    plans = [entry["file"] for entry in record["graphs"].values()]
+    return [MANIFEST, *manifest["files"], f"{ENGINE_DIR}/{BUILD_RECORD}", *plans]
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)  # bundle files are replaced by rename, never rewritten: a link stays valid
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def export_triton_repository(
     bundle_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     batches: list[int] | None = None,
     prefix: str = "imagefolder",
-    defaults: dict | None = None,
+    defaults: SamplingParams | None = None,
+    max_batch_size: int | None = None,
 ) -> Path:
-    """Write a Triton model repository for a bundle whose engines are built.
+    """Write a Triton model repository that serves a bundle's TensorRT engines.
 
     Args:
         bundle_dir: the bundle, with ``engines/`` from ``imagefolder-export trt``.
-        out_dir: the repository folder (created; existing models of the same names are overwritten).
-        batches: batch sizes to serve (default: every batch the engines were built for).
+        out_dir: the repository folder (created; a model of the same name is replaced in one step).
+        batches: engine batch sizes to serve, one session each (default: every batch the engines were built for).
         prefix: model name prefix.
-        defaults: sampling defaults of the generation model (cfg, top_k, top_p, seed).
+        defaults: sampling settings for requests that leave them out (default: ``SamplingParams()``).
+        max_batch_size: the most images Triton hands the model at once (requests and batches above the
+            largest engine batch are split by the model); default 8 × the largest served batch.
 
     Returns:
-        the repository folder ``out_dir`` (one subfolder per model).
+        the repository folder ``out_dir``.
     """
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     manifest = load_bundle(bundle_dir, verify=False).manifest
@@ -174,41 +181,17 @@ def export_triton_repository(
     unbuilt = [b for b in batches if b not in built]
     if unbuilt:
         raise InputError(f"batches {unbuilt} have no engine profiles (built: {built}); rebuild with --batch")
-
-    written: dict[str, Path] = {}
-    names = {}
-    for graph, manifest_entry in manifest["graphs"].items():
-        entry = record["graphs"].get(graph)
-        if entry is None:
-            raise EngineError(f"no {graph} engine in {bundle_dir / ENGINE_DIR}; build it first")
-        name = names[graph] = f"{prefix}_{graph}"
-        profiles = [p["index"] for p in entry["profiles"] if p["batch"] in batches]
-        folder = out_dir / name
-        atomic_write_bytes(folder / "1" / "model.plan", (bundle_dir / entry["file"]).read_bytes())
-        atomic_write_text(folder / "config.pbtxt", to_pbtxt(engine_config(name, manifest_entry, profiles)))
-        written[name] = folder
+    max_batch_size = 8 * batches[-1] if max_batch_size is None else max_batch_size
+    if max_batch_size < batches[-1]:
+        raise InputError(f"max_batch_size {max_batch_size} is below the largest served batch {batches[-1]}")
 
     name = f"{prefix}_{GENERATE}"
     folder = out_dir / name
-    gen = manifest["model"]["generator"]
-    settings = {
-        "models": names,
-        "scales": list(gen["scales"]),
-        "num_classes": gen["num_classes"],
-        "num_branches": gen["num_branches"],
-        "folded_dim": gen["code_dim"] * gen["num_branches"],
-        "depth": gen["depth"],
-        "heads": gen["heads"],
-        "head_dim": gen["width"] // gen["heads"],
-        "sampler_candidates": manifest["sampler_candidates"],
-        "codebook_size": manifest["model"]["generator"]["codebook_size"],
-        "state_dtype": manifest["state_dtype"],
-        "batch_max": max(batches),
-        "defaults": {**dataclasses.asdict(SamplingParams()), **(defaults or {})},
-    }
-    atomic_write_text(folder / "1" / "imagefolder.json", json.dumps(settings, indent=2) + "\n")
-    atomic_write_bytes(folder / "1" / "model.py", MODEL_PY.read_bytes())
-    atomic_write_text(folder / "config.pbtxt", to_pbtxt(generate_config(name, manifest)))
-    written[name] = folder
-    log.info("Triton repository %s: %s", out_dir, ", ".join(written))
+    config = generate_config(name, manifest, batches, max_batch_size, defaults or SamplingParams())
+    with folder_lock(folder), staged_folder(folder) as stage:
+        for file in _bundle_files(manifest, record):
+            _link_or_copy(bundle_dir / file, stage / "1" / BUNDLE_DIR / file)
+        (stage / "1" / "model.py").write_text(MODEL_PY)
+        (stage / "config.pbtxt").write_text(to_pbtxt(config))
+    log.info("Triton repository %s: %s (batches %s)", out_dir, name, batches)
     return out_dir

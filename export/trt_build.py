@@ -237,7 +237,7 @@ def _configure(
 
 def _add_profiles(trt_builder, trt_config, trt_network, profiles: list[ProfileSpec]) -> None:
     network_inputs = {trt_network.get_input(i).name for i in range(trt_network.num_inputs)}
-    for spec in profiles:
+    for position, spec in enumerate(profiles):
         missing = set(spec.shapes) ^ network_inputs
         if missing:
             raise EngineBuildError(
@@ -247,7 +247,14 @@ def _add_profiles(trt_builder, trt_config, trt_network, profiles: list[ProfileSp
         trt_profile = trt_builder.create_optimization_profile()
         for name, shape in spec.shapes.items():
             trt_profile.set_shape(name, shape, shape, shape)
-        trt_config.add_optimization_profile(trt_profile)
+        # -1 is an invalid profile; any other index would make the build record (profile = position) lie.
+        index = trt_config.add_optimization_profile(trt_profile)
+        if index != position:
+            where = f"batch {spec.batch}" + ("" if spec.scale_index is None else f", scale {spec.scale_index}")
+            raise EngineBuildError(
+                f"{spec.graph}: TensorRT refused optimization profile {position} ({where}): "
+                f"add_optimization_profile returned {index}; see the TensorRT log above"
+            )
 
 
 def gpu_info() -> dict:

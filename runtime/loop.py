@@ -1,10 +1,11 @@
 """The generation loop, written once against the backend protocol.
 
 ``generate`` validates a request (class ids, sampling parameters), splits it into batches of at
-most the backend's ``batch_max`` images, and runs each batch through a session in the order of
-``backends/base.py``: prefill → for every scale: step → sample → fold (except after the last) →
-decode. The optional ``StepProfiler`` times every stage and records the bytes each run moved
-between host and device.
+most the backend's ``batch_max`` images, and runs each batch through a session
+(``Session.generate``: the stages of ``backends/base.py``, or one CUDA-graph launch). Batches of one
+size share one session, so a long request captures its graph at the second batch and replays it
+after, while a single batch never captures (it would never replay). The optional ``StepProfiler``
+times every stage (or the whole launch) and records the bytes and launches each run cost.
 
 Random stream: image ``i`` of a request seeded ``s`` draws its uniforms from
 ``core.sampler.image_uniforms(s, i, ...)``, one per token. They depend on nothing else: not on the
@@ -16,6 +17,7 @@ what it would get alone.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +25,7 @@ import numpy as np
 from imagefolder.core.sampler import image_uniforms
 from imagefolder.core.schedule import SamplingParams, check_labels, guidance, num_positions
 from imagefolder.errors import InputError
-from imagefolder.runtime.backends.base import Backend, BatchRequest, Session
+from imagefolder.runtime.backends.base import Backend, BatchRequest, Session, no_stage
 from imagefolder.runtime.profiler import StepProfiler
 
 BRANCHES = 2  # tokens per position
@@ -61,6 +63,25 @@ def batch_request(images: list[ImageRequest], scales: tuple[int, ...]) -> BatchR
     )
 
 
+def session_sizes(count: int, sizes: Sequence[int]) -> list[int]:
+    """Session batch sizes that hold ``count`` images, in order: the largest size while it fills, then the
+    smallest size that holds the rest (the caller pads it).
+
+    For engines built for a few batch sizes (TensorRT profiles): one launch with at most size − 1 padded
+    images costs less than several launches of smaller sessions. Since an image's tokens depend only on
+    its own label, seed, index and settings, padding and packing change nothing in the images.
+    """
+    if count < 0 or not sizes or min(sizes) < 1:
+        raise InputError(f"cannot pack {count} images into sessions of sizes {list(sizes)}")
+    largest, out = max(sizes), []
+    while count >= largest:
+        out.append(largest)
+        count -= largest
+    if count:
+        out.append(min(s for s in sizes if s >= count))
+    return out
+
+
 def run_batch(
     session: Session, scales: tuple[int, ...], images: list[ImageRequest], profiler: StepProfiler | None = None
 ) -> GenerationResult:
@@ -68,26 +89,15 @@ def run_batch(
     if len(images) != session.batch:
         raise InputError(f"the session holds {session.batch} images, the request {len(images)}")
     request = batch_request(images, scales)
-    num_scales = len(scales)
     sent, received = session.transferred
+    launches = session.launches
     with profiler.run(session.batch, session.device_timer) if profiler else contextlib.nullcontext() as run:
-        stage = profiler.stage if profiler else _no_stage
-        with stage("prefill"):
-            session.prefill(request)
-        for si in range(num_scales):
-            with stage("step", si):
-                session.step(si)
-            with stage("sample", si):
-                session.sample(si)
-            if si < num_scales - 1:
-                with stage("fold", si):
-                    session.fold(si)
-        with stage("decode"):
-            images_out = session.decode()
-        indices = session.indices()
+        images_out, indices = session.generate(request, profiler.stage if profiler else no_stage)
         if run is not None:
             now_sent, now_received = session.transferred
             run.bytes_to_device, run.bytes_from_device = now_sent - sent, now_received - received
+            now_launches = session.launches
+            run.launches = None if now_launches is None or launches is None else now_launches - launches
     return GenerationResult(images=images_out, indices=indices)
 
 
@@ -105,8 +115,9 @@ def generate(
         labels: class ids, one per image.
         params: sampling parameters (default: ``SamplingParams()``, the official settings).
         profiler: records every stage of each batch as one run.
-        session: a session of this backend for exactly ``len(labels)`` images to reuse (profiling);
-            by default sessions are allocated and closed here.
+        session: a session of this backend for exactly ``len(labels)`` images to reuse (profiling,
+            servers); by default one session per batch size is allocated here, shared by the
+            batches of that size, and closed at the end.
     Returns:
         images (B, 3, H, W) float32 in [-1, 1] and the sampled indices (B, 2, P) int32; image i
         is the same whatever the split.
@@ -117,14 +128,16 @@ def generate(
     if session is not None:
         return run_batch(session, backend.scales, images, profiler)
     results = []
-    for start in range(0, len(images), backend.batch_max):
-        part = images[start : start + backend.batch_max]
-        with contextlib.closing(backend.session(len(part))) as owned:
-            results.append(run_batch(owned, backend.scales, part, profiler))
+    sessions: dict[int, Session] = {}
+    try:
+        for start in range(0, len(images), backend.batch_max):
+            part = images[start : start + backend.batch_max]
+            if len(part) not in sessions:
+                sessions[len(part)] = backend.session(len(part))
+            results.append(run_batch(sessions[len(part)], backend.scales, part, profiler))
+    finally:
+        for owned in sessions.values():
+            owned.close()
     return GenerationResult(
         images=np.concatenate([r.images for r in results]), indices=np.concatenate([r.indices for r in results])
     )
-
-
-def _no_stage(name: str, scale: int | None = None) -> contextlib.nullcontext:
-    return contextlib.nullcontext()

@@ -2,10 +2,17 @@
 
 A ``StepProfiler`` records runs (one ``generate`` call each). The first ``warmup`` runs pay one-time
 costs (session creation, lazy allocation, kernel selection): they are recorded and reported
-apart, never mixed into the statistics. Stages are ``prefill``, ``step[si]``, ``sample[si]``,
-``fold[si]`` (si below the last) and ``decode``. Host time is ``time.perf_counter_ns`` around the backend
-call, so for an asynchronous backend it is the enqueue time; device time comes from the session's
-``DeviceTimer`` (CUDA events on the inference stream), collected once at the end of each run.
+apart, never mixed into the statistics. An eager run's stages are ``prefill``, ``step[si]``,
+``sample[si]``, ``fold[si]`` (si below the last) and ``decode``; a run that replays a CUDA graph has
+one stage, ``generation`` (the launch), since a graph has no stages to time apart. Host time is
+``time.perf_counter_ns`` around the backend call, so for an asynchronous backend it is the enqueue
+time; device time comes from the session's ``DeviceTimer`` (CUDA events on the inference stream),
+collected once at the end of each run. Runs also record the launches the host enqueued (copies,
+memsets, kernels, graph launches) where the session counts them.
+
+``profile_generation`` measures a session that can replay CUDA graphs twice: eager runs first (per
+stage: where the time goes), then graph runs (the whole generation: what a served image costs). The
+first graph run captures the graph and is its warm-up.
 
 Conventions follow trtllm-bench (TensorRT-LLM's benchmark): percentiles by nearest
 rank without interpolation (sorted values, index ⌊n·p⌋); derived numbers per run, then statistics:
@@ -14,7 +21,8 @@ rank without interpolation (sorted values, index ⌊n·p⌋); derived numbers pe
 - time per step = mean over scales si ≥ 1 of fold[si−1] + step[si] + sample[si] (the analogue of
   TPOT: the fold that makes a scale's input, the step, the sampling; one step emits q_si·2 tokens);
 - end to end = wall time of the run, prefill to decoded images; images/s = images ÷ total end to end;
-- bytes to and from the device per image: what the session moved between host and device.
+- bytes to and from the device per image: what the session moved between host and device;
+- launches per generation: operations the host enqueued for one run (one in graph mode).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagefolder.io import atomic_write_text
-from imagefolder.runtime.backends.base import DeviceTimer
+from imagefolder.runtime.backends.base import DeviceTimer, GraphSession
 
 PERCENTILES = (50, 90, 99)
 
@@ -59,6 +67,7 @@ class RunRecord:
     stages: list[StageRecord] = field(default_factory=list)
     bytes_to_device: int = 0
     bytes_from_device: int = 0
+    launches: int | None = None
 
     def host_ms(self, label: str) -> float:
         return next(s.host_ns for s in self.stages if s.label == label) / 1e6
@@ -155,6 +164,7 @@ class StepProfiler:
                 }
             )
         step_scales = sorted({s.scale for s in measured[0].stages if s.stage == "step" and s.scale is not None})
+        eager = "prefill" in labels
 
         def first_scale(get: Callable[[str], float]) -> float:
             return get("prefill") + get("step[0]") + get("sample[0]")
@@ -165,18 +175,21 @@ class StepProfiler:
 
         batch = measured[0].batch
         e2e = [r.wall_ns / 1e6 for r in measured]
+        launches = [r.launches for r in measured if r.launches is not None]
         return {
             "batch": batch,
+            "mode": "eager" if eager else "graph",
             "runs": len(measured),
             "warmup_runs": len(self.runs) - len(measured),
             "warmup_e2e_ms": [r.wall_ns / 1e6 for r in self.runs if r.warmup],
             "stages": stages,
-            "time_to_first_scale_ms": _derived(measured, first_scale),
-            "time_per_step_ms": _derived(measured, per_step) if len(step_scales) > 1 else None,
+            "time_to_first_scale_ms": _derived(measured, first_scale) if eager else None,
+            "time_per_step_ms": _derived(measured, per_step) if eager and len(step_scales) > 1 else None,
             "e2e_ms": summarize(e2e),
             "images_per_s": batch * len(measured) / (sum(e2e) / 1e3),
             "bytes_to_device_per_image": max(r.bytes_to_device for r in measured) / batch,
             "bytes_from_device_per_image": max(r.bytes_from_device for r in measured) / batch,
+            "launches_per_generation": max(launches) if len(launches) == len(measured) else None,
         }
 
     def chrome_trace(self) -> dict:
@@ -250,8 +263,9 @@ def to_json(report: dict) -> str:
 def format_table(report: dict) -> str:
     """The report as a fixed-width text table (milliseconds)."""
     head = f"{'stage':<20}{'clock':<8}" + "".join(f"{c:>10}" for c in ("p50", "p90", "p99", "min", "max", "mean"))
+    what = "eager, per stage" if report["mode"] == "eager" else "CUDA graph, whole generation"
     lines = [
-        f"batch {report['batch']}: {report['runs']} runs after {report['warmup_runs']} warm-up (times in ms)",
+        f"batch {report['batch']} ({what}): {report['runs']} runs after {report['warmup_runs']} warm-up (times in ms)",
         head,
         "-" * len(head),
     ]
@@ -274,6 +288,8 @@ def format_table(report: dict) -> str:
         f"images/s: {report['images_per_s']:.3f}; per image: host → device "
         f"{report['bytes_to_device_per_image']:,.0f} B, device → host {report['bytes_from_device_per_image']:,.0f} B"
     )
+    if report["launches_per_generation"] is not None:
+        lines.append(f"launches per generation (batch {report['batch']}): {report['launches_per_generation']}")
     return "\n".join(lines)
 
 
@@ -282,7 +298,7 @@ def format_table(report: dict) -> str:
 
 @dataclass
 class ProfileResult:
-    """Reports and traces of ``profile_generation``, one per batch size."""
+    """Reports and traces of ``profile_generation``, one per (batch size, mode)."""
 
     reports: list[dict]
     traces: list[dict]
@@ -294,7 +310,7 @@ class ProfileResult:
         return atomic_write_text(path, json.dumps({"reports": self.reports}, indent=2))
 
     def write_trace(self, path: str | Path) -> Path:
-        """One Chrome trace with a process per batch size."""
+        """One Chrome trace with a process per report (batch size and mode)."""
         events = []
         for pid, trace in enumerate(self.traces, start=1):
             events += [{**e, "pid": pid} for e in trace["traceEvents"] if e["name"] != "process_name"]
@@ -304,7 +320,7 @@ class ProfileResult:
                     "ph": "M",
                     "pid": pid,
                     "tid": 0,
-                    "args": {"name": f"batch {self.reports[pid - 1]['batch']}"},
+                    "args": {"name": f"batch {self.reports[pid - 1]['batch']} {self.reports[pid - 1]['mode']}"},
                 }
             )
         return atomic_write_text(path, json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
@@ -320,13 +336,17 @@ def profile_generation(
 ) -> ProfileResult:
     """Time ``warmup + runs`` generations per batch size on one reused session each.
 
+    A session that replays CUDA graphs (``GraphSession`` with ``use_graph``) is measured twice:
+    eager first (``warmup`` + ``runs``, per stage), then with its graph (one capture run as warm-up,
+    then ``runs`` replays, the whole generation). Other sessions give the eager report only.
+
     Args:
         backend: any backend of ``runtime.backends``.
         batches: batch sizes to measure.
         params: ``loop.SamplingParams`` (the seed is the same for every run).
-        runs: measured runs per batch size (≥ 1).
-        warmup: runs before them, excluded from the statistics.
-        progress: called with a line of text before each batch size.
+        runs: measured runs per batch size and mode (≥ 1).
+        warmup: eager runs before them, excluded from the statistics.
+        progress: called with a line of text before each batch size and mode.
     """
     from imagefolder.runtime.loop import generate  # the loop imports this module
 
@@ -334,15 +354,19 @@ def profile_generation(
         raise ProfilerError(f"runs must be ≥ 1, got {runs}")
     reports, traces = [], []
     for batch in batches:
-        if progress is not None:
-            progress(f"batch {batch}: {warmup} warm-up + {runs} runs")
         labels = [i % backend.num_classes for i in range(batch)]
-        profiler = StepProfiler(warmup=warmup)
         with contextlib.closing(backend.session(batch)) as session:
-            for _ in range(warmup + runs):
-                generate(backend, labels, params, profiler=profiler, session=session)
-        reports.append(profiler.report())
-        traces.append(profiler.chrome_trace())
+            graphs = isinstance(session, GraphSession) and session.use_graph
+            for mode, first in (("eager", warmup), ("graph", 1))[: 1 + graphs]:
+                if isinstance(session, GraphSession):
+                    session.use_graph = mode == "graph"
+                if progress is not None:
+                    progress(f"batch {batch}, {mode}: {first} warm-up + {runs} runs")
+                profiler = StepProfiler(warmup=first)
+                for _ in range(first + runs):
+                    generate(backend, labels, params, profiler=profiler, session=session)
+                reports.append(profiler.report())
+                traces.append(profiler.chrome_trace())
     return ProfileResult(reports, traces)
 
 

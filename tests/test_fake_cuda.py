@@ -311,6 +311,31 @@ def test_product_wrapper_round_trip_and_errors(fake_gpu):
         cuda.check(fake_gpu.cudart.cudaStreamSynchronize(handle))
 
 
+def test_product_counts_the_launches_the_device_counts(fake_gpu):
+    from imagefolder.core import cuda
+
+    s = cuda.Stream()
+    array = cuda.DeviceArray((64,), np.uint8)
+    pinned = cuda.PinnedHostBuffer(64)
+    array.zero(s)
+    graph = cuda.CudaGraph()
+    graph.begin(s)
+    cuda.memcpy_async(array.ptr, pinned.ptr, 64, "htod", s)  # recorded, not launched
+    cuda.memcpy2d_dtod_async(array.ptr, 8, array.ptr + 32, 8, 4, 4, s)
+    graph.end(s)
+    assert s.launches == 1 and not s.capturing
+    for _ in range(3):
+        graph.launch(s)
+    s.synchronize()
+    assert s.launches == fake_gpu.cuda.launches(s.ptr) == 4
+    graph.destroy()
+    pinned.free()
+    array.free()
+    cuda.set_device(0)
+    with pytest.raises(cuda.CudaError, match="cudaErrorInvalidDevice"):
+        cuda.set_device(1)
+
+
 def test_product_falls_back_to_cuda_cudart(fake_gpu, monkeypatch):
     from imagefolder.core import cuda
 

@@ -183,3 +183,29 @@ def test_layer_table_orders_layers_by_total_time():
     lines = table.splitlines()
     assert [line.split()[1] for line in lines[1:]] == ["attn", "ffn", "matmul"]
     assert "2.000" in lines[1] and "81.6%" in lines[1]  # mean 2 ms, 4 of 4.9 ms
+
+
+def test_graph_runs_report_the_whole_generation_and_its_launches():
+    clock, timer = ScriptedClock(), FakeTimer()
+    prof = StepProfiler(warmup=1, clock=clock)
+    for launches, ms in ((900, 30.0), (1, 2.0), (1, 3.0)):  # the capture run is the warm-up
+        with prof.run(batch=4, device_timer=timer) as run:
+            with prof.stage("generation"):
+                clock.advance(ms)
+            run.launches = launches
+    report = prof.report()
+    assert report["mode"] == "graph" and [s["label"] for s in report["stages"]] == ["generation"]
+    assert report["stages"][0]["device_ms"]["mean"] == len("generation") / 2
+    assert report["time_to_first_scale_ms"] is None and report["time_per_step_ms"] is None
+    assert report["launches_per_generation"] == 1 and report["images_per_s"] == pytest.approx(8 / 5e-3)
+    table = format_table(report)
+    assert "CUDA graph, whole generation" in table and "launches per generation (batch 4): 1" in table
+
+
+def test_runs_without_a_launch_count_report_none():
+    clock = ScriptedClock()
+    prof = StepProfiler(warmup=0, clock=clock)
+    _fake_generation(prof, clock, scale_ms=3)
+    report = prof.report()
+    assert report["mode"] == "eager" and report["launches_per_generation"] is None
+    assert "launches" not in format_table(report)

@@ -27,7 +27,7 @@ from imagefolder.core.specs import graph_specs
 from imagefolder.errors import InputError
 from imagefolder.models.sampler import SamplerGraph
 from imagefolder.runtime.backends.ort import OrtBackend, OrtBackendError
-from imagefolder.runtime.loop import ImageRequest, batch_request, generate
+from imagefolder.runtime.loop import ImageRequest, batch_request, generate, session_sizes
 from imagefolder.runtime.profiler import StepProfiler, profile_generation
 from tests.test_runtime_bundle import CANDIDATES, make_bundle
 
@@ -231,7 +231,7 @@ def test_errors_are_clear(bundle_dir):
         backend.session(1) as session,
         pytest.raises(OrtBackendError, match="a request of 2 images for a session of 1"),
     ):
-        session.prefill(request)
+        session.generate(request)
 
 
 def test_encode_decode_and_images(bundle_dir, tmp_path):
@@ -260,3 +260,12 @@ def test_profile_generation(bundle_dir, tmp_path):
     assert report["reports"][0]["time_per_step_ms"]["host"]["n"] == 2
     trace = json.loads(result.write_trace(tmp_path / "p.trace.json").read_text())
     assert {e["pid"] for e in trace["traceEvents"]} == {1, 2}
+
+
+def test_session_sizes_fill_the_largest_then_pad_the_smallest_that_holds_the_rest():
+    assert session_sizes(5, [1, 2]) == [2, 2, 1]
+    assert session_sizes(11, [1, 8]) == [8, 8]  # 3 left: one padded launch of 8, not three of 1
+    assert session_sizes(3, [2]) == [2, 2]
+    assert session_sizes(0, [1, 4]) == [] and session_sizes(4, [4, 1]) == [4]
+    with pytest.raises(InputError):
+        session_sizes(2, [])

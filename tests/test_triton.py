@@ -1,37 +1,37 @@
-"""Triton model repository: layout, config.pbtxt valid against Triton's ModelConfig schema, the BLS model's loop.
+"""Triton model repository: layout, config.pbtxt valid against Triton's ModelConfig schema, and the model served.
 
 Schema validation parses every generated config.pbtxt with protobuf's text parser into Triton's own
-``ModelConfig`` message (``model_config_pb2`` shipped by the ``tritonclient`` package; the module is
-loaded from its file because ``tritonclient.grpc`` itself needs grpcio). Unknown fields, wrong
-types and bad enum values fail the parse.
+``ModelConfig`` message (``model_config_pb2`` shipped by the ``tritonclient`` package). The model runs in
+``tests/fakes/triton.py``'s stand-in for Triton's Python backend, on the fake TensorRT (``tests/fakes``)
+with engines built from an exported tiny bundle, and every answer is compared with ONNX Runtime on the
+same bundle: each request must get exactly what it would get alone.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import sys
-import types
-from pathlib import Path
+import os
+import shutil
 
 import numpy as np
 import pytest
 
 from imagefolder.configs import tiny
+from imagefolder.core.schedule import SamplingParams
 from imagefolder.errors import EngineError
 from imagefolder.export.triton import Enum, export_triton_repository, to_pbtxt
+from tests.fakes import installed
+from tests.fakes.triton import Server, TritonError, model_config_pb2
 from tests.trt_helpers import fake_build_record, make_manifest, write_fake_bundle
+
+SERVED = [1, 2]
+MODEL = "imagefolder_generate"
 
 
 @pytest.fixture(scope="module")
-def model_config_pb2():
-    spec = importlib.util.find_spec("tritonclient")
-    if spec is None or not spec.submodule_search_locations:
+def pb2():
+    module = model_config_pb2()
+    if module is None:
         pytest.skip("tritonclient is not installed (pip install tritonclient): no Triton model_config schema")
-    path = Path(list(spec.submodule_search_locations)[0]) / "grpc" / "model_config_pb2.py"
-    module_spec = importlib.util.spec_from_file_location("_triton_model_config_pb2", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
     return module
 
 
@@ -70,40 +70,38 @@ def test_pbtxt_writer():
         to_pbtxt({"bad key": 1})
 
 
-def test_repository_layout_and_schema(bundle, tmp_path, model_config_pb2):
+def test_repository_layout_and_schema(bundle, tmp_path, pb2):
     out = tmp_path / "repo"
-    assert export_triton_repository(bundle, out, batches=[8]) == out
-    graphs = ("encoder", "decoder", "ar_prefill", "ar_step", "sampler", "fold")
-    assert {p.name for p in out.iterdir()} == {f"imagefolder_{g}" for g in graphs} | {"imagefolder_generate"}
-    record = json.loads((bundle / "engines" / "build.json").read_text())
-    for g in graphs:
-        folder = out / f"imagefolder_{g}"
-        assert (folder / "1" / "model.plan").read_bytes() == (bundle / "engines" / f"{g}.plan").read_bytes()
-        config = parse(model_config_pb2, (folder / "config.pbtxt").read_text())
-        assert config.name == f"imagefolder_{g}" and config.platform == "tensorrt_plan"
-        assert config.max_batch_size == 0
-        manifest_entry = json.loads((bundle / "manifest.json").read_text())["graphs"][g]
-        assert [i.name for i in config.input] == [t["name"] for t in manifest_entry["inputs"]]
-        assert [o.name for o in config.output] == [t["name"] for t in manifest_entry["outputs"]]
-        for tensor, spec in zip(config.input, manifest_entry["inputs"], strict=True):
-            assert list(tensor.dims) == [d if isinstance(d, int) else -1 for d in spec["shape"]]
-        # Only the batch-8 profiles are served.
-        want = [str(p["index"]) for p in record["graphs"][g]["profiles"] if p["batch"] == 8]
-        (group,) = config.instance_group
-        assert list(group.profile) == want and group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
-    step = parse(model_config_pb2, (out / "imagefolder_ar_step" / "config.pbtxt").read_text())
-    assert step.input[0].data_type == model_config_pb2.TYPE_FP32
-    assert step.input[1].data_type == model_config_pb2.TYPE_INT64
-
-    gen = out / "imagefolder_generate"
-    config = parse(model_config_pb2, (gen / "config.pbtxt").read_text())
-    assert config.backend == "python"
+    assert export_triton_repository(bundle, out, batches=[8], defaults=SamplingParams(cfg=2.0)) == out
+    # No engine models: the state never leaves the device. (The writers' lock is a file; Triton reads folders.)
+    assert [p.name for p in out.iterdir() if p.is_dir()] == [MODEL]
+    folder = out / MODEL
+    config = parse(pb2, (folder / "config.pbtxt").read_text())
+    assert config.name == MODEL and config.backend == "python" and config.max_batch_size == 64
     assert [i.name for i in config.input] == ["class_labels", "seed", "cfg", "top_k", "top_p"]
+    assert [i.optional for i in config.input] == [False, True, True, True, True]
+    assert all(list(i.dims) == [1] for i in config.input)  # one row per image, after Triton's batch dimension
     assert [o.name for o in config.output] == ["image", "indices"]
-    assert list(config.output[1].dims) == [-1, 2, sum(p * p for p in tiny().generator.scales)]
-    compile((gen / "1" / "model.py").read_text(), "model.py", "exec")
-    settings = json.loads((gen / "1" / "imagefolder.json").read_text())
-    assert settings["models"]["ar_step"] == "imagefolder_ar_step" and settings["batch_max"] == 8
+    assert list(config.output[1].dims) == [2, sum(p * p for p in tiny().generator.scales)]
+    assert list(config.dynamic_batching.preferred_batch_size) == [8]
+    (group,) = config.instance_group
+    assert group.kind == pb2.ModelInstanceGroup.KIND_GPU and group.count == 1
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    assert parameters == {
+        "bundle": "bundle",
+        "batches": "8",
+        "cfg": "2.0",
+        "top_k": "750",
+        "top_p": "0.95",
+        "seed": "0",
+    }
+    assert "from imagefolder.runtime.triton_model import TritonPythonModel" in (folder / "1" / "model.py").read_text()
+    copy = folder / "1" / "bundle"
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in bundle.iterdir())
+    plan = copy / "engines" / "ar_step.plan"
+    assert os.path.samefile(plan, bundle / "engines" / "ar_step.plan")  # hard-linked, not copied
+    export_triton_repository(bundle, out)  # a second export replaces the model folder
+    assert parse(pb2, (folder / "config.pbtxt").read_text()).dynamic_batching.preferred_batch_size == [1, 8]
 
 
 def test_repository_needs_engines(tmp_path):
@@ -113,135 +111,158 @@ def test_repository_needs_engines(tmp_path):
         export_triton_repository(root, tmp_path / "repo")
 
 
-def test_repository_rejects_unbuilt_batch(bundle, tmp_path):
+def test_repository_rejects_unbuilt_batch_and_a_small_max_batch_size(bundle, tmp_path):
     with pytest.raises(ValueError, match=r"batches \[4\]"):
         export_triton_repository(bundle, tmp_path / "repo", batches=[4])
+    with pytest.raises(ValueError, match="max_batch_size 4 is below"):
+        export_triton_repository(bundle, tmp_path / "repo", batches=[8], max_batch_size=4)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The BLS model's loop, against fake engine models that record each call
+# The model served: the stand-in Triton, the fake TensorRT, ONNX Runtime as the reference
 
 
-class FakeTensor:
-    def __init__(self, name, array):
-        self._name, self._array = name, np.asarray(array)
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    """(repository, bundle): a tiny bundle with engines for batches 1 and 2 built on the fake TensorRT."""
+    from imagefolder.export.onnx_export import export_bundle
+    from imagefolder.export.trt_build import build_engines
+    from tests.models import randomized
 
-    def name(self):
-        return self._name
-
-    def as_numpy(self):
-        return self._array
-
-
-def fake_pb_utils(engines, calls):
-    pb = types.ModuleType("triton_python_backend_utils")
-
-    class TritonModelException(Exception):
-        pass
-
-    class Response:
-        def __init__(self, output_tensors, error=None):
-            self.output_tensors, self.err = output_tensors, error
-
-        def has_error(self):
-            return self.err is not None
-
-        def error(self):
-            return self.err
-
-    class InferenceRequest:
-        def __init__(self, model_name, requested_output_names, inputs, **kwargs):
-            self.model, self.outputs, self.inputs = model_name, requested_output_names, inputs
-
-        def exec(self):
-            feeds = {t.name(): t.as_numpy() for t in self.inputs}
-            calls.append((self.model, {k: v.shape for k, v in feeds.items()}))
-            result = engines[self.model](**feeds)
-            return Response([FakeTensor(n, result[n]) for n in self.outputs])
-
-    pb.TritonModelException = TritonModelException
-    pb.TritonError = str
-    pb.Tensor = FakeTensor
-    pb.InferenceRequest = InferenceRequest
-    pb.InferenceResponse = Response
-    pb.get_output_tensor_by_name = lambda r, n: next((t for t in r.output_tensors if t.name() == n), None)
-    pb.get_input_tensor_by_name = lambda r, n: r.get(n)
-    return pb
+    config = tiny()
+    tokenizer, generator = randomized(config)
+    root = export_bundle(tmp_path_factory.mktemp("triton"), tokenizer, generator, config, dtype="fp32", progress=False)
+    with installed():
+        build_engines(root, batches=SERVED, progress=False, tf32=False)
+    repo = tmp_path_factory.mktemp("repo")
+    export_triton_repository(root, repo, max_batch_size=8)
+    return repo, root
 
 
-def test_generate_model_runs_the_loop(bundle, tmp_path, monkeypatch):
-    cfg = tiny()
-    gen = cfg.generator
-    scales = gen.scales
-    P, L, H, D, V2 = sum(p * p for p in scales), gen.depth, gen.heads, gen.width // gen.heads, 2 * gen.codebook_size
-    spans = [(sum(p * p for p in scales[:i]), scales[i] ** 2) for i in range(len(scales))]
-    step_positions, cache_fill = [], []
+@pytest.fixture
+def server(repository, pb2):
+    with installed() as gpu, Server(repository[0], pb2) as server:
+        server.load(MODEL)
+        yield server
+        assert not gpu.trt_errors() and not gpu.cuda.faults and gpu.cuda.sticky is None
+    assert server.model is None  # finalize ran
 
-    def prefill(labels):
-        n = labels.shape[0]
-        return {
-            "cond_start": np.zeros((n, 1, gen.width), np.float32),
-            "cond_blocks": np.zeros((n, L, 6, gen.width), np.float32),
-            "cond_head": np.zeros((n, 2, gen.width), np.float32),
-        }
 
-    def sampler(logits, guidance, top_k, top_p, uniforms):
-        b, q = uniforms.shape[:2]
-        assert logits.shape == (2 * b, q, V2) and guidance.shape == top_k.shape == top_p.shape == (b,)
-        return {"tokens": np.broadcast_to(np.arange(q, dtype=np.int32)[None, :, None], (b, q, 2)).copy()}
+@pytest.fixture(scope="module")
+def alone(repository):
+    """What one image gets from ONNX Runtime alone: (label, seed, index, cfg, top_k, top_p) → (image, indices)."""
+    from imagefolder.runtime.backends.ort import OrtBackend
+    from imagefolder.runtime.loop import ImageRequest, run_batch
 
-    def fold(tokens, f_hat, scale_index, next_positions):
-        b = tokens.shape[0]
-        return {"f_hat_out": f_hat + 1, "x_next": np.zeros((2 * b, next_positions.shape[0], 32), np.float32)}
+    backend = OrtBackend(repository[1])
+    session = backend.session(1)
 
-    def step(x_folded, positions, cond_start, cond_blocks, cond_head, past_keys, past_values):
-        n, q = x_folded.shape[0], positions.shape[0]
-        step_positions.append(positions.tolist())
-        # The cache holds every earlier scale (filled with its scale number + 1) and zeros after.
-        filled = int((past_keys[0, 0, 0, :, 0] != 0).sum())
-        cache_fill.append(filled)
-        kv = np.full((L, n, H, q, D), float(len(step_positions) + 1), np.float32)
-        return {"logits": np.zeros((n, q, V2), np.float32), "keys": kv, "values": kv}
+    def get(label, seed=0, index=0, cfg=3.25, top_k=750, top_p=0.95):
+        params = SamplingParams(cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
+        result = run_batch(session, backend.scales, [ImageRequest(label, params, index)])
+        return result.images[0], result.indices[0]
 
-    def decoder(indices):
-        return {"image": np.zeros((indices.shape[0], 3, 64, 64), np.float32)}
+    return get
 
-    engines = {
-        "imagefolder_ar_prefill": prefill,
-        "imagefolder_sampler": sampler,
-        "imagefolder_fold": fold,
-        "imagefolder_ar_step": step,
-        "imagefolder_decoder": decoder,
-    }
-    calls: list = []
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils(engines, calls))
-    export_triton_repository(bundle, tmp_path / "repo")
-    version = tmp_path / "repo" / "imagefolder_generate" / "1"
-    spec = importlib.util.spec_from_file_location("_imagefolder_triton_model", version / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.TritonPythonModel()
-    model.initialize({"model_repository": str(version.parent), "model_version": "1"})
 
-    request = {"class_labels": FakeTensor("class_labels", np.array([3, 7], np.int64))}
-    (response,) = model.execute([request])
-    assert response.err is None, response.err
-    outputs = {t.name(): t.as_numpy() for t in response.output_tensors}
-    assert outputs["image"].shape == (2, 3, 64, 64)
-    indices = outputs["indices"]
-    assert indices.shape == (2, 2, P)
-    for start, q in spans:  # each scale's tokens (0..q-1 here) land at its positions, per branch
-        assert (indices[:, :, start : start + q] == np.arange(q)).all()
-    assert step_positions == [list(range(s, s + q)) for s, q in spans]
-    assert cache_fill == [s for s, _ in spans]  # step si sees exactly the positions before its scale
-    assert [c[0] for c in calls] == (
-        ["imagefolder_ar_prefill"]
-        + [
-            m
-            for si in range(len(scales))
-            for m in ("imagefolder_ar_step", "imagefolder_sampler")
-            + (("imagefolder_fold",) if si < len(scales) - 1 else ())
+def rows(values, dtype) -> np.ndarray:
+    return np.asarray(values, dtype=dtype).reshape(-1, 1)
+
+
+def request(labels, **settings) -> dict[str, np.ndarray]:
+    """A request: one row per image; a setting given as a scalar is repeated on every row."""
+    kinds = {"seed": np.int64, "cfg": np.float32, "top_k": np.int64, "top_p": np.float32}
+    out = {"class_labels": rows(labels, np.int64)}
+    for name, value in settings.items():
+        out[name] = rows(np.broadcast_to(value, (len(labels),)), kinds[name])
+    return out
+
+
+def check(result, alone, labels, **settings) -> None:
+    assert not isinstance(result, TritonError), result.message()
+    for index, label in enumerate(labels):
+        mine = {k: (v[index] if isinstance(v, list) else v) for k, v in settings.items()}
+        image, indices = alone(label, index=index, **mine)
+        np.testing.assert_array_equal(result["indices"][index], indices)
+        np.testing.assert_allclose(result["image"][index], image, atol=1e-6)
+
+
+CONCURRENT = [
+    ([3], {}),  # the model's defaults
+    ([1, 2, 5], {"seed": 7, "cfg": 2.0, "top_k": 20, "top_p": 0.9}),  # split over two sessions
+    ([0, 9], {"seed": [4, 11], "cfg": [1.5, 4.0], "top_k": [1, 40], "top_p": [1.0, 0.8]}),  # per-image settings
+]
+
+
+def test_concurrent_requests_get_what_each_gets_alone(server, alone):
+    session = server.model.sessions[2]  # 6 images a call: three generations of batch 2
+    for _ in range(2):  # eager, then captured and replayed
+        results = server.infer([request(labels, **settings) for labels, settings in CONCURRENT])
+        for result, (labels, settings) in zip(results, CONCURRENT, strict=True):
+            check(result, alone, labels, **settings)
+    launches = session.launches
+    results = server.infer([request(labels, **settings) for labels, settings in CONCURRENT])
+    check(results[1], alone, CONCURRENT[1][0], **CONCURRENT[1][1])
+    assert session.graph is not None and session.launches - launches == 3  # one launch per generation
+
+
+def test_a_request_above_the_largest_batch_is_split(server, alone):
+    (result,) = server.infer([request([4, 5, 6, 7, 8], seed=3, top_k=30)])
+    check(result, alone, [4, 5, 6, 7, 8], seed=3, top_k=30)
+    sessions = server.model.sessions
+    assert (sessions[2].generations, sessions[1].generations) == (2, 1)  # 2 + 2 + 1
+
+
+def test_bad_requests_get_an_error_and_the_others_succeed(server, alone):
+    bad_rows = request([1, 2, 3])
+    bad_rows["seed"] = rows([1, 2], np.int64)  # a Triton-valid batch of 2 rows in a request of 3
+    results = server.infer(
+        [
+            request([3, 4], seed=1),
+            request([10]),  # tiny has 10 classes: 0..9
+            request([2, 2], top_k=[5, 0]),
+            request([6], top_p=1.5),
+            request([7], seed=2),
         ]
-        + ["imagefolder_decoder"]
     )
-    assert calls[0][1] == {"labels": (4,)}  # CFG: conditional rows, then the null class
+    check(results[0], alone, [3, 4], seed=1)
+    assert "class id(s) [10] outside [0, 10)" in results[1].message()
+    assert "row 1: top_k must be an integer ≥ 1, got 0" in results[2].message()
+    assert "top_p must be in (0, 1], got 1.5" in results[3].message()
+    check(results[4], alone, [7], seed=2)
+    with pytest.raises(Exception, match="batch sizes"):  # Triton itself refuses rows of unequal count
+        server.infer([bad_rows])
+
+
+def test_the_model_refuses_to_load_without_engines(repository, pb2, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(repository[0], repo)
+    shutil.rmtree(repo / MODEL / "1" / "bundle" / "engines")
+    with installed(), Server(repo, pb2) as server, pytest.raises(EngineError, match="imagefolder-export trt"):
+        server.load(MODEL)
+
+
+def test_a_last_partial_batch_is_padded_and_the_padding_dropped(repository, pb2, alone, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(repository[0], repo)
+    config = repo / MODEL / "config.pbtxt"
+    config.write_text(config.read_text().replace('string_value: "1,2"', 'string_value: "2"'))  # serve batch 2 only
+    with installed(), Server(repo, pb2) as server:
+        server.load(MODEL)
+        assert list(server.model.sessions) == [2]
+        results = server.infer([request([5], seed=1), request([6, 7], seed=2)])  # 3 images: 2 + (1 + padding)
+        check(results[0], alone, [5], seed=1)
+        check(results[1], alone, [6, 7], seed=2)
+        assert server.model.sessions[2].generations == 2
+
+
+def test_the_export_command_writes_the_repository(bundle, tmp_path, pb2):
+    from click.testing import CliRunner
+
+    from imagefolder.cli.export import main
+
+    args = ["triton", str(bundle), "--out", str(tmp_path / "repo"), "--batch", "8", "--max-batch-size", "16"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    config = parse(pb2, (tmp_path / "repo" / MODEL / "config.pbtxt").read_text())
+    assert config.max_batch_size == 16 and list(config.dynamic_batching.preferred_batch_size) == [8]

@@ -1,10 +1,11 @@
 """The TensorRT path of the product end to end on the strict fakes (tests/fakes), for TensorRT 10.3 and 11.4.
 
-``build_engines`` on an exported tiny bundle, ``TrtBackend`` generating with and without CUDA graphs (tokens
-identical to ``OrtBackend`` for the same seed, since the fake runs the same graphs on ONNX Runtime),
-``imagefolder-export check --backend trt``, the profiler, and plans refused on another GPU or TensorRT. Every
-test ends with no TensorRT error logged and no device fault: a broken rule anywhere fails it. What the fakes
-cannot show (speed, TF32/fp16 rounding, real kernels) is tests/test_trt_gpu.py's job on a real GPU.
+``build_engines`` on an exported tiny bundle, ``TrtBackend`` generating eagerly and with its whole generation
+replayed as one CUDA graph (tokens identical to ``OrtBackend`` for the same seed, since the fake runs the same
+graphs on ONNX Runtime; launches counted by the fake device), a capture the fake refuses, ``imagefolder-export
+check --backend trt``, the profiler, and plans refused on another GPU or TensorRT. Every test ends with no
+TensorRT error logged and no device fault unless it provokes one: a broken rule anywhere fails it. What the
+fakes cannot show (speed, TF32/fp16 rounding, real kernels) is tests/test_trt_gpu.py's job on a real GPU.
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ from click.testing import CliRunner
 from tests.fakes import installed
 
 VERSIONS = ["10.3.0", "11.4.0"]
-BATCHES = [1, 2]
+BATCHES = [1, 4]
 GREEDY = {"cfg": 1.5, "top_k": 1, "top_p": 1.0, "seed": 0}
 SAMPLED = {"cfg": 2.0, "top_k": 20, "top_p": 0.9, "seed": 3}
-LABELS = {1: [4], 2: [1, 7]}
+LABELS = {1: [4], 4: [1, 7, 0, 9]}
+# Four generations of one session, each with other labels or settings: eager, captured, replayed, replayed.
+RUNS = {
+    batch: [(GREEDY, labels), (SAMPLED, labels), (SAMPLED | {"seed": 4}, [9] * batch), (GREEDY, labels[::-1])]
+    for batch, labels in LABELS.items()
+}
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +113,20 @@ def test_engines_plans_and_record(built, gpu):
     assert (root / "engines" / "timing.cache").stat().st_size > 0
 
 
+COUNTED = ("kernels", "memcpy", "memset", "graph_launches")  # what FakeCuda.launches sums
+
+
+def launched(gpu, stream: int) -> dict:
+    """A snapshot of what the fake device counted on ``stream`` (kernels, copies, captured work, graph launches)."""
+    return dict(gpu.cuda.counters[stream])
+
+
+def delta(before: dict, after: dict) -> dict:
+    return {
+        k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after) if after.get(k, 0) != before.get(k, 0)
+    }
+
+
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("use_cuda_graphs", [True, False])
 def test_generation_is_token_identical_to_onnx_runtime(built, gpu, expected, batch, use_cuda_graphs):
@@ -115,45 +135,124 @@ def test_generation_is_token_identical_to_onnx_runtime(built, gpu, expected, bat
     with TrtBackend(built[0], use_cuda_graphs=use_cuda_graphs) as backend:
         stream = backend.stream.ptr
         session = backend.session(batch)
-        # One session for all runs: with graphs, the first run of each stage captures, the later ones replay,
-        # with new labels and new noise uploaded into the same buffers each time.
-        for params, labels in ((GREEDY, LABELS[batch]), (SAMPLED, LABELS[batch]), (SAMPLED | {"seed": 4}, [9] * batch)):
-            before = dict(gpu.cuda.counters[stream])
+        counted = []
+        for params, labels in RUNS[batch]:
+            before, launches = launched(gpu, stream), session.launches
             result = generate(backend, labels, session=session, **params)
             want = expected(labels, **params)
             np.testing.assert_array_equal(result.indices, want.indices)
             np.testing.assert_allclose(result.images, want.images, atol=1e-6)
-            ran = {k: v - before.get(k, 0) for k, v in gpu.cuda.counters[stream].items()}
-        if use_cuda_graphs:
-            assert ran["kernels"] == 0 and ran["graph_launches"] > 0, ran  # the last run only replayed graphs
-        else:
-            assert ran.get("graph_launches", 0) == 0 and ran["kernels"] > 0, ran
-        # A fresh session per call (what plain generate() does) captures its own graphs.
-        result = generate(backend, LABELS[batch], **GREEDY)
-        np.testing.assert_array_equal(result.indices, expected(LABELS[batch], **GREEDY).indices)
+            ran = delta(before, launched(gpu, stream))
+            assert session.launches - launches == sum(
+                ran.get(k, 0) for k in COUNTED
+            )  # the product counts as the device
+            counted.append(ran)
+    eager, second, *later = counted
+    assert eager["kernels"] == 1 + 5 + 5 + 4 + 1 and "captured" not in eager  # prefill, step/sample ×5, fold ×4, decode
+    if use_cuda_graphs:
+        assert second["captured"] > eager["kernels"] and second == {"captured": second["captured"], "graph_launches": 1}
+        assert all(ran == {"graph_launches": 1} for ran in later)  # one launch per generation, nothing else
+    else:
+        assert all(ran == eager for ran in counted)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DESIGN.md (TensorRT): 'captures the whole generation of its batch as one "
-    "CUDA graph: each further image is one small upload, one launch, one download'; "
-    "runtime/backends/trt.py captures one graph per stage and scale instead",
-)
-def test_one_graph_launch_per_image(built, gpu):
+def test_two_sessions_interleaved_replay_their_own_buffers(built, gpu, expected):
+    """A, B, A, B, ... with other labels and seeds each time: a replay that read stale inputs, or the other
+    session's buffers, would give the other session's or the previous request's tokens."""
+    from imagefolder.runtime.backends.trt import TrtBackend
+
+    requests = {
+        "A": [(GREEDY, [1]), (SAMPLED, [2]), (SAMPLED | {"seed": 7}, [3]), (GREEDY | {"cfg": 3.0}, [4])],
+        "B": [(SAMPLED | {"seed": 9}, [5]), (GREEDY, [6]), (SAMPLED | {"top_k": 5}, [7]), (SAMPLED, [8])],
+    }
+    with TrtBackend(built[0]) as backend:
+        sessions = {name: backend.session(1) for name in requests}
+        for turn in range(4):
+            for name, session in sessions.items():
+                params, labels = requests[name][turn]
+                launches = session.launches
+                result = generate(backend, labels, session=session, **params)
+                np.testing.assert_array_equal(result.indices, expected(labels, **params).indices)
+                np.testing.assert_allclose(result.images, expected(labels, **params).images, atol=1e-6)
+                if turn >= 2:
+                    assert session.launches - launches == 1
+        assert all(s.graph is not None for s in sessions.values())
+        assert sessions["A"].graph_key != sessions["B"].graph_key
+
+
+def test_replayed_outputs_equal_eager_outputs(built, gpu):
     from imagefolder.runtime.backends.trt import TrtBackend
 
     with TrtBackend(built[0]) as backend:
+        eager, graph = backend.session(4), backend.session(4)
+        eager.use_graph = False
+        for params, labels in RUNS[4]:
+            a = generate(backend, labels, session=eager, **params)
+            b = generate(backend, labels, session=graph, **params)
+            np.testing.assert_array_equal(a.indices, b.indices)
+            np.testing.assert_array_equal(a.images, b.images)
+        assert eager.graph is None and graph.graph is not None
+        assert eager.launches == 4 * (graph.launches - 3)  # graph: eager, then three generations of one launch each
+
+
+def test_a_one_shot_generate_captures_nothing(built, gpu, expected):
+    from imagefolder.runtime.backends.trt import TrtBackend
+
+    with TrtBackend(built[0]) as backend:
+        result = generate(backend, LABELS[4], **GREEDY)  # one batch: one session, one generation
+        counts = launched(gpu, backend.stream.ptr)
+    np.testing.assert_array_equal(result.indices, expected(LABELS[4], **GREEDY).indices)
+    assert counts["kernels"] > 0 and "captured" not in counts and "graph_launches" not in counts
+
+
+def test_a_long_request_replays_from_its_third_batch(built, gpu, expected):
+    # Twelve images on a batch-4 session: eager, captured, replayed (batch_max 4 through a bundle copy).
+    from imagefolder.core.bundle import load_bundle
+    from imagefolder.runtime.backends.trt import TrtBackend
+
+    bundle = load_bundle(built[0], verify=False)
+    bundle.manifest["batch_max"] = 4
+    labels = [i % 10 for i in range(12)]
+    with TrtBackend(bundle) as backend:
+        result = generate(backend, labels, **SAMPLED)
+        counts = launched(gpu, backend.stream.ptr)
+    np.testing.assert_array_equal(result.indices, expected(labels, **SAMPLED).indices)
+    assert counts["graph_launches"] == 2 and counts["captured"] > 0
+
+
+@pytest.mark.parametrize("refusal", ["begin capture", "enqueue under capture", "instantiate"])
+def test_a_refused_capture_leaves_the_session_eager_with_one_warning(built, expected, refusal, caplog, monkeypatch):
+    from imagefolder.runtime.backends.trt import TrtBackend
+    from tests.fakes.cudart import cudaError_t
+
+    with installed(built[1]) as fake, TrtBackend(built[0]) as backend:
         session = backend.session(1)
-        generate(backend, [3], session=session, **GREEDY)
-        before = gpu.cuda.launches(backend.stream.ptr)
-        generate(backend, [3], session=session, **GREEDY)
-        assert gpu.cuda.launches(backend.stream.ptr) - before <= 3  # upload, launch, download
+        generate(backend, [1], session=session, **GREEDY)  # eager: TensorRT's set-up work done
+        if refusal == "begin capture":
+            monkeypatch.setattr(
+                fake.cudart, "cudaStreamBeginCapture", lambda *a: (cudaError_t.cudaErrorStreamCaptureUnsupported,)
+            )
+        elif refusal == "instantiate":
+            monkeypatch.setattr(
+                fake.cudart, "cudaGraphInstantiate", lambda *a: (cudaError_t.cudaErrorInvalidValue, None)
+            )
+        else:  # the fake's own rule: an enqueue that must redo set-up work invalidates the capture
+            object.__setattr__(session.contexts["sample", 2].trt_context, "_setup", True)
+        caplog.set_level("WARNING")
+        for params, labels in RUNS[1]:
+            result = generate(backend, labels, session=session, **params)
+            np.testing.assert_array_equal(result.indices, expected(labels, **params).indices)
+        counts = launched(fake, backend.stream.ptr)
+        assert session.capture_failed and session.graph is None and "graph_launches" not in counts
+        assert fake.cuda.sticky is None
+    warnings = [r for r in caplog.records if "capturing the generation as a CUDA graph failed" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
 
 
 def test_encode_and_decode_match_onnx_runtime(built, gpu, ort_backend):
     from imagefolder.runtime.backends.trt import TrtBackend
 
-    images = np.random.default_rng(0).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
+    images = np.random.default_rng(0).uniform(-1, 1, (4, 3, 64, 64)).astype(np.float32)
     with TrtBackend(built[0]) as backend:
         indices = backend.encode(images)
         np.testing.assert_array_equal(indices, ort_backend.encode(images))
@@ -184,10 +283,15 @@ def test_cli_builds_checks_generates_and_profiles(built, gpu, tmp_path):
     run(export_main, "trt", root, "--batch", "1")
     assert "ar_step" in run(export_main, "check", root, "--backend", "trt")
     run(main, "generate", "--bundle", root, "--backend", "trt", "--class", "3", "-o", tmp_path / "out.png")
+    assert not any(c["captured"] for c in gpu.cuda.counters.values())  # one batch: eager, nothing captured
     report = tmp_path / "profile.json"
-    run(main, "profile", "--bundle", root, "--backend", "trt", "--runs", "2", "--warmup", "1", "--json", report)
-    stages = json.loads(report.read_text())
-    assert "device" in json.dumps(stages)  # CUDA-event device times were collected
+    table = run(main, "profile", "--bundle", root, "--backend", "trt", "--runs", "2", "--warmup", "1", "--json", report)
+    eager, graph = json.loads(report.read_text())["reports"]
+    assert (eager["mode"], graph["mode"]) == ("eager", "graph") and eager["runs"] == graph["runs"] == 2
+    assert len(eager["stages"]) == 16 and all(s["device_ms"] for s in eager["stages"])  # CUDA events per stage
+    assert [s["label"] for s in graph["stages"]] == ["generation"] and graph["stages"][0]["device_ms"]["n"] == 2
+    assert graph["launches_per_generation"] == 1 and eager["launches_per_generation"] > 16
+    assert "CUDA graph, whole generation" in table and "launches per generation (batch 1): 1" in table
 
 
 def test_layer_profile_and_inspector(built, gpu, tmp_path):
@@ -307,3 +411,21 @@ def test_dla_and_hardware_compatibility_reach_the_builder(built, tmp_path):
             build_engines(copy, batches=[1], graphs=["sampler"], hardware_compat="same_cc", progress=False)
             header = fake.plan_header((copy / "engines" / "sampler.plan").read_bytes())
             assert header["hardware_compatibility_level"] == "SAME_COMPUTE_CAPABILITY"
+
+
+def test_a_refused_optimization_profile_fails_the_build_and_names_it(built, tmp_path, monkeypatch):
+    from imagefolder.export.trt_build import EngineBuildError, build_engines
+
+    root, version = built
+    copy = tmp_path / "bundle"
+    shutil.copytree(root, copy)
+    with installed(version) as fake:
+        config_class = type(fake.trt.Builder(fake.trt.Logger()).create_builder_config())
+        add = config_class.add_optimization_profile
+
+        def refuse_the_third(self, profile):  # what TensorRT returns for a profile it finds invalid
+            return -1 if self.num_optimization_profiles == 2 else add(self, profile)
+
+        monkeypatch.setattr(config_class, "add_optimization_profile", refuse_the_third)
+        with pytest.raises(EngineBuildError, match=r"ar_step: TensorRT refused optimization profile 2 \(batch 1, "):
+            build_engines(copy, batches=[1], graphs=["ar_step"], progress=False)

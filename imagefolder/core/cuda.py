@@ -4,6 +4,10 @@ Every cuda-python call returns ``(error, *values)``; each one passes through ``c
 ``CudaError`` on any error and unwraps the values; the errors a user meets before any work (a driver
 older than cuda-python's CUDA, no GPU) say what to do. cuda-python is imported lazily, so this module
 imports on machines without CUDA; ``CudaUnavailable`` says how to install it. No torch.
+
+Every helper that enqueues work on a ``Stream`` (a copy, a memset, a graph launch; TensorRT's
+enqueue counts itself) adds one to ``Stream.launches`` unless the stream is capturing: the host's
+launch count, which the profiler reports and which a whole-generation CUDA graph brings down to one.
 """
 
 from __future__ import annotations
@@ -83,6 +87,11 @@ def device_count() -> int:
     return int(check(result))
 
 
+def set_device(device: int) -> None:
+    """Make ``device`` this host thread's current CUDA device (a Triton instance on its own GPU)."""
+    check(cudart().cudaSetDevice(int(device)))
+
+
 def device_properties(device: int = 0) -> dict:
     """Name, compute capability and memory of a CUDA device."""
     rt = cudart()
@@ -131,6 +140,7 @@ def memcpy_async(dst: int, src: int, nbytes: int, kind: str, stream: Stream) -> 
         "dtod": rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
     }
     check(rt.cudaMemcpyAsync(dst, src, nbytes, kinds[kind], stream.handle))
+    stream.count()
 
 
 class DeviceBuffer:
@@ -181,6 +191,7 @@ class DeviceArray:
 
     def zero(self, stream: Stream) -> None:
         check(cudart().cudaMemsetAsync(self.ptr, 0, self.nbytes, stream.handle))
+        stream.count()
 
     def free(self) -> None:
         if self.owns:
@@ -189,21 +200,12 @@ class DeviceArray:
 
 def memcpy_htod_async(dst: int, array: np.ndarray, stream: Stream) -> None:
     # Pageable host memory: the runtime stages the data before returning, so the array may go away.
-    rt = cudart()
-    check(
-        rt.cudaMemcpyAsync(
-            dst, array.ctypes.data, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle
-        )
-    )
+    # It stalls the host and cannot be captured: the generation loop uploads from pinned memory instead.
+    memcpy_async(dst, array.ctypes.data, array.nbytes, "htod", stream)
 
 
 def memcpy_dtoh_async(array: np.ndarray, src: int, stream: Stream) -> None:
-    rt = cudart()
-    check(
-        rt.cudaMemcpyAsync(
-            array.ctypes.data, src, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle
-        )
-    )
+    memcpy_async(array.ctypes.data, src, array.nbytes, "dtoh", stream)
 
 
 def memcpy2d_dtod_async(
@@ -216,6 +218,7 @@ def memcpy2d_dtod_async(
             dst, dst_pitch, src, src_pitch, width, height, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.handle
         )
     )
+    stream.count()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -223,11 +226,22 @@ def memcpy2d_dtod_async(
 
 
 class Stream:
-    """A non-blocking stream (TensorRT's enqueue on the legacy default stream adds device syncs)."""
+    """A non-blocking stream (TensorRT's enqueue on the legacy default stream adds device syncs).
+
+    ``launches`` counts the operations the host enqueued on it outside captures (``count``);
+    ``capturing`` is set by ``CudaGraph.begin`` and cleared when the capture ends.
+    """
 
     def __init__(self):
         rt = cudart()
         self.handle = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
+        self.launches = 0
+        self.capturing = False
+
+    def count(self) -> None:
+        """One operation was enqueued: a launch, unless it was recorded into a capture."""
+        if not self.capturing:
+            self.launches += 1
 
     @property
     def ptr(self) -> int:
@@ -276,9 +290,11 @@ class CudaGraph:
     def begin(self, stream: Stream) -> None:
         rt = cudart()
         check(rt.cudaStreamBeginCapture(stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
+        stream.capturing = True
 
     def end(self, stream: Stream) -> None:
         rt = cudart()
+        stream.capturing = False
         try:
             self.graph = check(rt.cudaStreamEndCapture(stream.handle))
         except CudaError:
@@ -287,8 +303,9 @@ class CudaGraph:
         self.exec = check(rt.cudaGraphInstantiate(self.graph, 0))
 
     def abort(self, stream: Stream) -> None:
-        """End a capture that failed midway, discarding what was captured."""
+        """End a capture that failed midway (if it is still open), discarding what was captured."""
         rt = cudart()
+        stream.capturing = False
         result = rt.cudaStreamEndCapture(stream.handle)
         graph = result[1] if isinstance(result, tuple) and len(result) > 1 else None
         if graph is not None and int(result[0]) == 0:
@@ -296,6 +313,7 @@ class CudaGraph:
 
     def launch(self, stream: Stream) -> None:
         check(cudart().cudaGraphLaunch(self.exec, stream.handle))
+        stream.count()
 
     def destroy(self) -> None:
         rt = cudart()

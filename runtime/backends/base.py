@@ -2,26 +2,30 @@
 
 A backend turns a loaded bundle into sessions. A ``Session`` is allocated for one batch size and
 owns all per-generation state in the backend's memory (the KV cache, the conditioning, the current
-logits, f̂, the next folded input, the sampled tokens). Every per-image input of a generation goes
-in once, at ``prefill``: the labels, one uniform per token, and the sampling parameters of every
-scale. Then the scales run on what the session holds, and only indices and images come out: on a
-GPU, logits never cross to the host and the host sends a few KB per image.
+logits, f̂, the next folded input, the sampled tokens). ``Session.generate(request)`` takes every
+per-image input of a generation at once (the labels, one uniform per token, the sampling parameters
+of every scale), runs the scales on what the session holds, and returns only images and indices:
+on a GPU, logits never cross to the host and the host sends a few KB per image.
 
-Order of calls for one generation (``runtime.loop``)::
+Inside ``generate`` the device work of one generation is a fixed sequence of stages, written once
+here (``run_stages``) and used by every backend; a session that replays a CUDA graph captured that
+same sequence::
 
-    session.prefill(request)
+    session.prefill()             # the request's inputs in, the per-image conditioning computed
     for si in range(num_scales):
         session.step(si)          # scale 0 starts from the conditioning's start token
         session.sample(si)
         if si < num_scales - 1:
             session.fold(si)      # this scale's tokens into f̂, and the next scale's input
-    images = session.decode()
+    session.decode()              # indices → images, and both towards the host
 """
 
 from __future__ import annotations
 
+import contextlib
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -64,22 +68,22 @@ class DeviceTimer(Protocol):
         ...
 
 
-class Session(Protocol):
-    batch: int
+class Stage(Protocol):
+    """Times one stage of a generation: ``with stage("step", si): ...`` (``StepProfiler.stage``)."""
 
-    @property
-    def device_timer(self) -> DeviceTimer | None: ...
+    def __call__(self, name: str, scale: int | None = None) -> AbstractContextManager[None]: ...
 
-    @property
-    def transferred(self) -> tuple[int, int]:
-        """Bytes sent host → device and device → host since the session was made."""
-        ...
 
-    def prefill(self, request: BatchRequest) -> None:
-        """Start a generation (a session is reused across generations: this resets its state).
+def no_stage(name: str, scale: int | None = None) -> AbstractContextManager[None]:
+    """The ``Stage`` that times nothing."""
+    return contextlib.nullcontext()
 
-        Takes every per-image input of the generation and computes the conditioning (CFG rows added here).
-        """
+
+class Stages(Protocol):
+    """The device work of one generation, stage by stage, on what the session already holds."""
+
+    def prefill(self) -> None:
+        """Take in the request loaded by ``generate`` and compute the conditioning (CFG rows added here)."""
         ...
 
     def step(self, scale_index: int) -> None:
@@ -94,15 +98,65 @@ class Session(Protocol):
         """Add this scale's tokens to f̂ and compute the next scale's folded input."""
         ...
 
-    def decode(self) -> np.ndarray:
-        """Decode the sampled indices to images (B, 3, H, W) float32 in [-1, 1] on the host."""
+    def decode(self) -> None:
+        """Decode the sampled indices to images, and move images and indices to where ``generate`` reads them."""
         ...
 
-    def indices(self) -> np.ndarray:
-        """The sampled indices (B, 2, P) int32 on the host."""
+
+def run_stages(session: Stages, num_scales: int, stage: Stage = no_stage) -> None:
+    """One generation's stages in their order, each inside ``stage`` (the one copy of the loop's order)."""
+    with stage("prefill"):
+        session.prefill()
+    for si in range(num_scales):
+        with stage("step", si):
+            session.step(si)
+        with stage("sample", si):
+            session.sample(si)
+        if si < num_scales - 1:
+            with stage("fold", si):
+                session.fold(si)
+    with stage("decode"):
+        session.decode()
+
+
+class Session(Protocol):
+    batch: int
+
+    @property
+    def device_timer(self) -> DeviceTimer | None: ...
+
+    @property
+    def transferred(self) -> tuple[int, int]:
+        """Bytes sent host → device and device → host since the session was made."""
+        ...
+
+    @property
+    def launches(self) -> int | None:
+        """Operations the host enqueued on the device for this session's generations; None where not counted."""
+        ...
+
+    def generate(self, request: BatchRequest, stage: Stage = no_stage) -> tuple[np.ndarray, np.ndarray]:
+        """One generation of ``batch`` images (a session is reused across generations; each starts afresh).
+
+        Returns:
+            images (B, 3, H, W) float32 in [-1, 1] and indices (B, 2, P) int32, host arrays the
+            session does not touch again.
+        """
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class GraphSession(Protocol):
+    """A session that can replay its whole generation as one CUDA graph (TensorRT; torch on CUDA).
+
+    ``use_graph``: when true, the first generation after an eager one is captured (the graph is
+    launched at once) and every later generation replays it: one launch per generation; when false,
+    every generation runs eagerly, stage by stage. A capture that fails leaves the session eager.
+    """
+
+    use_graph: bool
 
 
 class Backend(Protocol):

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from imagefolder.core.bundle import Bundle, load_bundle
 from imagefolder.core.schedule import cfg_rows, positions
 from imagefolder.errors import InputError
-from imagefolder.runtime.backends.base import BatchRequest, BundleFacts
+from imagefolder.runtime.backends.base import BatchRequest, BundleFacts, Stage, no_stage, run_stages
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class OrtBackend(BundleFacts):
 
 
 class OrtSession:
-    """The state of one generation of ``batch`` images in host buffers; see ``backends/base.py`` for the call order."""
+    """The state of one generation of ``batch`` images in host buffers; see ``backends/base.py`` for the stages."""
 
     def __init__(self, backend: OrtBackend, batch: int):
         self.backend, self.batch = backend, batch
@@ -182,6 +182,10 @@ class OrtSession:
     def transferred(self) -> tuple[int, int]:
         """Bytes the session took in (the requests) and gave out (indices and images)."""
         return self._sent, self._received
+
+    @property
+    def launches(self) -> None:
+        return None
 
     # -- buffers and bindings ----------------------------------------------------------------------
 
@@ -244,8 +248,8 @@ class OrtSession:
 
     # -- the Session protocol ----------------------------------------------------------------------
 
-    def prefill(self, request: BatchRequest) -> None:
-        """Take the request's inputs and compute the conditioning (null-class rows added here)."""
+    def generate(self, request: BatchRequest, stage: Stage = no_stage) -> tuple[np.ndarray, np.ndarray]:
+        """Load the request into the session's buffers, run the stages, return copies of images and indices."""
         if request.labels.shape != (self.batch,):
             raise OrtBackendError(f"a request of {request.labels.shape[0]} images for a session of {self.batch}")
         self._labels[:] = cfg_rows(request.labels, self.backend.bundle.num_classes)
@@ -256,6 +260,14 @@ class OrtSession:
             offset += block.size
         self._guidance[:], self._top_k[:], self._top_p[:] = request.guidance, request.top_k, request.top_p
         self._sent += request.nbytes
+        run_stages(self, len(self._spans), stage)
+        self._received += self._image.nbytes + self._indices.nbytes
+        return self._image.copy(), self._indices.copy()
+
+    # -- the stages ----------------------------------------------------------------------------------
+
+    def prefill(self) -> None:
+        """Compute the conditioning of the loaded labels."""
         self._f_hat[0].fill(0)  # fold(0) reads buffer 0; a reused session starts from an empty f̂
         self._run("ar_prefill", 0)
 
@@ -278,15 +290,9 @@ class OrtSession:
         """Add this scale's tokens to f̂ and compute the next scale's folded input."""
         self._run("fold", scale_index)
 
-    def decode(self) -> np.ndarray:
+    def decode(self) -> None:
         """Decode the sampled indices to images (B, 3, H, W) float32 in [-1, 1]."""
         self._run("decoder", 0)
-        self._received += self._image.nbytes + self._indices.nbytes
-        return self._image.copy()
-
-    def indices(self) -> np.ndarray:
-        """The sampled indices (B, 2, P) int32."""
-        return self._indices.copy()
 
     def close(self) -> None:
         self._bindings.clear()

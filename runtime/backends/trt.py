@@ -4,13 +4,15 @@
 running TensorRT and GPU, and hands out ``TrtSession``s (``runtime.backends.base.Session``). A
 session owns every per-generation tensor in device memory: the KV cache, the conditioning, logits,
 f̂ (two buffers, read one / write the other), the folded input, tokens and indices. Only the
-labels, sampling parameters and uniform noise go up; only indices and images come down.
+labels, sampling parameters and uniform noise go up (one copy from pinned memory); only indices
+and images come down (into pinned memory).
 
-Each (graph, batch, scale) has its own optimization profile with fixed shapes and its own
-execution context, all sharing one scratch allocation (they run one after another on one stream).
-With ``use_cuda_graphs`` each stage — the engine plus the device copies that follow it (new
-keys/values into the cache, tokens into the indices) — runs once normally, is then captured as a
-CUDA graph keyed by (stage, profile, tensor addresses) and replayed from then on.
+Each (graph, batch, scale) has its own optimization profile with fixed shapes; each session has its
+own execution context per profile it uses, all contexts sharing one scratch allocation (they run one
+after another on one stream). With ``use_cuda_graphs`` a session runs its first generation eagerly
+and captures its second whole — upload, prefill, every scale's step, sample and fold with their
+device copies, decode, download — as one CUDA graph, which every later generation replays: one
+pack on the host, one launch, one synchronise per generation (see ``TrtSession``).
 
 No torch. TensorRT objects are named ``trt_*`` so ``tests/test_trt_api_names.py`` can check every
 call against the TensorRT 10.3 and 11.4 API listings.
@@ -18,6 +20,7 @@ call against the TensorRT 10.3 and 11.4 API listings.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ from imagefolder.core.engines import (
 from imagefolder.core.schedule import cfg_rows, positions
 from imagefolder.errors import EngineError, InputError
 from imagefolder.io import atomic_write_text, sha256_file
-from imagefolder.runtime.backends.base import BatchRequest, BundleFacts
+from imagefolder.runtime.backends.base import BatchRequest, BundleFacts, Stage, no_stage, run_stages
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +97,16 @@ class ExecutionContext:
     def execute(self, stream: cuda.Stream) -> None:
         if not self.trt_context.execute_async_v3(stream.ptr):
             raise RuntimeError(f"{self.engine.name} (profile {self.index}): execute_async_v3 failed, see its log")
+        stream.count()
 
 
 class Engine:
     """One TensorRT engine with an explicit lifecycle: ``load`` → ``activate`` → ``context`` → ``close``.
 
     ``load`` reads and checks the plan and deserialises it; ``activate`` gives it the shared scratch
-    memory; ``context(profile)`` creates (once) the execution context of one profile, with its shapes
-    set. Usable as a context manager; nothing is released in ``__del__``.
+    memory; ``new_context(profile)`` creates an execution context of one profile, with its shapes
+    set (a session owns the ones it binds), ``context(profile)`` the engine's own shared one (for
+    single runs). Usable as a context manager; nothing is released in ``__del__``.
     """
 
     def __init__(self, trt, trt_runtime, name: str, path: Path, entry: dict, layer_profile: bool = False):
@@ -164,9 +169,15 @@ class Engine:
                 )
 
     def context(self, profile: dict, stream: cuda.Stream) -> ExecutionContext:
+        """The engine's shared context of ``profile``, created on first use (single runs: checks, encode, decode)."""
         index = int(profile["index"])
-        if index in self.contexts:
-            return self.contexts[index]
+        if index not in self.contexts:
+            self.contexts[index] = self.new_context(profile, stream)
+        return self.contexts[index]
+
+    def new_context(self, profile: dict, stream: cuda.Stream) -> ExecutionContext:
+        """A new execution context on ``profile`` with the shared scratch and the profile's shapes."""
+        index = int(profile["index"])
         if self.scratch is None:
             raise RuntimeError(f"engine {self.name} is not activated")
         trt, trt_engine = self.trt, self.trt_engine
@@ -184,9 +195,7 @@ class Engine:
             profiler = _layer_profiler(trt, self.layer_times)
             self._profilers.append(profiler)
             trt_context.profiler = profiler
-        context = ExecutionContext(self, profile, trt_context)
-        self.contexts[index] = context
-        return context
+        return ExecutionContext(self, profile, trt_context)
 
     def inspect(self) -> str:
         """The engine inspector's JSON description (layer details need a DETAILED build)."""
@@ -219,7 +228,8 @@ class TrtBackend(BundleFacts):
 
     Args:
         bundle: a loaded ``Bundle`` or its folder; ``BUNDLE/engines`` must hold plans built here.
-        use_cuda_graphs: capture each (stage, scale) as a CUDA graph after one normal run and replay it.
+        use_cuda_graphs: sessions capture their whole generation as one CUDA graph at their second
+            generation and replay it after (``TrtSession``); False: every generation runs eagerly.
         layer_profile: attach an ``IProfiler`` to every context (per-layer times, see ``layer_times``);
             it synchronises every enqueue, so CUDA graphs are off and step times are not representative.
         graphs: engines to load (default: every engine in the build record).
@@ -283,42 +293,11 @@ class TrtBackend(BundleFacts):
             raise KeyError(f"the {graph} engine is not loaded (loaded: {', '.join(self.engines)})")
         return self.engines[graph]
 
-    def context(self, graph: str, batch: int, scale_index: int | None = None) -> ExecutionContext:
+    def context(self, graph: str, batch: int, scale_index: int | None = None, own: bool = False) -> ExecutionContext:
+        """The execution context of (graph, batch, scale): the engine's shared one, or a new one if ``own``."""
         engine = self.engine(graph)
-        return engine.context(engine.profile_for(batch, scale_index), self.stream)
-
-    def run(
-        self, context: ExecutionContext, addresses: dict[str, int], graphs: dict | None, stage: str, after=None
-    ) -> None:
-        """Run one stage: the engine, then ``after()`` (device copies), as a CUDA graph when ``graphs`` is a dict.
-
-        The first call with a given key runs normally (it also flushes TensorRT's deferred work) and then
-        captures the same work; later calls replay the graph. Keys include every bound address.
-        """
-        if graphs is None:
-            context.bind(addresses)
-            context.execute(self.stream)
-            if after is not None:
-                after()
-            return
-        key = (stage, context.engine.name, context.index, tuple(sorted(addresses.items())))
-        graph = graphs.get(key)
-        if graph is not None:
-            graph.launch(self.stream)
-            return
-        self.run(context, addresses, None, stage, after)
-        graph = cuda.CudaGraph()
-        graph.begin(self.stream)
-        try:
-            context.execute(self.stream)
-            if after is not None:
-                after()
-            graph.end(self.stream)
-        except BaseException:
-            graph.abort(self.stream)
-            graph.destroy()
-            raise
-        graphs[key] = graph
+        profile = engine.profile_for(batch, scale_index)
+        return engine.new_context(profile, self.stream) if own else engine.context(profile, self.stream)
 
     # -- Backend protocol ----------------------------------------------------------------------------------------------
 
@@ -343,7 +322,8 @@ class TrtBackend(BundleFacts):
         try:
             for name, value in inputs.items():
                 arrays[name].upload(np.asarray(value, dtype=arrays[name].dtype), self.stream)
-            self.run(context, {name: array.ptr for name, array in arrays.items()}, None, graph)
+            context.bind({name: array.ptr for name, array in arrays.items()})
+            context.execute(self.stream)
             return {name: arrays[name].download(self.stream) for name in tensors if not tensors[name]["is_input"]}
         finally:
             self.stream.synchronize()
@@ -440,7 +420,27 @@ class RequestLayout:
 
 
 class TrtSession:
-    """One batch size's generation state in device memory; see ``runtime.backends.base.Session``."""
+    """One batch size's generation state in device memory; see ``base.Session`` and ``base.GraphSession``.
+
+    Every buffer is allocated once, here, and freed only by ``close``: the request (pinned staging on
+    the host and one device buffer), the KV cache, conditioning, logits, new keys/values, folded
+    input, f̂ (two), tokens, indices, image, and the pinned staging of the outputs. The session owns
+    its execution contexts too, each bound once to these buffers. So every kernel argument and every
+    copy address of a generation is the same each time, and the whole generation is one CUDA graph:
+
+    - generation 0 runs eagerly, stage by stage (TensorRT's first enqueue on a context does set-up
+      work that no capture may contain; it also gives per-stage CUDA-event times);
+    - the next generation with ``use_graph`` is captured — the upload from the pinned staging, every
+      stage with its device copies, the download into pinned memory — and launched;
+    - every later generation replays it: the host packs the request into the staging buffer, launches
+      once, synchronises once, and copies the outputs out of their pinned staging.
+
+    The graph is keyed by the session's addresses (``graph_key``: every binding of every stage, the
+    request and output buffers): a graph replays the addresses it captured, so they must never change
+    while it lives. They cannot: no buffer is reallocated, ``close`` destroys the graph before it
+    frees the buffers, and no other session binds these contexts. A capture that fails (TensorRT or
+    CUDA refusing any part of it) leaves the session eager, with one warning; it never fails a request.
+    """
 
     def __init__(self, backend: TrtBackend, batch: int):
         self.backend, self.batch = backend, batch
@@ -450,12 +450,16 @@ class TrtSession:
         self.num_scales = len(self.scales)
         self.nb = bundle.num_branches
         self.null_class = bundle.num_classes
-        self.graphs: dict | None = {} if backend.use_cuda_graphs else None
+        self.use_graph = backend.use_cuda_graphs
+        self.graph: cuda.CudaGraph | None = None
+        self.capture_failed = False
+        self.generations = 0
         self.timer = cuda.EventTimer(backend.stream)
         self.layout = RequestLayout(batch, self.spans, self.nb)
         self._arrays: list[cuda.DeviceArray] = []
         self._pinned: list[cuda.PinnedHostBuffer] = []
-        self._sent = self._received = 0
+        self.contexts: dict[tuple[str, int | None], ExecutionContext] = {}
+        self._sent = self._received = self._launches = 0
         self.closed = False
         try:
             self._allocate()
@@ -482,6 +486,11 @@ class TrtSession:
         array = self._array((nbytes,), np.uint8)
         return array.buffer
 
+    def _pinned_buffer(self, nbytes: int) -> cuda.PinnedHostBuffer:
+        buffer = cuda.PinnedHostBuffer(nbytes)
+        self._pinned.append(buffer)
+        return buffer
+
     def _allocate(self) -> None:
         stream, sn = self.backend.stream, self.num_scales
         scales, folds = range(sn), range(max(sn - 1, 1))
@@ -490,8 +499,7 @@ class TrtSession:
             return self._array(self._shape(graph, name, si), self._dtype(graph, name))
 
         self.request = self._array((self.layout.nbytes,), np.uint8)
-        self.request_host = cuda.PinnedHostBuffer(self.layout.nbytes)
-        self._pinned.append(self.request_host)
+        self.request_host = self._pinned_buffer(self.layout.nbytes)
         self.cond = {name: own("ar_prefill", name) for name in ("cond_start", "cond_blocks", "cond_head")}
         self.cache_keys, self.cache_values = own("ar_step", "past_keys"), own("ar_step", "past_values")
         # Logits: the step writes them, the sampler reads them; one buffer, a view per scale.
@@ -507,6 +515,13 @@ class TrtSession:
         self.f_hat = [own("fold", "f_hat") for _ in range(2)]
         self.tokens = [own("sampler", "tokens", si) for si in scales]
         self.indices_dev, self.image = own("decoder", "indices"), own("decoder", "image")
+        # The outputs' pinned staging: the image, then the indices at the next aligned offset.
+        self._indices_offset = self.image.nbytes + -self.image.nbytes % ALIGNMENT
+        self.outputs_host = self._pinned_buffer(self._indices_offset + self.indices_dev.nbytes)
+        out = self.outputs_host.array
+        self.images_host = out[: self.image.nbytes].view(self.image.dtype).reshape(self.image.shape)
+        end = self._indices_offset + self.indices_dev.nbytes
+        self.indices_host = out[self._indices_offset : end].view(self.indices_dev.dtype).reshape(self.indices_dev.shape)
         # Constant per-scale inputs, uploaded once: positions of each scale, the scale index.
         self.positions, self.scale_index = {}, {}
         pos_dtype = self._dtype("ar_step", "positions")
@@ -517,14 +532,55 @@ class TrtSession:
             index = np.array([si], dtype=self._dtype("fold", "scale_index"))
             self.scale_index[si] = self._array(index.shape, index.dtype)
             self.scale_index[si].upload(index, stream)
-        # Execution contexts of every profile this batch uses, created now rather than inside the loop.
-        be = self.backend
-        self.ctx_prefill = be.context("ar_prefill", self.batch)
-        self.ctx_step = {si: be.context("ar_step", self.batch, si) for si in scales}
-        self.ctx_sampler = {si: be.context("sampler", self.batch, si) for si in scales}
-        self.ctx_fold = {si: be.context("fold", self.batch, si) for si in folds}
-        self.ctx_decoder = be.context("decoder", self.batch)
+        self.bindings = self._bindings(scales, folds)
+        # This session's own execution contexts, one per profile it uses, each bound once to its buffers.
+        graphs = {"prefill": "ar_prefill", "step": "ar_step", "sample": "sampler", "fold": "fold", "decode": "decoder"}
+        for key, addresses in self.bindings.items():
+            context = self.backend.context(graphs[key[0]], self.batch, key[1], own=True)
+            context.bind(addresses)
+            self.contexts[key] = context
+        self.graph_key = tuple((key, tuple(sorted(a.items()))) for key, a in self.bindings.items()) + (
+            ("request", self.request.ptr, self.request_host.ptr),
+            ("outputs", self.outputs_host.ptr),
+        )
         stream.synchronize()
+
+    def _bindings(self, scales: range, folds: range) -> dict[tuple[str, int | None], dict[str, int]]:
+        """(stage, scale) → the device address of every I/O tensor of its engine."""
+        cond = {name: a.ptr for name, a in self.cond.items()}
+        out: dict[tuple[str, int | None], dict[str, int]] = {
+            ("prefill", None): {"labels": self._segment("labels"), **cond}
+        }
+        for si in scales:
+            out["step", si] = {
+                "x_folded": self.x_next.ptr,
+                "positions": self.positions[si].ptr,
+                **cond,
+                "past_keys": self.cache_keys.ptr,
+                "past_values": self.cache_values.ptr,
+                "logits": self.logits_buffer.ptr,
+                "keys": self.new_keys.ptr,
+                "values": self.new_values.ptr,
+            }
+            out["sample", si] = {
+                "logits": self.logits_buffer.ptr,
+                "guidance": self._segment(f"guidance[{si}]"),
+                "top_k": self._segment("top_k"),
+                "top_p": self._segment("top_p"),
+                "uniforms": self._segment(f"uniforms[{si}]"),
+                "tokens": self.tokens[si].ptr,
+            }
+        for si in folds:
+            out["fold", si] = {
+                "tokens": self.tokens[si].ptr,
+                "f_hat": self.f_hat[si % 2].ptr,
+                "scale_index": self.scale_index[si].ptr,
+                "next_positions": self.positions[si + 1].ptr,
+                "f_hat_out": self.f_hat[(si + 1) % 2].ptr,
+                "x_next": self.x_next.ptr,
+            }
+        out["decode", None] = {"indices": self.indices_dev.ptr, "image": self.image.ptr}
+        return out
 
     def _segment(self, name: str) -> int:
         """The device address of one segment of the request buffer."""
@@ -571,74 +627,98 @@ class TrtSession:
         """Bytes copied host → device and device → host by generations of this session."""
         return self._sent, self._received
 
-    def prefill(self, request: BatchRequest) -> None:
+    @property
+    def launches(self) -> int:
+        """Operations the host enqueued for this session's generations (copies, memsets, enqueues, graph launches)."""
+        return self._launches
+
+    def generate(self, request: BatchRequest, stage: Stage = no_stage) -> tuple[np.ndarray, np.ndarray]:
         if request.labels.shape != (self.batch,):
             raise InputError(f"a request of {request.labels.shape[0]} images for a session of {self.batch}")
         stream = self.backend.stream
-        stream.synchronize()  # the pinned staging buffer may still feed the previous generation's copy
+        launches = stream.launches
+        # Every generation ends with a synchronise (below, or on error): no copy still reads the staging.
         self.layout.pack(request, self.null_class, self.request_host.array)
-        cuda.memcpy_async(self.request.ptr, self.request_host.ptr, self.layout.nbytes, "htod", stream)
+        try:
+            if self.graph is None and self.use_graph and self.generations and not self.capture_failed:
+                self._capture()
+            if self.graph is not None:
+                with stage("generation"):
+                    self.graph.launch(stream)
+            else:
+                run_stages(self, self.num_scales, stage)
+            stream.synchronize()
+        except BaseException:
+            with contextlib.suppress(cuda.CudaError):
+                stream.synchronize()
+            raise
+        self.generations += 1
+        self._launches += stream.launches - launches
         self._sent += self.layout.nbytes
-        addresses = {"labels": self._segment("labels"), **{name: a.ptr for name, a in self.cond.items()}}
-        self.backend.run(self.ctx_prefill, addresses, self.graphs, "prefill", lambda: self.f_hat[0].zero(stream))
+        self._received += self.image.nbytes + self.indices_dev.nbytes
+        return self.images_host.copy(), self.indices_host.copy()
+
+    def _capture(self) -> None:
+        """Capture ``run_stages`` as one CUDA graph; if CUDA or TensorRT refuses, warn and stay eager."""
+        stream = self.backend.stream
+        graph = cuda.CudaGraph()
+        try:
+            graph.begin(stream)
+            try:
+                run_stages(self, self.num_scales)
+                graph.end(stream)
+            except BaseException:
+                graph.abort(stream)
+                raise
+        except (cuda.CudaError, RuntimeError) as err:
+            graph.destroy()
+            self.capture_failed = True
+            log.warning(
+                "batch %d: capturing the generation as a CUDA graph failed (%s); it runs eagerly", self.batch, err
+            )
+            return
+        self.graph = graph
+
+    # -- the stages ----------------------------------------------------------------------------------------------------
+
+    def _run(self, stage: str, si: int | None = None) -> None:
+        self.contexts[stage, si].execute(self.backend.stream)
+
+    def prefill(self) -> None:
+        stream = self.backend.stream
+        cuda.memcpy_async(self.request.ptr, self.request_host.ptr, self.layout.nbytes, "htod", stream)
+        self.f_hat[0].zero(stream)  # fold(0) reads buffer 0; a reused session starts from an empty f̂
+        self._run("prefill")
 
     def step(self, scale_index: int) -> None:
-        si = scale_index
-        addresses = {
-            "x_folded": self.x_next.ptr,
-            "positions": self.positions[si].ptr,
-            **{name: a.ptr for name, a in self.cond.items()},
-            "past_keys": self.cache_keys.ptr,
-            "past_values": self.cache_values.ptr,
-            "logits": self.logits_buffer.ptr,
-            "keys": self.new_keys.ptr,
-            "values": self.new_values.ptr,
-        }
-        self.backend.run(self.ctx_step[si], addresses, self.graphs, "step", lambda: self._append_cache(si))
+        self._run("step", scale_index)
+        self._append_cache(scale_index)
 
     def sample(self, scale_index: int) -> None:
-        si = scale_index
-        addresses = {
-            "logits": self.logits_buffer.ptr,
-            "guidance": self._segment(f"guidance[{si}]"),
-            "top_k": self._segment("top_k"),
-            "top_p": self._segment("top_p"),
-            "uniforms": self._segment(f"uniforms[{si}]"),
-            "tokens": self.tokens[si].ptr,
-        }
-        self.backend.run(self.ctx_sampler[si], addresses, self.graphs, "sample", lambda: self._scatter_tokens(si))
+        self._run("sample", scale_index)
+        self._scatter_tokens(scale_index)
 
     def fold(self, scale_index: int) -> None:
-        si = scale_index
-        addresses = {
-            "tokens": self.tokens[si].ptr,
-            "f_hat": self.f_hat[si % 2].ptr,
-            "scale_index": self.scale_index[si].ptr,
-            "next_positions": self.positions[si + 1].ptr,
-            "f_hat_out": self.f_hat[(si + 1) % 2].ptr,
-            "x_next": self.x_next.ptr,
-        }
-        self.backend.run(self.ctx_fold[si], addresses, self.graphs, "fold")
+        self._run("fold", scale_index)
 
-    def decode(self) -> np.ndarray:
-        addresses = {"indices": self.indices_dev.ptr, "image": self.image.ptr}
-        self.backend.run(self.ctx_decoder, addresses, self.graphs, "decode")
-        self._received += self.image.nbytes + self.indices_dev.nbytes
-        return self.image.download(self.backend.stream)
-
-    def indices(self) -> np.ndarray:
-        return self.indices_dev.download(self.backend.stream)
+    def decode(self) -> None:
+        stream = self.backend.stream
+        self._run("decode")
+        cuda.memcpy_async(self.outputs_host.ptr, self.image.ptr, self.image.nbytes, "dtoh", stream)
+        host_indices = self.outputs_host.ptr + self._indices_offset
+        cuda.memcpy_async(host_indices, self.indices_dev.ptr, self.indices_dev.nbytes, "dtoh", stream)
 
     def close(self) -> None:
-        """Free graphs, events and buffers (after the stream is idle). Safe to call twice."""
+        """Free the graph, events, contexts and buffers (after the stream is idle). Safe to call twice."""
         if self.closed:
             return
         self.closed = True
         self.backend.stream.synchronize()
-        for graph in (self.graphs or {}).values():
-            graph.destroy()
-        self.graphs = {} if self.graphs is not None else None
+        if self.graph is not None:
+            self.graph.destroy()
+            self.graph = None
         self.timer.destroy()
+        self.contexts.clear()
         for array in self._arrays:
             array.free()
         self._arrays.clear()

@@ -15,6 +15,8 @@ whose driver is older than cuda-python's CUDA (``cudaErrorInsufficientDriver``, 
 GPU (``cudaErrorNoDevice``, 100).
 
 What each fake enforces, and where the real rule is documented, is in each module's docstring.
+``triton.py`` is a stand-in for Triton's Python backend (``triton_python_backend_utils`` and the server's
+side of the model contract), used by ``tests/test_triton.py`` together with these fakes.
 """
 
 from __future__ import annotations

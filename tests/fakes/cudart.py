@@ -130,6 +130,11 @@ class FakeCuda(Device):
     def cudaGetDeviceCount(self):
         return self._gate(1) or (OK, 1)
 
+    def cudaSetDevice(self, device):
+        if gate := self._gate(0):
+            return gate
+        return (OK,) if int(device) == 0 else (E.cudaErrorInvalidDevice,)  # one simulated GPU
+
     def cudaGetDeviceProperties(self, device):
         if gate := self._gate(1):
             return gate
