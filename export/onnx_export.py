@@ -9,6 +9,9 @@ step; a lock keeps two exports from writing into the same folder.
 
 We use the TorchScript-based exporter at opset 17: it decomposes attention into MatMul/Softmax,
 which every TensorRT 10.x parses (JetPack 6 ships 10.3), where opset ≥ 23 would emit ``Attention``.
+It writes opsets up to 20; a higher one (21 for INT4 weights) is reached by ``onnx.version_converter``.
+With ``weights`` int8 or int4 the generator's graphs get quantized weights (``export/quantize.py``)
+before their parity check, which then allows the error the quantization adds.
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ from imagefolder.core.specs import (
 )
 from imagefolder.errors import ExportError, InputError
 from imagefolder.export.graphs import DecoderGraph, EncoderGraph, FoldGraph, PrefillGraph, StepGraph
+from imagefolder.export.onnx_files import TORCHSCRIPT_MAX_OPSET, raise_opset
 from imagefolder.export.opcheck import check_operators
+from imagefolder.export.quantize import QUANTIZED_GRAPHS, check_weights, default_opset, quantize_graph, weight_bytes
 from imagefolder.io import atomic_write, folder_lock, staged_folder
 from imagefolder.models.generator import Generator
 from imagefolder.models.sampler import SamplerGraph
@@ -123,13 +128,14 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, inputs: tuple, path: 
             inputs,
             str(tmp),
             dynamo=False,
-            opset_version=opset,
+            opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
             input_names=spec.input_names,
             output_names=spec.output_names,
             dynamic_axes=dynamic_axes(spec),
             do_constant_folding=True,
         )
         stamp_spec_shapes(Path(tmp), spec)
+        raise_opset(Path(tmp), opset)
         check_io(Path(tmp), spec, state_dtype)
 
 
@@ -189,8 +195,11 @@ class ExampleInputs:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_parity(session, reference, inputs: tuple, spec: GraphSpec, dtype: str) -> dict:
-    """Run one graph on ONNX Runtime and its fp32 PyTorch reference on the same inputs; ``compare_outputs``."""
+def check_parity(session, reference, inputs: tuple, spec: GraphSpec, dtype: str, weights: str = "fp") -> dict:
+    """Run one graph on ONNX Runtime and its fp32 PyTorch reference on the same inputs; ``compare_outputs``.
+
+    ``weights`` is how the graph's weights are stored (``core.specs.WEIGHT_SCHEMES``), for the tolerance.
+    """
     sdt = state_dtype(dtype)
     feeds = {t.name: x.numpy().astype(t.resolved_dtype(sdt)) for t, x in zip(spec.inputs, inputs, strict=True)}
     actual = dict(zip(spec.output_names, session.run(spec.output_names, feeds), strict=True))
@@ -200,7 +209,7 @@ def check_parity(session, reference, inputs: tuple, spec: GraphSpec, dtype: str)
     expected = {
         t.name: (e.float() if e.is_floating_point() else e).numpy() for t, e in zip(spec.outputs, expected, strict=True)
     }
-    return compare_outputs(spec, actual, expected, dtype, reference="torch")
+    return compare_outputs(spec, actual, expected, dtype, reference="torch", weights=weights)
 
 
 def raise_on_failure(graph: str, report: dict) -> None:
@@ -263,11 +272,12 @@ def export_bundle(
     generator: Generator,
     config: ModelConfig,
     dtype: str = "fp32",
-    opset: int = 17,
+    opset: int | None = None,
     batch_max: int = 8,
     candidates: int | None = None,
     source: dict | None = None,
     progress: bool = True,
+    weights: str = "fp",
 ) -> Path:
     """Export all graphs of a model into the bundle folder ``out_dir``.
 
@@ -277,26 +287,34 @@ def export_bundle(
         tokenizer, generator: fp32 models (they are copied, never modified).
         config: their ``ModelConfig``.
         dtype: precision baked into the graphs: fp32, fp16 or bf16.
-        opset: ONNX opset (17 keeps every graph parseable by TensorRT 10.3).
+        opset: ONNX opset; default 17 (every graph parseable by TensorRT 10.3), or the lowest the
+            weights need (``export.quantize.minimum_opset``: 19 for int8 in fp16/bf16, 21 for int4).
         batch_max: the largest batch the runtime may ask for (recorded; shapes stay dynamic).
         candidates: the sampler's TopK size (default: the codebook, or 1024 when it is ≥ 3840).
         source: provenance recorded in the manifest (checkpoint path and sha256).
+        weights: fp, int8 (per output channel) or int4 (blocks): how the generator graphs' big
+            MatMul/Gemm weights are stored (``export/quantize.py``).
     Returns:
         The bundle folder.
     Raises:
-        InputError: a bad dtype, batch_max or candidates. OutputError: ``out_dir`` is something else
+        InputError: a bad dtype, batch_max, candidates or weights, or weights the opset cannot
+            express (the message names the opset needed). OutputError: ``out_dir`` is something else
         than a bundle, or another export writes into it now. ExportError: a graph is not faithful.
     """
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if batch_max < 1:
         raise InputError(f"batch_max must be ≥ 1, got {batch_max}")
+    opset = default_opset(weights, dtype) if opset is None else opset
+    check_weights(weights, dtype, opset)
     candidates = default_candidates(config.generator.codebook_size, candidates)
     out = Path(out_dir)
     with folder_lock(out):
         check_replaceable(out)
         with staged_folder(out) as stage:
-            _write_bundle(stage, tokenizer, generator, config, dtype, opset, batch_max, candidates, source, progress)
+            _write_bundle(
+                stage, tokenizer, generator, config, dtype, opset, batch_max, candidates, source, progress, weights
+            )
     return out
 
 
@@ -311,6 +329,7 @@ def _write_bundle(
     candidates: int,
     source: dict | None,
     progress: bool,
+    weights: str,
 ) -> None:
     import onnx
     import onnxruntime as ort
@@ -332,9 +351,14 @@ def _write_bundle(
         sd = getattr(torch, sdt)
         inputs = tuple(x.to(sd) if t.dtype == STATE else x for t, x in zip(spec.inputs, inputs, strict=True))
         export_graph(module, spec, inputs, path, opset, sdt)
+        if weights != "fp" and name in QUANTIZED_GRAPHS:
+            stored = quantize_graph(path, weights)
+        else:
+            stored = {"scheme": "fp", "bytes": weight_bytes(path)}
         if dtype in ORT_CPU_DTYPES:
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            parity = check_parity(session, reference, examples.for_graph(spec, PARITY_BATCH, check_si), spec, dtype)
+            inputs = examples.for_graph(spec, PARITY_BATCH, check_si)
+            parity = check_parity(session, reference, inputs, spec, dtype, stored["scheme"])
             raise_on_failure(name, parity)
         else:
             onnx.checker.check_model(str(path))
@@ -351,6 +375,7 @@ def _write_bundle(
             "doc": spec.doc,
             "parity": {"batch": PARITY_BATCH, "scale_index": check_si, "outputs": parity},
             "operators": check_operators(path).to_dict(),
+            "weights": stored,
         }
         for rel in [path.name, *external]:
             files[rel] = file_digest(out / rel)
@@ -362,6 +387,7 @@ def _write_bundle(
         "model": model,
         "dtype": dtype,
         "state_dtype": sdt,
+        "weights": weights,
         "opset": opset,
         "batch_max": batch_max,
         "sampler_candidates": candidates,
