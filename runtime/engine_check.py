@@ -39,5 +39,7 @@ def check_engines(bundle_dir: str | Path, batch: int | None = None, seed: int = 
                 feeds = example_inputs(spec, bundle.model, batch, si, rng, bundle.state_dtype, bundle.candidates)
                 expected = dict(zip(spec.output_names, session.run(spec.output_names, feeds), strict=True))
                 actual = backend.run_graph(graph, feeds, batch, si)
-                report.add(graph, si, compare_outputs(spec, actual, expected, bundle.dtype, reference="ort"))
+                report.add(
+                    graph, si, compare_outputs(spec, actual, expected, bundle.dtype, "ort", bundle.graph_weights(graph))
+                )
     return report

@@ -245,6 +245,7 @@ def test_operator_check_knows_tensorrts_dequantize_rules(tmp_path):
 def test_tensorrt_builds_and_runs_quantized_bundles_on_the_fakes(bundles, weights, fake_gpu, tmp_path):
     from imagefolder.export.trt_build import build_engines
     from imagefolder.runtime.backends.trt import TrtBackend
+    from imagefolder.runtime.engine_check import check_engines
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundles[weights], copy)
@@ -252,4 +253,5 @@ def test_tensorrt_builds_and_runs_quantized_bundles_on_the_fakes(bundles, weight
     greedy = SamplingParams(top_k=1, top_p=1.0)
     on_trt = generate(TrtBackend(copy), [1, 2], greedy)
     assert np.array_equal(on_trt.indices, generate(OrtBackend(copy), [1, 2], greedy).indices)
+    assert check_engines(copy).ok  # engines against ONNX Runtime, with the quantized graphs' tolerance
     assert not fake_gpu.trt_errors()

@@ -84,6 +84,10 @@ class Bundle:
         """How the big weights are stored: fp, int8 or int4 (optional field; bundles without it are fp)."""
         return self.manifest.get("weights", "fp")
 
+    def graph_weights(self, graph: str) -> str:
+        """How one graph's weights are stored: fp, or the bundle's ``weights`` where it quantized them."""
+        return self.manifest["graphs"][graph].get("weights", {}).get("scheme", "fp")
+
     @property
     def state_dtype(self) -> str:
         """numpy dtype of the hidden-state I/O (KV cache, conditioning, f̂, folded input)."""
