@@ -36,18 +36,27 @@ def main(verbose: int) -> None:
 )
 @click.option(
     "--opset",
-    default=17,
-    show_default=True,
-    type=click.IntRange(14, 20),
-    help="17 keeps every graph parseable by TensorRT 10.3 (JetPack 6).",
+    type=click.IntRange(14, 21),
+    help="Default 17, which every TensorRT 10.x parses (JetPack 6: 10.3); 19 for int8 weights in fp16/bf16, "
+    "21 for int4 weights.",
 )
 @click.option("--batch-max", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--candidates", type=int, help="Sampler TopK size (default: the codebook, or 1024 if ≥ 3840).")
-def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candidates) -> None:
+@click.option(
+    "--weights",
+    type=click.Choice(["fp", "int8", "int4"]),
+    default="fp",
+    show_default=True,
+    help="Generator weights: fp (the dtype), int8 per output channel, int4 in blocks of 64 (weight-only).",
+)
+def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candidates, weights) -> None:
     """Export encoder, decoder, ar_prefill, ar_step, sampler and fold graphs plus manifest.json."""
     from imagefolder.default_model import load_default_or_checkpoint
     from imagefolder.export.onnx_export import export_bundle
+    from imagefolder.export.quantize import check_weights, default_opset
 
+    opset = default_opset(weights, dtype) if opset is None else opset
+    check_weights(weights, dtype, opset)  # before the model loads
     config, tokenizer, generator, source = load_default_or_checkpoint(checkpoint, trust_checkpoint)
     out = export_bundle(
         out_dir,
@@ -59,8 +68,9 @@ def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candida
         batch_max=batch_max,
         candidates=candidates,
         source=source,
+        weights=weights,
     )
-    click.echo(f"wrote bundle {out} ({config.name}, {dtype}, opset {opset})")
+    click.echo(f"wrote bundle {out} ({config.name}, {dtype}, {weights} weights, opset {opset})")
 
 
 @main.command()

@@ -48,7 +48,8 @@ def check_bundle(
             continue  # ONNX Runtime's CPU provider has no bf16 kernels
         session = ort.InferenceSession(str(bundle.graph_path(name)), providers=["CPUExecutionProvider"])
         _, reference = modules[name]
+        weights = bundle.graph_weights(name)
         for si in spec.served_scales(bundle.num_scales):
             inputs = examples.for_graph(spec, batch, si)
-            report.add(name, si, check_parity(session, reference, inputs, spec, bundle.dtype))
+            report.add(name, si, check_parity(session, reference, inputs, spec, bundle.dtype, weights))
     return report

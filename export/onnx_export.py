@@ -9,6 +9,9 @@ step; a lock keeps two exports from writing into the same folder.
 
 We use the TorchScript-based exporter at opset 17: it decomposes attention into MatMul/Softmax,
 which every TensorRT 10.x parses (JetPack 6 ships 10.3), where opset ≥ 23 would emit ``Attention``.
+It writes opsets up to 20; a higher one (21 for INT4 weights) is reached by ``onnx.version_converter``.
+With ``weights`` int8 or int4 the generator's graphs get quantized weights (``export/quantize.py``)
+before their parity check, which then allows the error the quantization adds.
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ from imagefolder.core.specs import (
 )
 from imagefolder.errors import ExportError, InputError
 from imagefolder.export.graphs import DecoderGraph, EncoderGraph, FoldGraph, PrefillGraph, StepGraph
+from imagefolder.export.onnx_files import TORCHSCRIPT_MAX_OPSET, raise_opset
 from imagefolder.export.opcheck import check_operators
+from imagefolder.export.quantize import QUANTIZED_GRAPHS, check_weights, default_opset, quantize_graph
 from imagefolder.export.weights import WEIGHTS_FILE, pack_weights, weight_report
 from imagefolder.io import atomic_write, folder_lock, staged_folder
 from imagefolder.models.generator import Generator, KVCache
@@ -125,13 +130,15 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, inputs: tuple, path: 
             inputs,
             str(tmp),
             dynamo=False,
-            opset_version=opset,
+            opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
             input_names=spec.input_names,
             output_names=spec.output_names,
             dynamic_axes=dynamic_axes(spec),
             do_constant_folding=True,
         )
         stamp_spec_shapes(Path(tmp), spec)
+        if opset > TORCHSCRIPT_MAX_OPSET:
+            raise_opset(Path(tmp), opset)
         check_io(Path(tmp), spec, state_dtype)
 
 
@@ -197,8 +204,11 @@ class ExampleInputs:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_parity(session, reference, inputs: tuple, spec: GraphSpec, dtype: str) -> dict:
-    """Run one graph on ONNX Runtime and its fp32 PyTorch reference on the same inputs; ``compare_outputs``."""
+def check_parity(session, reference, inputs: tuple, spec: GraphSpec, dtype: str, weights: str = "fp") -> dict:
+    """Run one graph on ONNX Runtime and its fp32 PyTorch reference on the same inputs; ``compare_outputs``.
+
+    ``weights`` is how the graph's weights are stored (``core.specs.WEIGHT_SCHEMES``), for the tolerance.
+    """
     sdt = state_dtype(dtype)
     feeds = {t.name: x.numpy().astype(t.resolved_dtype(sdt)) for t, x in zip(spec.inputs, inputs, strict=True)}
     actual = dict(zip(spec.output_names, session.run(spec.output_names, feeds), strict=True))
@@ -208,7 +218,7 @@ def check_parity(session, reference, inputs: tuple, spec: GraphSpec, dtype: str)
     expected = {
         t.name: (e.float() if e.is_floating_point() else e).numpy() for t, e in zip(spec.outputs, expected, strict=True)
     }
-    return compare_outputs(spec, actual, expected, dtype, reference="torch")
+    return compare_outputs(spec, actual, expected, dtype, reference="torch", weights=weights)
 
 
 def raise_on_failure(graph: str, report: dict) -> None:
@@ -272,11 +282,12 @@ def export_bundle(
     generator: Generator,
     config: ModelConfig,
     dtype: str = "fp32",
-    opset: int = 17,
+    opset: int | None = None,
     batch_max: int = 8,
     candidates: int | None = None,
     source: dict | None = None,
     progress: bool = True,
+    weights: str = "fp",
 ) -> Path:
     """Export all graphs of a model into the bundle folder ``out_dir``.
 
@@ -286,26 +297,34 @@ def export_bundle(
         tokenizer, generator: fp32 models (they are copied, never modified).
         config: their ``ModelConfig``.
         dtype: precision baked into the graphs: fp32, fp16 or bf16.
-        opset: ONNX opset (17 keeps every graph parseable by TensorRT 10.3).
+        opset: ONNX opset; default 17 (every graph parseable by TensorRT 10.3), or the lowest the
+            weights need (``export.quantize.minimum_opset``: 19 for int8 in fp16/bf16, 21 for int4).
         batch_max: the largest batch the runtime may ask for (recorded; shapes stay dynamic).
         candidates: the sampler's TopK size (default: the codebook, or 1024 when it is ≥ 3840).
         source: provenance recorded in the manifest (checkpoint path and sha256).
+        weights: fp, int8 (per output channel) or int4 (blocks): how the generator graphs' big
+            MatMul/Gemm weights are stored (``export/quantize.py``).
     Returns:
         The bundle folder.
     Raises:
-        InputError: a bad dtype, batch_max or candidates. OutputError: ``out_dir`` is something else
+        InputError: a bad dtype, batch_max, candidates or weights, or weights the opset cannot
+            express (the message names the opset needed). OutputError: ``out_dir`` is something else
         than a bundle, or another export writes into it now. ExportError: a graph is not faithful.
     """
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if batch_max < 1:
         raise InputError(f"batch_max must be ≥ 1, got {batch_max}")
+    opset = default_opset(weights, dtype) if opset is None else opset
+    check_weights(weights, dtype, opset)
     candidates = default_candidates(config.generator.codebook_size, candidates)
     out = Path(out_dir)
     with folder_lock(out):
         check_replaceable(out)
         with staged_folder(out) as stage:
-            _write_bundle(stage, tokenizer, generator, config, dtype, opset, batch_max, candidates, source, progress)
+            _write_bundle(
+                stage, tokenizer, generator, config, dtype, opset, batch_max, candidates, source, progress, weights
+            )
     return out
 
 
@@ -320,6 +339,7 @@ def _write_bundle(
     candidates: int,
     source: dict | None,
     progress: bool,
+    weights: str,
 ) -> None:
     """Export every graph into ``out``, store their weights once (``weights.bin``), check each against
     PyTorch as it is on disk, and write the manifest last."""
@@ -333,6 +353,7 @@ def _write_bundle(
     examples = ExampleInputs(tokenizer, generator, model, candidates)
     num_scales = len(config.generator.scales)
     bar = tqdm(total=2 * len(modules), desc=f"export {config.name} ({dtype})", unit="step", disable=not progress)
+    stored: dict[str, dict] = {}  # each graph's weight record: "fp", or what quantize_graph did
     for name, (module, _) in modules.items():
         bar.set_postfix_str(f"trace {name}")
         spec = specs[name]
@@ -340,7 +361,10 @@ def _write_bundle(
         inputs = examples.for_graph(spec, TRACE_BATCH, trace_si)
         sd = getattr(torch, sdt)
         inputs = tuple(x.to(sd) if t.dtype == STATE else x for t, x in zip(spec.inputs, inputs, strict=True))
-        export_graph(module, spec, inputs, out / f"{name}.onnx", opset, sdt)
+        path = out / f"{name}.onnx"
+        export_graph(module, spec, inputs, path, opset, sdt)
+        quantized = weights != "fp" and name in QUANTIZED_GRAPHS
+        stored[name] = quantize_graph(path, weights) if quantized else {"scheme": "fp"}
         bar.update()
     pack_weights([out / f"{name}.onnx" for name in modules], out)
     graphs: dict[str, dict[str, Any]] = {}
@@ -351,7 +375,8 @@ def _write_bundle(
         _, check_si = trace_and_check_scales(spec, num_scales)
         if dtype in ORT_CPU_DTYPES:
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            parity = check_parity(session, reference, examples.for_graph(spec, PARITY_BATCH, check_si), spec, dtype)
+            inputs = examples.for_graph(spec, PARITY_BATCH, check_si)
+            parity = check_parity(session, reference, inputs, spec, dtype, stored[name]["scheme"])
             raise_on_failure(name, parity)
         else:
             onnx.checker.check_model(str(path))
@@ -367,14 +392,15 @@ def _write_bundle(
             "doc": spec.doc,
             "parity": {"batch": PARITY_BATCH, "scale_index": check_si, "outputs": parity},
             "operators": check_operators(path).to_dict(),
+            "weights": stored[name],
         }
         files[path.name] = file_digest(path)
         log.info("exported %s: %s", name, parity)
         bar.update()
     bar.close()
-    weights = weight_report(out, {name: entry["file"] for name, entry in graphs.items()})
+    storage = weight_report(out, {name: entry["file"] for name, entry in graphs.items()})
     for name, entry in graphs.items():
-        entry["weight_bytes"] = weights["graphs"][name]
+        entry["weights"]["bytes"] = storage["graphs"][name]  # what the graph reads from weights.bin
     manifest = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -382,11 +408,12 @@ def _write_bundle(
         "model": model,
         "dtype": dtype,
         "state_dtype": sdt,
+        "weights": weights,
         "opset": opset,
         "batch_max": batch_max,
         "sampler_candidates": candidates,
         "graphs": graphs,
-        "weights": {"stored_bytes": weights["stored"], "duplicated_bytes": weights["duplicated"]},
+        "weight_storage": {"stored_bytes": storage["stored"], "duplicated_bytes": storage["duplicated"]},
         "files": dict(sorted(files.items())),
         "producer": _versions(),
         "source": source or {},

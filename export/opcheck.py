@@ -4,6 +4,17 @@ The list is onnx-tensorrt's operator matrix for TensorRT 10.x (``docs/operators.
 to what TensorRT 10.3 parses, the version JetPack 6 ships. Besides the operator names, a few
 documented restrictions are checked on the graph itself:
 TopK needs a constant K below 3840, CumSum a constant axis, Resize no cubic mode or antialias.
+DequantizeLinear (quantized weights, ``export/quantize.py``) follows the checks of onnx-tensorrt's
+importer (``QuantDequantLinearHelper``) and TensorRT 10.x's Dequantize layer: constant scales, all
+positive; zero points absent or all zero; INT8 or INT4 values; per-axis scales as long as their
+axis; block scales (same rank as the values) for 2-D INT4 only, one blocked dimension dividing
+evenly; INT4 with an even last dimension.
+
+Opset 21 passes with a note: TensorRT 10.x documents opsets 9-20, but INT4 weights exist in ONNX
+only from opset 21, whose changes over 20 add types to existing operators and blocks to Q/DQ,
+except GroupNormalization (new scale/bias layout, which TensorRT 10.7 still parses as opset 18;
+NVIDIA/TensorRT#4336), which is flagged. TensorRT's parser refuses no model for a newer opset (no
+upper bound in onnx-tensorrt's ``ModelImporter``; the issue above parsed opset-21 graphs).
 Imports onnx only (no torch, no TensorRT), so it runs anywhere.
 """
 
@@ -17,6 +28,8 @@ from imagefolder.core.sampler import TRT_TOPK_LIMIT
 
 TRT_MAX_OPSET = 20  # TensorRT 10.x parses opsets 9-20 (10.14+ go further; 10.3 does not)
 TRT_MIN_OPSET = 9
+INT4_OPSET = 21  # the opset of INT4 weights: accepted with a note (see the module docstring)
+QUANTIZED_TYPES = {3: "INT8", 22: "INT4"}  # TensorProto types TensorRT dequantizes (FP8/FP4 unused here)
 
 SUPPORTED = frozenset(
     {
@@ -189,6 +202,7 @@ class OperatorReport:
     counts: dict[str, int]
     unsupported: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what passes but is worth knowing; never fails the check
 
     @property
     def ok(self) -> bool:
@@ -201,6 +215,7 @@ class OperatorReport:
             "counts": self.counts,
             "unsupported": self.unsupported,
             "problems": self.problems,
+            "notes": self.notes,
         }
 
     def summary(self) -> str:
@@ -209,15 +224,30 @@ class OperatorReport:
         lines = [f"static list of TensorRT 10.3's parser: {nodes}: {status}"]
         lines += [f"  unsupported operator: {op}" for op in self.unsupported]
         lines += [f"  {problem}" for problem in self.problems]
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
-def _constants(graph) -> dict:
+CONSTANT_READ_LIMIT = 1 << 22  # external initializers up to 4 MiB are read (scales, zero points); weights are not
+
+
+def _constants(graph, folder: str) -> dict:
+    """Values of the graph's constants (initializers and Constant nodes) a rule may need, by name.
+
+    Initializers in an external file (``weights.bin``) are read from ``folder`` when small: the
+    rules look at scalars, K of a TopK, the scales and zero points of a DequantizeLinear.
+    """
     import onnx
     from onnx import numpy_helper
 
-    inline = [init for init in graph.initializer if init.data_location != onnx.TensorProto.EXTERNAL]
-    values = {init.name: numpy_helper.to_array(init) for init in inline}  # weights live in weights.bin
+    values = {}
+    for init in graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            values[init.name] = numpy_helper.to_array(init)
+            continue
+        length = next((int(e.value) for e in init.external_data if e.key == "length"), CONSTANT_READ_LIMIT + 1)
+        if length <= CONSTANT_READ_LIMIT:
+            values[init.name] = numpy_helper.to_array(init, base_dir=folder)
     for node in graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
@@ -236,9 +266,17 @@ def check_operators(path: str | os.PathLike) -> OperatorReport:
     counts = Counter(node.op_type for node in graph.node)
     report = OperatorReport(opset=opset, counts=dict(sorted(counts.items())))
     report.unsupported = sorted(op for op in counts if op not in SUPPORTED)
-    if not TRT_MIN_OPSET <= opset <= TRT_MAX_OPSET:
+    if opset == INT4_OPSET:
+        report.notes.append(
+            f"opset {opset} is beyond TensorRT 10.3's documented {TRT_MIN_OPSET}-{TRT_MAX_OPSET} (INT4 weights need "
+            "it); its operators are those of opset 20 with more types, which the parser reads (not verified on a GPU)"
+        )
+        if "GroupNormalization" in counts:
+            report.problems.append("GroupNormalization at opset 21: TensorRT 10.x parses its opset-18 definition")
+    elif not TRT_MIN_OPSET <= opset <= TRT_MAX_OPSET:
         report.problems.append(f"opset {opset} outside TensorRT 10.3's range {TRT_MIN_OPSET}-{TRT_MAX_OPSET}")
-    constants = _constants(graph)
+    constants = _constants(graph, os.path.dirname(os.fspath(path)))
+    types = {init.name: init.data_type for init in graph.initializer}
     for node in graph.node:
         where = f"{node.op_type} node {node.name or node.output[0]!r}"
         if node.op_type == "TopK":
@@ -255,9 +293,52 @@ def check_operators(path: str | os.PathLike) -> OperatorReport:
                 report.problems.append(f"{where}: cubic or antialiased Resize is not supported")
         elif node.op_type in DATA_DEPENDENT:
             report.problems.append(f"{where}: data-dependent output shape (no CUDA-graph capture)")
+        elif node.op_type == "DequantizeLinear":
+            report.problems += [f"{where}: {p}" for p in _dequantize_problems(node, constants, types)]
+    if any(types.get(n.input[0]) == 3 for n in graph.node if n.op_type == "DequantizeLinear"):
+        report.notes.append(
+            "INT8 weights without quantized activations: TensorRT 10.x documents weight-only quantization for INT4; "
+            "check in the engine whether the weights stay INT8 (they may be dequantized when the engine is built)"
+        )
     if any(t.type.tensor_type.elem_type == 11 for t in list(graph.input) + list(graph.output)):
         report.problems.append("a graph input or output is float64")
     return report
+
+
+def _dequantize_problems(node, constants: dict, types: dict[str, int]) -> list[str]:
+    """What TensorRT's ONNX importer and Dequantize layer refuse in one DequantizeLinear node."""
+    import onnx
+
+    problems = []
+    scale = constants.get(node.input[1])
+    if scale is None:
+        return ["scale is not a constant"]
+    if not (scale.astype("float64") > 0).all():
+        problems.append("scale has values ≤ 0 (TensorRT needs positive scales)")
+    if len(node.input) > 2 and node.input[2]:
+        zero_point = constants.get(node.input[2])
+        if zero_point is None or zero_point.astype("int64").any():
+            problems.append("zero point is not a constant of zeros (TensorRT quantizes symmetrically)")
+    kind = types.get(node.input[0])
+    values = constants.get(node.input[0])
+    if kind is None or values is None:
+        return problems  # activations: TensorRT types them; weight-only graphs never dequantize one
+    if kind not in QUANTIZED_TYPES:
+        problems.append(f"values are {onnx.TensorProto.DataType.Name(kind)}, not INT8 or INT4")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    shape, rank = values.shape, values.ndim
+    axis = attrs.get("axis", 1) % max(rank, 1)
+    if kind == 22 and rank and shape[-1] % 2:
+        problems.append(f"INT4 values {list(shape)} have an odd last dimension")
+    if scale.ndim == 1 and scale.size > 1 and scale.size != shape[axis]:
+        problems.append(f"{scale.size} scales for {shape[axis]} channels along axis {axis}")
+    elif scale.ndim > 1:
+        blocked = [d for d in range(rank) if scale.shape[d] != shape[d]]
+        if kind != 22 or rank != 2:
+            problems.append("block scales: TensorRT 10.x block-quantizes 2-D INT4 weights only")
+        if scale.ndim != rank or len(blocked) != 1 or any(shape[d] % scale.shape[d] for d in blocked):
+            problems.append(f"scales {list(scale.shape)} do not split {list(shape)} into even blocks along one axis")
+    return problems
 
 
 def operator_reports(bundle) -> dict[str, OperatorReport]:

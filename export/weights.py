@@ -24,9 +24,12 @@ ALIGNMENT = 64
 
 
 def _payload(tensor) -> bytes:
+    """A tensor's bytes as ONNX stores them (raw data: INT4 two values per byte, little-endian)."""
     from onnx import numpy_helper
 
-    return np.ascontiguousarray(numpy_helper.to_array(tensor)).tobytes()
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return np.ascontiguousarray(numpy_helper.to_array(tensor)).tobytes()  # typed fields: standard dtypes only
 
 
 def _external(tensor) -> dict[str, str]:

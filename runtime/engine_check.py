@@ -37,13 +37,13 @@ class OutputJudge:
 
     spec: GraphSpec
     dtype: str
+    weights: str = "fp"  # how the graph's weights are stored: quantized weights get their own tolerance
     rows: dict[str, dict] = field(default_factory=dict)
 
     def __call__(self, actual, expected) -> dict[str, bool]:
         names = self.spec.output_names
-        self.rows = compare_outputs(
-            self.spec, {n: actual[n] for n in names}, {n: expected[n] for n in names}, self.dtype, reference="ort"
-        )
+        got, want = {n: actual[n] for n in names}, {n: expected[n] for n in names}
+        self.rows = compare_outputs(self.spec, got, want, self.dtype, "ort", self.weights)
         return {name: bool(row["ok"]) for name, row in self.rows.items()}
 
 
@@ -85,7 +85,7 @@ def check_engines(
             for si in spec.served_scales(bundle.num_scales):
                 feeds = example_inputs(spec, bundle.model, batch, si, rng, bundle.state_dtype, bundle.candidates)
                 results = Comparator.run([TrtGraphRunner(backend, graph, batch, si), ort_runner], data_loader=[feeds])
-                judge = OutputJudge(spec, bundle.dtype)
+                judge = OutputJudge(spec, bundle.dtype, bundle.graph_weights(graph))
                 Comparator.compare_accuracy(results, compare_func=judge)
                 report.add(graph, si, judge.rows)
                 if debug_dir is not None and not all(row["ok"] for row in judge.rows.values()):

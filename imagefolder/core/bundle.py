@@ -5,7 +5,9 @@ A bundle is one folder written by ``imagefolder-export onnx``: ``<graph>.onnx`` 
 dtype policy, every graph's I/O, and the sha256 of every file except the manifest and ``engines/``).
 ``load_bundle`` refuses a bundle this version cannot run, or whose files differ from the manifest,
 with a message that says what to do. It needs no torch; the ONNX I/O check runs when ``onnx`` is
-installed (TensorRT-only targets may not have it).
+installed (TensorRT-only targets may not have it). Optional fields, read with a default so that
+older schema-2 bundles stay valid: ``weights`` ("fp"; "int8"/"int4" for quantized generator
+weights) and each graph's ``weights`` record (scheme, stored bytes).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from imagefolder.core.specs import (
     DTYPES,
     GRAPH_NAMES,
     SCHEMA_VERSION,
+    WEIGHT_SCHEMES,
     GraphSpec,
     bindings,
     graph_specs,
@@ -75,6 +78,15 @@ class Bundle:
     def dtype(self) -> str:
         """Compute precision baked into the graphs: fp32, fp16 or bf16."""
         return self.manifest["dtype"]
+
+    @property
+    def weights(self) -> str:
+        """How the big weights are stored: fp, int8 or int4 (optional field; bundles without it are fp)."""
+        return self.manifest.get("weights", "fp")
+
+    def graph_weights(self, graph: str) -> str:
+        """How one graph's weights are stored: fp, or the bundle's ``weights`` where it quantized them."""
+        return self.manifest["graphs"][graph].get("weights", {}).get("scheme", "fp")
 
     @property
     def state_dtype(self) -> str:
@@ -383,6 +395,11 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
         raise BundleError(
             f"{manifest_path}: dtype {manifest['dtype']!r} with state dtype {manifest['state_dtype']!r} "
             f"is not one of this imagefolder's policies ({', '.join(DTYPES)})"
+        )
+    if manifest.get("weights", "fp") not in WEIGHT_SCHEMES:
+        raise BundleError(
+            f"{manifest_path}: weights {manifest['weights']!r} is not one of this imagefolder's formats "
+            f"({', '.join(WEIGHT_SCHEMES)}); upgrade imagefolder or re-export the bundle"
         )
     try:
         specs = graph_specs(manifest["model"])

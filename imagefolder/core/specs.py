@@ -28,6 +28,9 @@ GRAPH_NAMES = ("encoder", "decoder", "ar_prefill", "ar_step", "sampler", "fold")
 FLOAT32, INT32, INT64, STATE = "float32", "int32", "int64", "state"
 DTYPES = ("fp32", "fp16", "bf16")
 ORT_CPU_DTYPES = ("fp32", "fp16")  # bundle dtypes ONNX Runtime's CPU provider has kernels for
+# How big weights are stored: "fp" in the bundle dtype; "int8" per output channel; "int4" in blocks
+# (export/quantize.py). Recorded in the manifest's optional "weights" field, "fp" when absent.
+WEIGHT_SCHEMES = ("fp", "int8", "int4")
 
 # Which scales a graph serves: once per batch, whatever the scale ("batch"), every scale ("all"), or
 # every scale but the last ("before_last": the fold, whose output feeds the next scale).
