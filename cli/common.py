@@ -45,6 +45,8 @@ class CommandGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        global _verbosity
+        _verbosity = 0  # each command line sets its own (-v on the group or on a subcommand raises it)
         previous = _catch_interrupts()
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)

@@ -86,9 +86,7 @@ from imagefolder.core import cuda
 
 bundle, out = Path(os.environ["BUNDLE"]), Path(os.environ["OUT"])
 manifest = json.loads((bundle / "manifest.json").read_text())
-step_graph = manifest["graphs"]["ar_step"]
-files = [step_graph["file"], *step_graph["external_data"]]
-weights = sum(manifest["files"][f]["bytes"] for f in files)  # read once per step, whatever the batch
+weights = manifest["graphs"]["ar_step"]["weights"]["bytes"]  # read once per step, whatever the batch
 name = cuda.device_properties()["name"]
 known = {"H200": 4.8}
 bandwidth = float(os.environ.get("BANDWIDTH_TBS") or next((v for k, v in known.items() if k in name), 0))
@@ -96,10 +94,12 @@ steps = len(manifest["model"]["generator"]["scales"])
 print(f"{name}; ar_step reads {weights / 1e9:.3f} GB per step; {steps} steps per image")
 for label in ("graphs", "eager"):
     for report in json.loads((out / f"profile-{label}.json").read_text())["reports"]:
-        step = report["time_per_step_ms"]
-        device = step["device"]["p50"] if step["device"] else float("nan")
-        print(f"CUDA graphs {'on ' if label == 'graphs' else 'off'} batch {report['batch']}: "
-              f"step p50 host {step['host']['p50']:.3f} ms, device {device:.3f} ms; "
+        step = report.get("time_per_step_ms")  # eager runs only: a replayed graph has no steps to time apart
+        per_step = ""
+        if step:
+            device = step["device"]["p50"] if step["device"] else float("nan")
+            per_step = f"step p50 host {step['host']['p50']:.3f} ms, device {device:.3f} ms; "
+        print(f"{report.get('mode', label)} batch {report['batch']}: {per_step}"
               f"image p50 {report['e2e_ms']['p50'] / report['batch']:.3f} ms; {report['images_per_s']:.1f} images/s")
 if bandwidth:
     floor = weights / (bandwidth * 1e12) * 1e3
