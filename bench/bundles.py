@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -80,7 +81,7 @@ def bundle(
     else:
         say(f"exporting {models.name} ({label}) into {folder}")
         start = time.perf_counter()
-        extra = {"weights": weights} if weights else {}
+        extra: dict[str, Any] = {"weights": weights} if weights else {}
         export_bundle(
             folder,
             models.tokenizer,

@@ -20,6 +20,7 @@ plain read of its bytes) on this machine; small stages whose weights stay in cac
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ def gemm_gflops(
         lead = (batch,) if batch > 1 else ()
         a = torch.randn(*lead, m, k, generator=generator)
         b = torch.randn(*lead, k, n, generator=generator)
-        seconds = _best_seconds(lambda a=a, b=b: torch.matmul(a, b), min_s, budget_s=max(0.3, min_s))
+        seconds = _best_seconds(functools.partial(torch.matmul, a, b), min_s, budget_s=max(0.3, min_s))
         rates[(batch, m, k, n)] = 2 * batch * m * k * n / seconds / 1e9
         if progress is not None:
             progress(done + 1, len(shapes))

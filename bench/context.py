@@ -53,7 +53,7 @@ class Context:
     _models: dict[str, bundles.Models] = field(default_factory=dict)
     _bundles: dict[tuple, Bundle] = field(default_factory=dict)
     _backends: dict[tuple, object] = field(default_factory=dict)
-    _measured: dict[tuple, dict[str, Measured]] = field(default_factory=dict)
+    _measured: dict[int, dict[str, Measured]] = field(default_factory=dict)
 
     def say(self, message: str) -> None:
         self.budget.say(message)

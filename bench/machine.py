@@ -39,7 +39,8 @@ def _cpuinfo() -> list[dict[str, str]]:
     path = Path("/proc/cpuinfo")
     if not path.exists():
         return []
-    cpus, current = [], {}
+    cpus: list[dict[str, str]] = []
+    current: dict[str, str] = {}
     for line in path.read_text().splitlines():
         if not line.strip():
             if current:

@@ -78,7 +78,7 @@ class TimedOrtBackend(OrtBackend):
         self.clock = GraphClock()
         self._timed: dict[str, _TimedGraph] = {}
 
-    def graph(self, name: str):  # type: ignore[override]
+    def graph(self, name: str):
         if name not in self._timed:
             self._timed[name] = _TimedGraph(super().graph(name), self.clock)
         return self._timed[name]
@@ -104,7 +104,7 @@ class TimedTorchBackend(TorchBackend):
         try:
             for owner, method in methods:
                 setattr(owner, method, self.clock.wrap(getattr(owner, method)))
-            self.sampler = self.clock.wrap(sampler)  # type: ignore[assignment]
+            self.sampler = self.clock.wrap(sampler)
             yield
         finally:
             for owner, method in methods:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 FLOOR_KIND, FLOOR_VERSION = "imagefolder-floor", 1
 DPI = 100
 WIDTH_IN, PANEL_HEIGHT_IN = 12.0, 4.5  # a profile figure is 1200 px wide and 450 px high per batch size
-COLORS = {"prefill": "#8c8c8c", "step": "#3b6fb6", "sample": "#e69f00", "fold": "#2a9d8f", "decode": "#8c8c8c"}
+COLORS = {"prefill": "#bdbdbd", "step": "#3b6fb6", "sample": "#e69f00", "fold": "#2a9d8f", "decode": "#8c8c8c"}
 
 
 def require_matplotlib(purpose: str = "(`--plot` draws with it)") -> None:
@@ -164,6 +164,7 @@ def _profile_panel(ax, report: dict, scales: tuple[int, ...], floor: dict[str, f
                 textcoords="offset points",
                 ha="center",
                 fontsize=8,
+                bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
             )
             top = max(top, floor_ms)
     ax.set_xticks(range(len(groups)), [name for name, _ in groups], fontsize=8)
@@ -172,7 +173,7 @@ def _profile_panel(ax, report: dict, scales: tuple[int, ...], floor: dict[str, f
     ax.set_xlabel("scale (grid of positions); fold: the one after the scale")
     ax.set_ylabel("host time per generation, ms")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8, ncols=5)
+    ax.legend(loc="upper left", fontsize=8, ncols=6)
     head = f"{title} · " if title else ""
     floor_note = " · black tick: the floor, label: the bar's multiple of it" if floor else ""
     ax.set_title(
