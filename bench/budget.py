@@ -13,7 +13,7 @@ from typing import TextIO
 
 # The share of the budget each measuring job may spend on its runs (exports and the calibration
 # come out of the rest; at d17 they take about a third of a 20-minute budget on two cores).
-SHARES = {"calibrate": 0.03, "roofline": 0.22, "batch": 0.14, "folding": 0.09, "dtypes": 0.12, "overhead": 0.04}
+SHARES = {"roofline": 0.22, "batch": 0.14, "folding": 0.09, "dtypes": 0.12, "overhead": 0.04}
 
 
 class Budget:

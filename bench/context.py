@@ -97,7 +97,7 @@ class Context:
             shapes = calibrate.shapes_of(cost.generation_costs(config, b, candidates) for b in BATCHES)
             threads = self.options.threads
             min_s = min(max(CALIBRATION_MIN_S * self.budget.total_s / 1200, 0.001), CALIBRATION_MIN_S)
-            self.say(f"calibrating: memory read GB/s and {len(shapes)} GEMM shapes, {threads} threads")
+            self.say(f"calibrating: memory read GB/s and {len(shapes)} GEMM shapes on {threads} thread(s)")
             start = self.budget.elapsed_s
             memory = calibrate.memory_read_gbs(threads)
 
@@ -108,8 +108,10 @@ class Context:
             rates = calibrate.gemm_gflops(shapes, threads, min_s, progress)
             steps = [cost.step_cost(config, 1, pn * pn) for pn in config.generator.scales]
             probes = list(dict.fromkeys(steps[i].gemms[3].shape for i in (0, len(steps) // 2, -1)))  # fc1
-            self.say(f"calibrating: {threads} threads against 1 on {len(probes)} shapes (contention)")
-            contention = calibrate.contention(probes, threads, min_s) if threads > 1 else {}
+            contention = {}
+            if threads > 1:
+                self.say(f"calibrating: {threads} threads against 1 on {len(probes)} shapes (contention)")
+                contention = calibrate.contention(probes, threads, min_s)
             elapsed = self.budget.elapsed_s - start
             self.calibration = Calibration(threads, memory, rates, contention, min_s, elapsed)
         return self.calibration

@@ -9,6 +9,11 @@ from bench.report import JobResult, table
 
 def run(ctx: Context) -> JobResult:
     calib = ctx.calibrated()
+    threads = (
+        "the physical cores: ONNX Runtime's default intra-op pool"
+        if ctx.options.ort_threads is None
+        else "--threads: ONNX Runtime's intra-op pool set alike"
+    )
     rates = sorted(calib.gemm_gflops.values())
     floors = {batch: ctx.floors(batch) for batch in (1, 8)}
     steps = [label for label in floors[1] if label.startswith("step")]
@@ -18,7 +23,7 @@ def run(ctx: Context) -> JobResult:
     ]
     notes = [
         f"memory read: **{calib.memory_gbs:.1f} GB/s** (sum over a float32 array of twice the last-level cache); "
-        f"GEMM: torch.matmul fp32 on {calib.threads} threads (ONNX Runtime's default: one per physical core), "
+        f"GEMM: torch.matmul fp32 on {calib.threads} thread(s) ({threads}), "
         f"{len(rates)} shapes from {rates[0]:.0f} to **{rates[-1]:.0f} GFLOP/s**; "
         f"calibration took {calib.seconds:.0f} s",
         "effective rate of a stage = its FLOPs ÷ Σ FLOPs of each product ÷ the rate measured for its shape",
