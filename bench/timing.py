@@ -18,8 +18,10 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from imagefolder.core.bundle import Bundle
 from imagefolder.core.schedule import SamplingParams
@@ -80,6 +82,10 @@ class TimedOrtBackend(OrtBackend):
 
     def instrumented(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
+
+    def open_graph(self, path: Path) -> ort.InferenceSession:
+        """An ONNX file outside the bundle, in a session with exactly this backend's options and providers."""
+        return ort.InferenceSession(str(path), sess_options=self._options, providers=self.providers)
 
 
 class TimedTorchBackend(TorchBackend):

@@ -1,8 +1,8 @@
 """Job ``folding``: the paper's claim, measured. Folding two tokens into one position halves the sequence;
 what does that save per step and per image?
 
-What is compared, at batch 1 (2 rows with guidance), on ONNX Runtime (the ``ar_step`` graph, default
-session options but ``--threads``, CPU) and PyTorch (``Generator.step``), runs interleaved:
+What is compared, at batch 1 (2 rows with guidance), on ONNX Runtime (the ``ar_step`` graph in a session
+with the ort backend's own options, CPU) and PyTorch (``Generator.step``), runs interleaved:
 
 - folded: the preset's generator as it is: P positions (286 at d17) of two tokens each (the 2V-logit
   head, a 2Z-channel input), ten steps of q_s = pn_s² positions;
@@ -129,21 +129,14 @@ def _unfolded(ctx: Context, folder: Path) -> Variant:
     module = StepGraph(generator, torch.float32, torch.float32)
     export_graph(module, spec, tuple(torch.from_numpy(trace[t.name]) for t in spec.inputs), path, 17, "float32")
     steps = [2 * pn * pn for pn in ctx.models().config.generator.scales]
-    return Variant(config, steps, _runners(_session(ctx, path), generator, _feeds(config, steps)))
-
-
-def _session(ctx: Context, path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    if ctx.options.ort_threads is not None:
-        options.intra_op_num_threads = ctx.options.ort_threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return Variant(config, steps, _runners(ctx.ort().open_graph(path), generator, _feeds(config, steps)))
 
 
 def _folded(ctx: Context) -> Variant:
     config = ctx.models().config
     steps = [pn * pn for pn in config.generator.scales]
-    path = ctx.bundle().graph_path("ar_step")
-    return Variant(config, steps, _runners(_session(ctx, path), ctx.models().generator, _feeds(config, steps)))
+    session = ctx.ort().open_graph(ctx.bundle().graph_path("ar_step"))
+    return Variant(config, steps, _runners(session, ctx.models().generator, _feeds(config, steps)))
 
 
 def _floors(ctx: Context, variants: dict[str, Variant]) -> dict[str, list[calibrate.StageFloor]]:
