@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import onnxruntime
 import torch
@@ -37,13 +37,14 @@ from bench.jobs import batch, calibrate, dtypes, folding, overhead, roofline
 from imagefolder.configs import PRESETS
 from imagefolder.runtime.plots import FLOOR_KIND, FLOOR_VERSION, save_png
 
-JOBS: dict[str, Callable[[Context], report.JobResult]] = {
-    "calibrate": calibrate.run,
-    "roofline": roofline.run,
-    "batch": batch.run,
-    "overhead": overhead.run,
-    "folding": folding.run,
-    "dtypes": dtypes.run,
+# Each job module has prepare(ctx), the one-time work (models, exports), and run(ctx) -> JobResult.
+JOBS: dict[str, ModuleType] = {
+    "calibrate": calibrate,
+    "roofline": roofline,
+    "batch": batch,
+    "overhead": overhead,
+    "folding": folding,
+    "dtypes": dtypes,
 }
 DEFAULT_PRESET = "imagefolder-d17"
 BUDGET_S = {"tiny": 60.0}  # every other preset: 20 minutes
@@ -102,14 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     onnxruntime.set_default_logger_severity(3)  # errors only: fp16 graphs log a warning per unfoldable constant
     options = Options(args.preset, args.runs, args.warmup, threads, args.threads, args.workdir, args.quality_images)
-    ctx = Context(options, budget, jobs_left=len(args.jobs))
+    ctx = Context(options, budget)
     print(f"## {args.preset}: {', '.join(args.jobs)}\n\n{machine.summary(info)}\n", flush=True)
+    budget.say("preparing: models, bundles, graphs (exported once into --workdir, then reused)")
+    for name in args.jobs:
+        JOBS[name].prepare(ctx)
+    budget.plan(args.jobs)
     results = []
     for i, name in enumerate(args.jobs):
         budget.say(f"job {i + 1}/{len(args.jobs)}: {name}")
-        result = JOBS[name](ctx)
+        result = JOBS[name].run(ctx)
         results.append(result)
-        ctx.jobs_left -= 1
         print(result.markdown() + "\n", flush=True)
     drift = ctx.drift() if ctx.calibration is not None else None
     info["load_average_end"] = machine.describe()["load_average"]

@@ -1,8 +1,9 @@
 """The run's time budget: progress lines stamped with the time spent, and each job's share of what is left.
 
 ``make bench`` must finish within its budget on two cores, so every measurement is sized from the time
-it is allotted (``bench.timing.Plan``) instead of a fixed run count. A job is allotted its share of
-the budget, but never more than an even split of what remains between it and the jobs after it.
+it is allotted (``bench.timing.Plan``) instead of a fixed run count. The one-time work comes first
+(models, exports, the calibration), then each measuring job is allotted its share of the time that
+remains at its start, less a reserve for the end of the run, among the jobs not yet run.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import sys
 import time
 from typing import TextIO
 
-# The share of the budget each measuring job may spend on its runs (exports and the calibration
-# come out of the rest; at d17 they take about a third of a 20-minute budget on two cores).
-SHARES = {"roofline": 0.22, "batch": 0.14, "folding": 0.09, "dtypes": 0.12, "overhead": 0.04}
+# The measuring jobs' shares of the time left after the one-time work.
+SHARES = {"roofline": 0.36, "batch": 0.24, "overhead": 0.04, "folding": 0.16, "dtypes": 0.20}
+RESERVE = 0.03  # of the budget, for the floor's drift check and writing the results
 
 
 class Budget:
@@ -22,6 +23,7 @@ class Budget:
     def __init__(self, total_s: float, stream: TextIO = sys.stderr):
         self.total_s, self.stream = total_s, stream
         self.start = time.perf_counter()
+        self.jobs_left: list[str] = []
 
     @property
     def elapsed_s(self) -> float:
@@ -34,6 +36,14 @@ class Budget:
     def say(self, message: str) -> None:
         print(f"[{self.elapsed_s:5.0f} s / {self.total_s:.0f} s] {message}", file=self.stream, flush=True)
 
-    def allot(self, job: str, jobs_left: int) -> float:
-        """Seconds for ``job``'s measurements: its share, within an even split of what remains."""
-        return max(0.0, min(SHARES[job] * self.total_s, self.remaining_s / max(jobs_left, 1)))
+    def plan(self, jobs: list[str]) -> None:
+        """The measuring jobs that will run, in order."""
+        self.jobs_left = [job for job in jobs if job in SHARES]
+
+    def allot(self, job: str) -> float:
+        """Seconds for ``job``'s measurements (asked once, when it starts)."""
+        shares = sum(SHARES[j] for j in self.jobs_left) or 1.0
+        seconds = max(0.0, self.remaining_s - RESERVE * self.total_s) * SHARES[job] / shares
+        self.jobs_left.remove(job)
+        self.say(f"{job}: {seconds:.0f} s allotted")
+        return seconds

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,8 +49,8 @@ class Calibration:
 class Context:
     options: Options
     budget: Budget
-    jobs_left: int
     calibration: Calibration | None = None
+    prepared: dict[str, Any] = field(default_factory=dict)  # what a job's prepare() made for its run()
     _models: dict[str, bundles.Models] = field(default_factory=dict)
     _bundles: dict[tuple, Bundle] = field(default_factory=dict)
     _backends: dict[tuple, object] = field(default_factory=dict)

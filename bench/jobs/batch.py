@@ -9,8 +9,13 @@ from bench.report import JobResult, ratio, table
 BACKENDS = ("torch", "ort")
 
 
+def prepare(ctx: Context) -> None:
+    ctx.torch()
+    ctx.ort()
+
+
 def run(ctx: Context) -> JobResult:
-    allot = ctx.budget.allot("batch", ctx.jobs_left)
+    allot = ctx.budget.allot("batch")
     todo = [b for b in BATCHES if not ctx.has_measured(b)]
     work = sum(todo) or 1
     raw, rows = {}, []

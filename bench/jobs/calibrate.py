@@ -7,6 +7,10 @@ from bench.context import Context
 from bench.report import JobResult, table
 
 
+def prepare(ctx: Context) -> None:
+    ctx.models()
+
+
 def run(ctx: Context) -> JobResult:
     calib = ctx.calibrated()
     threads = (

@@ -39,8 +39,14 @@ def _class_accuracy(images: np.ndarray, labels: list[int]) -> float:
     return float((logits.argmax(-1).numpy() == np.asarray(labels)).mean())
 
 
+def prepare(ctx: Context) -> None:
+    for name in (None, DEFAULT_MODEL):
+        for dtype, weights in _formats():
+            ctx.ort(name, dtype, weights)
+
+
 def run(ctx: Context) -> JobResult:
-    allot = ctx.budget.allot("dtypes", ctx.jobs_left)
+    allot = ctx.budget.allot("dtypes")
     formats = _formats()
     notes = []
     if len(formats) == 2:

@@ -21,11 +21,10 @@ inputs are fixed (random) and not updated between steps: the same work in both, 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -39,6 +38,7 @@ from imagefolder.configs import ModelConfig
 from imagefolder.core.specs import example_inputs, graph_specs
 from imagefolder.export.graphs import StepGraph
 from imagefolder.export.onnx_export import export_graph
+from imagefolder.io import atomic_write_text
 from imagefolder.models.generator import Generator
 
 TRACE_Q = 7  # positions of the traced step: distinct from every other dimension, so none is frozen
@@ -113,23 +113,34 @@ def _runners(session: ort.InferenceSession, generator: Generator, feeds: list[di
     }
 
 
-def _unfolded(ctx: Context, folder: Path) -> Variant:
+def _unfolded(ctx: Context) -> Variant:
+    """The unfolded generator (random weights, seed 0) and its step graph, exported into the work folder
+    once and reused while the configuration is the same."""
     config = unfolded_config(ctx.models().config)
     torch.manual_seed(0)
     generator = Generator(config.generator).eval()
     # Generator's head always predicts two tokens (2V logits); one token per position needs V.
     generator.head = torch.nn.Linear(config.generator.width, config.generator.codebook_size)
-    model = config.to_dict()
-    spec = graph_specs(model)["ar_step"]
-    trace = example_inputs(spec, model, 2, 0, np.random.default_rng(1))
-    trace["positions"] = np.arange(1, 1 + TRACE_Q, dtype=np.int64)
-    trace["x_folded"] = np.zeros((4, TRACE_Q, config.generator.folded_dim), np.float32)
-    path = folder / "ar_step_unfolded.onnx"
-    ctx.say(f"exporting the unfolded step graph ({config.generator.positions} positions, one token each)")
-    module = StepGraph(generator, torch.float32, torch.float32)
-    export_graph(module, spec, tuple(torch.from_numpy(trace[t.name]) for t in spec.inputs), path, 17, "float32")
+    folder = ctx.options.workdir / config.name
+    path, described = folder / "ar_step.onnx", folder / "config.json"
+    if path.exists() and described.exists() and json.loads(described.read_text()) == _jsonable(config.to_dict()):
+        ctx.say(f"reusing {path}")
+    else:
+        ctx.say(f"exporting the unfolded step graph ({config.generator.positions} positions, one token each)")
+        model = config.to_dict()
+        spec = graph_specs(model)["ar_step"]
+        trace = example_inputs(spec, model, 2, 0, np.random.default_rng(1))
+        trace["positions"] = np.arange(1, 1 + TRACE_Q, dtype=np.int64)
+        trace["x_folded"] = np.zeros((4, TRACE_Q, config.generator.folded_dim), np.float32)
+        module = StepGraph(generator, torch.float32, torch.float32)
+        export_graph(module, spec, tuple(torch.from_numpy(trace[t.name]) for t in spec.inputs), path, 17, "float32")
+        atomic_write_text(described, json.dumps(model))
     steps = [2 * pn * pn for pn in ctx.models().config.generator.scales]
     return Variant(config, steps, _runners(ctx.ort().open_graph(path), generator, _feeds(config, steps)))
+
+
+def _jsonable(data: dict) -> dict:
+    return json.loads(json.dumps(data))
 
 
 def _folded(ctx: Context) -> Variant:
@@ -160,13 +171,16 @@ def _levels(config: ModelConfig, start: int, q: int) -> list[int]:
     return levels[start : start + q]
 
 
+def prepare(ctx: Context) -> None:
+    ctx.prepared["folding"] = {"folded": _folded(ctx), "unfolded": _unfolded(ctx)}
+
+
 def run(ctx: Context) -> JobResult:
-    allot = ctx.budget.allot("folding", ctx.jobs_left)
+    allot = ctx.budget.allot("folding")
     torch.set_num_threads(ctx.options.threads)
-    with tempfile.TemporaryDirectory(dir=ctx.options.workdir) as tmp:
-        variants = {"folded": _folded(ctx), "unfolded": _unfolded(ctx, Path(tmp))}
-        floors = _floors(ctx, variants)
-        times = _measure(ctx, variants, allot)
+    variants: dict[str, Variant] = ctx.prepared.pop("folding")
+    floors = _floors(ctx, variants)
+    times = _measure(ctx, variants, allot)
     names, backends = ("folded", "unfolded"), ("ort", "torch")
     p50 = {key: [statistics.median(col) for col in zip(*runs, strict=True)] for key, runs in times.items()}
     per_image = {key: statistics.median(sum(run) for run in runs) for key, runs in times.items()}

@@ -14,9 +14,14 @@ from bench.report import JobResult, median, ms, table
 BACKENDS = ("torch", "ort")
 
 
+def prepare(ctx: Context) -> None:
+    ctx.torch()
+    ctx.ort()
+
+
 def run(ctx: Context) -> JobResult:
     batches = [b for b in (1, 8) if ctx.has_measured(b)] or [1]
-    allot = ctx.budget.allot("overhead", ctx.jobs_left)
+    allot = ctx.budget.allot("overhead")
     raw, rows = {}, []
     for batch in batches:
         measured = ctx.measured(batch, allot)

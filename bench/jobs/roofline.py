@@ -10,8 +10,13 @@ BATCHES = {1: 0.25, 8: 0.75}  # batch: its share of the job's time (batch 8 does
 BACKENDS = ("torch", "ort")
 
 
+def prepare(ctx: Context) -> None:
+    ctx.torch()
+    ctx.ort()
+
+
 def run(ctx: Context) -> JobResult:
-    allot = ctx.budget.allot("roofline", ctx.jobs_left)
+    allot = ctx.budget.allot("roofline")
     raw: dict = {}
     tables = []
     for batch, share in BATCHES.items():
