@@ -13,11 +13,12 @@ Jobs, in this order (``--only`` picks some; each calibrates or measures what it 
     folding    two tokens per position (286 positions at d17) against one (572): per step, per image
     dtypes     fp32 and fp16 bundles (int8, int4 once the export writes them): speed and quality
 
-Measurements run interleaved and are sized to the budget (``--budget``, default 20 minutes for d17,
-one for tiny); progress and the time spent go to stderr, the tables to stdout. Writes into ``--out``
-(default build/bench/PRESET; docs/bench with --write-docs): bench.json (every raw number, the machine,
-the command), floor.json (for ``imagefolder profile --plot --floor``), benchmarks.md (the tables),
-roofline.png and batch-scaling.png.
+Models and bundles are made first (exported once into ``--workdir``, then reused); measurements run
+interleaved and are sized to the budget (``--budget``, default 20 minutes for d17, one for tiny);
+progress and the time spent go to stderr, the tables to stdout. Writes into ``--out`` (default
+build/bench/PRESET; docs/bench with --write-docs): bench.json (every raw number, the machine, the
+command), floor.json (for ``imagefolder profile --plot --floor``), roofline.png, batch-scaling.png,
+and the tables as benchmarks.md, or with --write-docs as docs/benchmarks.md's generated section.
 """
 
 from __future__ import annotations
@@ -129,15 +130,20 @@ def write(out: Path, args: argparse.Namespace, ctx: Context, info: dict, results
     written = [report.write_json(out / "bench.json", data)]
     if ctx.calibration is not None:
         written.append(report.write_json(out / "floor.json", floor_file(ctx, info)))
-    title = f"{args.preset}, {info['cpu']}, {info['physical_cores']} cores, {info['date'][:10]}"
+    threads = ctx.options.threads
+    title = (
+        f"{args.preset} (random weights), {info['cpu']}, {info['physical_cores']} cores, "
+        f"{threads} thread{'s' * (threads > 1)}, {info['date'][:10]}"
+    )
     if "roofline" in raw and "calibrate" in raw:
         written.append(save_png(figures.roofline(raw["roofline"], raw["calibrate"], title), out / "roofline.png"))
     if "batch" in raw:
         written.append(save_png(figures.batch_scaling(raw["batch"], title), out / "batch-scaling.png"))
     section = report.document(header(args, ctx, info, drift, out), results)
-    written.append(report.write_text(out / "benchmarks.md", section))
     if args.write_docs:
         written.append(report.replace_section(ROOT / "docs" / "benchmarks.md", section))
+    else:
+        written.append(report.write_text(out / "benchmarks.md", section))
     return written
 
 

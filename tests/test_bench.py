@@ -121,3 +121,11 @@ def test_unknown_jobs_are_refused():
         [sys.executable, "-m", "bench", "--only", "roofline,nope"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 2 and "unknown job(s) ['nope']" in result.stderr
+
+
+def test_the_package_never_imports_the_bench():
+    package = ROOT / "imagefolder"
+    sources = [p for p in package.rglob("*.py")] + [
+        p for part in ("export", "runtime", "cli") for p in (ROOT / part).rglob("*.py")
+    ]
+    assert not [p for p in sources if "from bench" in p.read_text() or "import bench" in p.read_text()]

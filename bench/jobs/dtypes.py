@@ -89,7 +89,7 @@ def run(ctx: Context) -> JobResult:
         "speed-up vs fp32",
         "tokens = fp32",
         "default model: class accuracy",
-        "tokens = fp32",
+        "default model: tokens = fp32",
     ]
     runs = base.report["runs"]
     images = ctx.options.quality_images

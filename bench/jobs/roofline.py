@@ -54,5 +54,8 @@ def run(ctx: Context) -> JobResult:
         "formulas in `bench/cost.py`; the end-to-end floor is the sum of the stages' floors",
         "a multiple below 1 means the stage beat a plain matmul of its shapes or a read of its bytes from DRAM "
         "(its weights stayed in cache)",
+        "the sampler's floor holds its two blocked cumulative sums and one read of the logits; its TopK, softmax, "
+        "scatter and masks are element-wise passes over tensors the size of the logits, which the floor leaves out "
+        "and its multiple shows",
     ]
     return JobResult("roofline", "Roofline: each stage against the machine's floor", raw, tables, notes)
