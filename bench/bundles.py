@@ -56,6 +56,18 @@ def weight_formats() -> tuple[str, ...]:
     return ("int8", "int4") if "weights" in inspect.signature(export_bundle).parameters else ()
 
 
+def weight_format(manifest: dict) -> str:
+    """A bundle's weight format: "fp" (the dtype's own), or what the ``quantize`` branch's manifests name
+    in ``weights`` ("int8", "int4"); earlier manifests hold byte counts there instead."""
+    stored = manifest.get("weights")
+    return stored if isinstance(stored, str) else "fp"
+
+
+def bundle_bytes(manifest: dict) -> int:
+    """Every file of a bundle (its ONNX graphs and their weights), as the manifest lists them."""
+    return sum(entry["bytes"] for entry in manifest["files"].values())
+
+
 def _matches(folder: Path, models: Models, dtype: str, weights: str | None) -> bool:
     path = folder / MANIFEST
     if not path.exists():
@@ -64,7 +76,7 @@ def _matches(folder: Path, models: Models, dtype: str, weights: str | None) -> b
     return (
         manifest.get("model") == json.loads(json.dumps(models.config.to_dict()))
         and manifest.get("dtype") == dtype
-        and manifest.get("weights", {}).get("format") == weights
+        and weight_format(manifest) == (weights or "fp")
         and manifest.get("batch_max", 0) >= BATCH_MAX
         and manifest.get("source", {}).get("bench") == models.name
     )

@@ -124,8 +124,21 @@ def test_unknown_jobs_are_refused():
 
 
 def test_the_package_never_imports_the_bench():
-    package = ROOT / "imagefolder"
-    sources = [p for p in package.rglob("*.py")] + [
-        p for part in ("export", "runtime", "cli") for p in (ROOT / part).rglob("*.py")
-    ]
+    sources = [p for part in ("imagefolder", "export", "runtime", "cli") for p in (ROOT / part).rglob("*.py")]
     assert not [p for p in sources if "from bench" in p.read_text() or "import bench" in p.read_text()]
+
+
+def test_quantized_bundles_are_picked_up_once_the_export_writes_them(monkeypatch):
+    from bench import bundles
+
+    assert bundles.weight_format({"weights": {"stored_bytes": 1}}) == "fp"  # manifests before branch quantize
+    assert bundles.weight_format({"weights": "int4"}) == "int4"
+
+    def export_before(out_dir, tokenizer, generator, config, dtype="fp32"): ...
+
+    def export_after(out_dir, tokenizer, generator, config, dtype="fp32", weights="fp"): ...
+
+    monkeypatch.setattr(bundles, "export_bundle", export_before)
+    assert bundles.weight_formats() == ()
+    monkeypatch.setattr(bundles, "export_bundle", export_after)
+    assert bundles.weight_formats() == ("int8", "int4")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench.bundles import DEFAULT_MODEL, weight_formats
+from bench.bundles import DEFAULT_MODEL, bundle_bytes, weight_formats
 from bench.context import Context
 from bench.report import JobResult, median, ms, ratio, table
 from bench.timing import Plan, agreement, measure
@@ -63,7 +63,7 @@ def run(ctx: Context) -> JobResult:
             "e2e_ms": median(m.e2e_ms),
             "time_per_step_ms": m.report["time_per_step_ms"]["host"]["p50"],
             "token_agreement": agreement(base.indices, m.indices),
-            "weight_bytes": bundles[label].manifest["weights"]["stored_bytes"],
+            "bundle_bytes": bundle_bytes(bundles[label].manifest),
         }
         for label, m in measured.items()
     }
@@ -71,7 +71,7 @@ def run(ctx: Context) -> JobResult:
     rows = [
         [
             label,
-            f"{speed[label]['weight_bytes'] / 1e6:.3g}",
+            f"{speed[label]['bundle_bytes'] / 1e6:.3g}",
             ms(speed[label]["e2e_ms"]),
             ms(speed[label]["time_per_step_ms"]),
             ratio(speed["fp32"]["e2e_ms"] / speed[label]["e2e_ms"]),
@@ -83,7 +83,7 @@ def run(ctx: Context) -> JobResult:
     ]
     headers = [
         "bundle",
-        "weights MB",
+        "bundle MB",
         "end to end ms",
         "per step ms",
         "speed-up vs fp32",
