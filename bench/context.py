@@ -53,7 +53,8 @@ class Context:
     prepared: dict[str, Any] = field(default_factory=dict)  # what a job's prepare() made for its run()
     _models: dict[str, bundles.Models] = field(default_factory=dict)
     _bundles: dict[tuple, Bundle] = field(default_factory=dict)
-    _backends: dict[tuple, object] = field(default_factory=dict)
+    _ort: dict[tuple, TimedOrtBackend] = field(default_factory=dict)
+    _torch: dict[str, TimedTorchBackend] = field(default_factory=dict)
     _measured: dict[int, dict[str, Measured]] = field(default_factory=dict)
 
     def say(self, message: str) -> None:
@@ -75,18 +76,18 @@ class Context:
         return self._bundles[key]
 
     def ort(self, name: str | None = None, dtype: str = "fp32", weights: str | None = None) -> TimedOrtBackend:
-        key = ("ort", name or self.options.preset, dtype, weights)
-        if key not in self._backends:
-            self._backends[key] = TimedOrtBackend(self.bundle(*key[1:]), threads=self.options.ort_threads)
-        return self._backends[key]  # type: ignore[return-value]
+        key = (name or self.options.preset, dtype, weights)
+        if key not in self._ort:
+            self._ort[key] = TimedOrtBackend(self.bundle(*key), threads=self.options.ort_threads)
+        return self._ort[key]
 
     def torch(self, name: str | None = None) -> TimedTorchBackend:
-        key = ("torch", name or self.options.preset)
-        if key not in self._backends:
-            models = self.models(key[1])
+        name = name or self.options.preset
+        if name not in self._torch:
+            models = self.models(name)
             candidates = default_candidates(models.config.generator.codebook_size)
-            self._backends[key] = TimedTorchBackend(models.tokenizer, models.generator, candidates)
-        return self._backends[key]  # type: ignore[return-value]
+            self._torch[name] = TimedTorchBackend(models.tokenizer, models.generator, candidates)
+        return self._torch[name]
 
     # -- calibration and measurements ---------------------------------------------------------------
 
@@ -117,14 +118,12 @@ class Context:
             self.calibration = Calibration(threads, memory, rates, contention, min_s, elapsed)
         return self.calibration
 
-    def floors(self, batch: int, dtype: str = "fp32") -> dict[str, calibrate.StageFloor]:
-        """The floor of every stage of a generation of ``batch`` images of the preset."""
+    def floors(self, batch: int) -> dict[str, calibrate.StageFloor]:
+        """The floor of every stage of a generation of ``batch`` images of the preset, fp32."""
         config = self.models().config
         calib = self.calibrated()
         candidates = default_candidates(config.generator.codebook_size)
-        return calibrate.floors(
-            cost.generation_costs(config, batch, candidates, dtype), calib.gemm_gflops, calib.memory_gbs
-        )
+        return calibrate.floors(cost.generation_costs(config, batch, candidates), calib.gemm_gflops, calib.memory_gbs)
 
     def measured(self, batch: int, allot_s: float) -> dict[str, Measured]:
         """torch and ort, interleaved, on the preset at ``batch`` (measured once per run)."""
