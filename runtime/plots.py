@@ -1,9 +1,11 @@
 """Pictures of a profile: per-scale latency stacked by stage, and the floor it is measured against.
 
-``imagefolder profile --plot FILE.png`` draws one panel per batch size: for every scale a bar of the
-p50 host times of its step, sample and fold (the fold that follows the scale) stacked, a p90 whisker
-on each part, the prefill before and the decode after; and, given a floor file, the floor of each bar
-as a black tick with the bar's multiple of it written above.
+``imagefolder profile --plot FILE.png`` draws one panel per report (batch size, and on TensorRT eager
+and CUDA graph): for every scale a bar of the p50 times of its step, sample and fold (the fold that
+follows the scale) stacked, a p90 whisker on each part, the prefill before and the decode after (a
+graph run has one bar, the whole generation); device time where every stage has it (TensorRT: the
+host only enqueues), host time otherwise; and, given a floor file, the floor of each bar as a black
+tick with the bar's multiple of it written above.
 
 A floor file is the JSON that ``python -m bench`` writes beside its results (``floor.json``): for a
 model, a dtype and some batch sizes, the floor of every stage on the machine it calibrated
@@ -34,8 +36,15 @@ if TYPE_CHECKING:
 
 FLOOR_KIND, FLOOR_VERSION = "imagefolder-floor", 1
 DPI = 100
-WIDTH_IN, PANEL_HEIGHT_IN = 12.0, 4.5  # a profile figure is 1200 px wide and 450 px high per batch size
-COLORS = {"prefill": "#bdbdbd", "step": "#3b6fb6", "sample": "#e69f00", "fold": "#2a9d8f", "decode": "#8c8c8c"}
+WIDTH_IN, PANEL_HEIGHT_IN = 12.0, 4.5  # a profile figure is 1200 px wide and 450 px high per report
+COLORS = {
+    "prefill": "#bdbdbd",
+    "step": "#3b6fb6",
+    "sample": "#e69f00",
+    "fold": "#2a9d8f",
+    "decode": "#8c8c8c",
+    "generation": "#6a51a3",
+}
 
 
 def require_matplotlib(purpose: str = "(`--plot` draws with it)") -> None:
@@ -65,7 +74,7 @@ def save_png(figure: Figure, path: str | os.PathLike) -> Path:
 
 
 def profile_size(panels: int) -> tuple[int, int]:
-    """Width and height in pixels of a profile figure with ``panels`` batch sizes."""
+    """Width and height in pixels of a profile figure with ``panels`` reports."""
     return round(WIDTH_IN * DPI), round(PANEL_HEIGHT_IN * panels * DPI)
 
 
@@ -124,8 +133,11 @@ def profile_figure(
     return figure
 
 
-def _bar_groups(scales: tuple[int, ...]) -> list[tuple[str, list[str]]]:
-    """(tick label, stage labels stacked in its bar): the prefill, each scale, the decode."""
+def _bar_groups(report: dict, scales: tuple[int, ...]) -> list[tuple[str, list[str]]]:
+    """(tick label, stage labels stacked in its bar): the prefill, each scale, the decode; or, for a run
+    that replayed a CUDA graph, its one stage."""
+    if report.get("mode") == "graph":
+        return [("generation\n(one CUDA graph)", ["generation"])]
     groups = [("prefill", ["prefill"])]
     for si, pn in enumerate(scales):
         kinds = ("step", "sample", "fold") if si < len(scales) - 1 else ("step", "sample")
@@ -133,12 +145,17 @@ def _bar_groups(scales: tuple[int, ...]) -> list[tuple[str, list[str]]]:
     return groups + [("decode", ["decode"])]
 
 
-WHISKER_OFFSET = {"step": -0.22, "sample": 0.0, "fold": 0.22, "prefill": 0.0, "decode": 0.0}
+WHISKER_OFFSET = {"step": -0.22, "sample": 0.0, "fold": 0.22}
 
 
 def _profile_panel(ax, report: dict, scales: tuple[int, ...], floor: dict[str, float] | None, title: str) -> None:
-    stages = {s["label"]: s["host_ms"] for s in report["stages"]}
-    groups = _bar_groups(scales)
+    # A GPU's time is on the device (host time is its enqueue time): device time wherever every stage has it.
+    device = all(s["device_ms"] is not None for s in report["stages"])
+    clock = "device" if device else "host"
+    stages = {s["label"]: s[f"{clock}_ms"] for s in report["stages"]}
+    if floor is not None and "generation" in stages:
+        floor = {"generation": sum(floor.values())}
+    groups = _bar_groups(report, scales)
     legend: set[str] = set()
     top = 0.0
     for x, (_, labels) in enumerate(groups):
@@ -148,7 +165,7 @@ def _profile_panel(ax, report: dict, scales: tuple[int, ...], floor: dict[str, f
             p50, p90 = stages[label]["p50"], stages[label]["p90"]
             ax.bar(x, p50, 0.7, bottom=bottom, color=COLORS[kind], label=None if kind in legend else kind)
             legend.add(kind)
-            wx = x + WHISKER_OFFSET[kind]
+            wx = x + WHISKER_OFFSET.get(kind, 0.0)
             ax.plot([wx, wx], [bottom + p50, bottom + p90], color="black", lw=0.8)
             ax.plot([wx - 0.05, wx + 0.05], [bottom + p90] * 2, color="black", lw=0.8)
             top = max(top, bottom + p90)
@@ -171,10 +188,11 @@ def _profile_panel(ax, report: dict, scales: tuple[int, ...], floor: dict[str, f
     ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_ylim(0, top * 1.15)
     ax.set_xlabel("scale (grid of positions); fold: the one after the scale")
-    ax.set_ylabel("host time per generation, ms")
+    ax.set_ylabel(f"{clock} time per generation, ms")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8, ncols=6)
     head = f"{title} · " if title else ""
+    head += "CUDA graph · " if report.get("mode") == "graph" else ""
     floor_note = " · black tick: the floor, label: the bar's multiple of it" if floor else ""
     ax.set_title(
         f"{head}batch {report['batch']}: end to end p50 {report['e2e_ms']['p50']:.3g} ms, "

@@ -97,3 +97,28 @@ def test_a_floor_file_of_another_model_is_refused(tmp_path):
     floor.write_text("{}")
     with pytest.raises(InputError, match="is not a floor file"):
         plots.read_floor(floor, [1], 5)
+
+
+def _stats(ms: float) -> dict:
+    return {"n": 2, "mean": ms, "min": ms, "max": 1.2 * ms, "p50": ms, "p90": 1.2 * ms, "p99": 1.2 * ms}
+
+
+def test_a_cuda_graph_report_is_one_bar_of_device_time_against_the_whole_floor(tmp_path):
+    """TensorRT's two reports per batch: eager stages in device time, and the graph's one stage."""
+    labels = plots.stage_labels(2)
+    stages = [
+        {"label": label, "host_ms": _stats(0.01), "device_ms": _stats(1.0), "stage": label.split("[")[0]}
+        for label in labels
+    ]
+    eager = {"batch": 1, "mode": "eager", "runs": 2, "stages": stages, "e2e_ms": _stats(9.0), "images_per_s": 110}
+    graph = dict(
+        eager, mode="graph", stages=[{"label": "generation", "host_ms": _stats(0.05), "device_ms": _stats(3.5)}]
+    )
+    floors = {1: {label: 0.1 for label in labels}}  # 7 stages: 0.7 ms for the whole generation
+    figure = plots.profile_figure([eager, graph], (1, 2), floors, "trt")
+    eager_axes, graph_axes = figure.axes
+    assert eager_axes.get_ylabel().startswith("device time") and "CUDA graph" in graph_axes.get_title()
+    assert [t.get_text() for t in graph_axes.texts] == ["5.0×"]  # 3.5 ms against 0.7 ms
+    assert [t.get_text() for t in eager_axes.texts][0] == "10.0×"  # the prefill: 1 ms against 0.1 ms
+    with Image.open(plots.save_png(figure, tmp_path / "trt.png")) as image:
+        assert image.size == plots.profile_size(2)
