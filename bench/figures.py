@@ -117,8 +117,10 @@ def batch_scaling(result: dict, title: str):
         rates = [entry[name] for _, entry in entries]
         ax.plot(batches, rates, marker=BACKEND_MARKER[name], color=color, label=name)
         for b, rate, top in zip(batches, rates, floor, strict=True):
-            ax.annotate(f"{top / rate:.1f}×", (b, rate), xytext=(0, 7), textcoords="offset points", ha="center",
-                        fontsize=8, color=color)  # fmt: skip
+            label = f"{top / rate:.1f}×"
+            ax.annotate(
+                label, (b, rate), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=8, color=color
+            )
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.set_yscale("log")
