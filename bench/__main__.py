@@ -11,7 +11,7 @@ Jobs, in this order (``--only`` picks some; each calibrates or measures what it 
     batch      images/s at batch 1, 2, 4, 8, torch and ort, against the floor
     overhead   the runtime's own time per image: end to end minus the time inside the graphs
     folding    two tokens per position (286 positions at d17) against one (572): per step, per image
-    dtypes     fp32 and fp16 bundles (int8, int4 once the export writes them): speed and quality
+    dtypes     fp32 and fp16 bundles, int8 and int4 generator weights: speed and quality
 
 Models and bundles are made first (exported once into ``--workdir``, then reused); measurements run
 interleaved and are sized to the budget (``--budget``, default 20 minutes for d17, one for tiny);

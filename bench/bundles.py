@@ -20,6 +20,7 @@ import torch
 
 from imagefolder.configs import ModelConfig, from_name
 from imagefolder.core.bundle import MANIFEST, Bundle, load_bundle
+from imagefolder.errors import BundleError
 from imagefolder.export.onnx_export import export_bundle
 from imagefolder.models.generator import Generator
 from imagefolder.models.tokenizer import Tokenizer
@@ -89,20 +90,24 @@ def bundle(
     label = f"{dtype}" + (f"-{weights}" if weights else "")
     folder = workdir / f"{models.name}-{label}"
     if _matches(folder, models, dtype, weights):
-        say(f"reusing {folder}")
-    else:
-        say(f"exporting {models.name} ({label}) into {folder}")
-        start = time.perf_counter()
-        extra: dict[str, Any] = {"weights": weights} if weights else {}
-        export_bundle(
-            folder,
-            models.tokenizer,
-            models.generator,
-            models.config,
-            dtype=dtype,
-            batch_max=BATCH_MAX,
-            source={"bench": models.name},
-            **extra,
-        )
-        say(f"exported {models.name} ({label}) in {time.perf_counter() - start:.0f} s")
+        try:
+            found = load_bundle(folder, verify=False)
+            say(f"reusing {folder}")
+            return found
+        except BundleError as err:  # written by another imagefolder (an older schema): export it anew
+            say(f"not reusing {folder}: {err}")
+    say(f"exporting {models.name} ({label}) into {folder}")
+    start = time.perf_counter()
+    extra: dict[str, Any] = {"weights": weights} if weights else {}
+    export_bundle(
+        folder,
+        models.tokenizer,
+        models.generator,
+        models.config,
+        dtype=dtype,
+        batch_max=BATCH_MAX,
+        source={"bench": models.name},
+        **extra,
+    )
+    say(f"exported {models.name} ({label}) in {time.perf_counter() - start:.0f} s")
     return load_bundle(folder, verify=False)

@@ -6,8 +6,8 @@
   images as judged by the shipped classifier (``imagefolder.train.classifier``, as ``imagefolder
   eval`` does), and the token agreement with fp32.
 
-fp32 and fp16 always; int8 and int4 weights once ``export_bundle`` takes ``weights=`` (branch
-``quantize``), a printed note until then.
+fp32 and fp16 always; int8 and int4 generator weights (on fp32 bundles) wherever ``export_bundle``
+takes ``weights=`` (since the ``quantize`` merge), a printed note where it does not.
 """
 
 from __future__ import annotations
