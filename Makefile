@@ -28,8 +28,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The benchmark suite on the official d17 architecture (random weights), ≤ 20 minutes on 2 cores: tables into
+# docs/benchmarks.md's generated section, figures and raw numbers into docs/bench/ (python -m bench -h: options).
 bench: $(STAMP)
-	$(BIN)/python bench/step_latency.py
+	$(BIN)/python -m bench --write-docs
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out

@@ -82,7 +82,7 @@ def main() -> None:
     official = SamplingParams(seed=args.seed)  # cfg 3.25, top-k 750 (the whole codebook here), top-p 0.95
     reference = real_features(args.images, config.tokenizer.image_size)
     with tempfile.TemporaryDirectory() as tmp:
-        results = {}
+        results: dict[str, dict] = {}
         for weights in SCHEMES:
             path = export_bundle(
                 Path(tmp) / weights,

@@ -75,7 +75,7 @@ def export(module: nn.Module, inputs: dict[str, np.ndarray], path: Path) -> ort.
 def feeds(schema: int, batch: int, q: int, vocab: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     logits = (3 * rng.standard_normal((2 * batch, q, 2 * vocab))).astype(np.float32)
     per = (1,) if schema == 2 else (batch,)
-    out = {
+    out: dict[str, np.ndarray] = {
         "logits": logits,
         "guidance": np.full(per, 1.5, np.float32),
         "top_k": np.full(per, 750, np.int64),

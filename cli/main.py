@@ -235,6 +235,19 @@ def reconstruct(bundle, backend, checkpoint, trust_checkpoint, images, output) -
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write a Chrome trace (open in Perfetto or chrome://tracing).",
 )
+@click.option(
+    "--plot",
+    "plot_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Draw per-scale latency stacked by stage (p50 bars, p90 whiskers) as a PNG; needs matplotlib "
+    "(the bench extra).",
+)
+@click.option(
+    "--floor",
+    "floor_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A floor file written by `python -m bench` (floor.json): draws each bar's floor on the --plot figure.",
+)
 def profile(
     bundle,
     backend,
@@ -251,14 +264,21 @@ def profile(
     layers,
     json_out,
     trace_out,
+    plot_out,
+    floor_file,
 ) -> None:
     """Per-step latency of the generation loop: p50/p90/p99, time to first scale, images/s.
 
     On TensorRT, two reports per batch size: eager (device time of every stage from CUDA events) and
     CUDA graph (device time of the whole generation around its one launch, and launches per generation).
     """
+    from imagefolder.runtime import plots
     from imagefolder.runtime.profiler import profile_generation
 
+    if floor_file is not None and plot_out is None:
+        raise click.UsageError("--floor draws on the --plot figure; give --plot FILE.png too")
+    if plot_out is not None:
+        plots.require_matplotlib()
     sizes = parse_ints(batches, "batch size")
     params = SamplingParams(cfg=cfg, top_k=top_k, top_p=top_p, seed=0)
     engine = open_backend(
@@ -267,7 +287,13 @@ def profile(
     if layers and engine.name != "trt":
         engine.close()
         raise click.UsageError("--layers needs the trt backend (TensorRT's per-layer profiler)")
+    scales, source = engine.scales, getattr(engine, "bundle", None)
+    title = f"{engine.name}" + (f" · {source.name} {source.dtype}" if source is not None else "")
     try:
+        floors = None
+        if floor_file is not None:
+            model, dtype = (source.name, source.dtype) if source is not None else (None, None)
+            floors = plots.read_floor(floor_file, sizes, len(scales), model, dtype)
         result = profile_generation(
             engine, sizes, params, runs=runs, warmup=warmup, progress=lambda text: click.echo(text, err=True)
         )
@@ -288,6 +314,9 @@ def profile(
     if trace_out is not None:
         result.write_trace(trace_out)
         click.echo(f"wrote {trace_out}")
+    if plot_out is not None:
+        plots.save_png(plots.profile_figure(result.reports, scales, floors, title), plot_out)
+        click.echo(f"wrote {plot_out}")
 
 
 @main.command()

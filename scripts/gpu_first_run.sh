@@ -94,13 +94,18 @@ steps = len(manifest["model"]["generator"]["scales"])
 print(f"{name}; ar_step reads {weights / 1e9:.3f} GB per step; {steps} steps per image")
 for label in ("graphs", "eager"):
     for report in json.loads((out / f"profile-{label}.json").read_text())["reports"]:
-        step = report.get("time_per_step_ms")  # eager runs only: a replayed graph has no steps to time apart
+        image = f"image p50 {report['e2e_ms']['p50'] / report['batch']:.3f} ms; {report['images_per_s']:.1f} images/s"
+        if report["mode"] == "graph":  # one stage, the whole generation: no time per step
+            device = report["stages"][0]["device_ms"]
+            device_ms = device["p50"] if device else float("nan")
+            print(f"CUDA graph batch {report['batch']}: generation p50 device {device_ms:.3f} ms; {image}")
+            continue
+        step = report["time_per_step_ms"]  # None for a model with a single step scale
         per_step = ""
         if step:
-            device = step["device"]["p50"] if step["device"] else float("nan")
-            per_step = f"step p50 host {step['host']['p50']:.3f} ms, device {device:.3f} ms; "
-        print(f"{report.get('mode', label)} batch {report['batch']}: {per_step}"
-              f"image p50 {report['e2e_ms']['p50'] / report['batch']:.3f} ms; {report['images_per_s']:.1f} images/s")
+            device_ms = step["device"]["p50"] if step["device"] else float("nan")
+            per_step = f"step p50 host {step['host']['p50']:.3f} ms, device {device_ms:.3f} ms; "
+        print(f"CUDA graphs {'on ' if label == 'graphs' else 'off'} batch {report['batch']}: {per_step}{image}")
 if bandwidth:
     floor = weights / (bandwidth * 1e12) * 1e3
     print(f"memory floor at {bandwidth} TB/s: {floor:.3f} ms per step, {floor * steps:.3f} ms per image at batch 1")

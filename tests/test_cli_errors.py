@@ -307,7 +307,9 @@ def test_indices_output_is_valid_numpy(workspace, tmp_path):
     assert np.load(tmp_path / "i.npy").shape == (2, 2, 66)
 
 
-def test_very_verbose_shows_the_traceback_of_a_user_error(workspace, tmp_path):
+def test_very_verbose_shows_the_traceback_of_a_user_error(workspace, tmp_path, monkeypatch):
+    # -vv raises the process-wide verbosity for good; the monkeypatch puts it back for the tests after this one
+    monkeypatch.setattr("imagefolder.cli.common._verbosity", 0)
     args = ["generate", "--bundle", workspace["bundle"], "--backend", "ort", "--class", "10", "-o", tmp_path / "x.png"]
     quiet = CliRunner().invoke(main, [str(a) for a in args])
     loud = CliRunner().invoke(main, ["-vv", *map(str, args)])

@@ -1,0 +1,1 @@
+"""The suite's jobs, one module each: ``run(ctx) -> JobResult`` (see ``bench/__main__.py``)."""

@@ -1,0 +1,144 @@
+"""The benchmark suite (``python -m bench``): its calibration, its floors and the multiples it reports,
+the files a run writes, and a smoke run of the runner on the tiny preset. No time is asserted: the
+numbers of a shared machine are whatever they are; what is checked is that they are positive and that
+every multiple in the tables is the time and floor it was computed from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import calibrate, cost, report
+from bench.jobs.folding import squares_summing_to, unfolded_config
+from imagefolder.configs import from_name, tiny
+from imagefolder.runtime.plots import read_floor, stage_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One quick run of the runner: calibration, roofline and overhead on the tiny preset, one run each."""
+    root = tmp_path_factory.mktemp("bench")
+    command = [sys.executable, "-m", "bench", "--preset", "tiny", "--only", "calibrate,roofline,overhead"]
+    command += ["--runs", "1", "--warmup", "0", "--budget", "20", "--threads", "1"]
+    command += ["--workdir", str(root / "work"), "--out", str(root / "out")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "out", result
+
+
+def test_calibration_measures_positive_rates():
+    shapes = [(1, 4, 8, 16), (3, 5, 7, 9)]
+    rates = calibrate.gemm_gflops(shapes, threads=1, min_s=0.0)
+    assert set(rates) == set(shapes) and all(rate > 0 for rate in rates.values())
+    assert calibrate.memory_read_gbs(1, nbytes=8 * 2**20) > 0
+    assert all(r > 0 for r in calibrate.contention(shapes[:1], threads=2, min_s=0.0).values())
+
+
+def test_a_floor_is_the_larger_of_its_two_bounds():
+    stage = cost.step_cost(tiny(), batch=1, q=4)
+    slow_gemm = {shape: 1.0 for shape in cost.distinct_gemms([stage])}  # 1 GFLOP/s
+    compute = calibrate.stage_floor(stage, slow_gemm, memory_gbs=1e6)
+    assert compute.bound == "compute" and compute.ms == compute.compute_ms == pytest.approx(stage.flops / 1e6)
+    assert compute.gemm_gflops == pytest.approx(1.0)
+    memory = calibrate.stage_floor(stage, {s: 1e9 for s in slow_gemm}, memory_gbs=1.0)
+    assert memory.bound == "memory" and memory.ms == memory.memory_ms == pytest.approx(stage.bytes_read / 1e6)
+
+
+def test_the_unfolded_generator_has_twice_the_positions_and_one_branch():
+    for preset in ("tiny", "imagefolder-d17"):
+        config = from_name(preset)
+        unfolded = unfolded_config(config).generator
+        assert unfolded.positions == 2 * config.generator.positions and unfolded.num_branches == 1
+        assert (unfolded.width, unfolded.depth, unfolded.codebook_size) == (
+            config.generator.width,
+            config.generator.depth,
+            config.generator.codebook_size,
+        )
+    assert sum(side * side for side in squares_summing_to(572)) == 572
+
+
+def test_the_generated_section_replaces_only_itself(tmp_path):
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# Benchmarks\n\nIntro.\n\n## History (issue 3)\n\nby hand\n")
+    report.replace_section(page, "first")
+    report.replace_section(page, "second")
+    text = page.read_text()
+    assert text.count(report.BEGIN) == 1 and "second" in text and "first" not in text
+    assert text.index("Intro.") < text.index(report.BEGIN) < text.index("## History (issue 3)")
+    assert text.endswith("by hand\n")
+
+
+def test_smoke_run_writes_results_figures_and_a_floor_file(smoke):
+    out, result = smoke
+    assert {"bench.json", "floor.json", "roofline.png", "benchmarks.md"} <= {p.name for p in out.iterdir()}
+    assert "### Roofline" in result.stdout and "s / 20 s]" in result.stderr  # tables on stdout, progress on stderr
+    data = json.loads((out / "bench.json").read_text())
+    assert data["machine"]["cpu"] and "-m bench --preset tiny --only calibrate" in data["machine"]["command"]
+    assert set(data["jobs"]) == {"calibrate", "roofline", "overhead"}
+    floors = read_floor(out / "floor.json", [1, 2, 4, 8], len(tiny().generator.scales), "tiny", "fp32")
+    assert all(ms > 0 for batch in floors.values() for ms in batch.values())
+    assert (out / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_smoke_run_multiples_are_the_times_over_the_floors(smoke):
+    out, _ = smoke
+    data = json.loads((out / "bench.json").read_text())
+    calib = data["jobs"]["calibrate"]
+    assert calib["memory_gbs"] > 0 and all(rate > 0 for *_, rate in calib["gemm_gflops"])
+    page = (out / "benchmarks.md").read_text()
+    for batch, entry in data["jobs"]["roofline"].items():
+        assert list(entry["stages"]) == stage_labels(len(tiny().generator.scales))
+        for label, stage in entry["stages"].items():
+            floor = stage["floor"]
+            assert floor["ms"] == max(floor["compute_ms"], floor["memory_ms"]) > 0
+            assert floor["bound"] == ("compute" if floor["compute_ms"] >= floor["memory_ms"] else "memory")
+            cells = [report.ms(floor["ms"])]
+            cells += [
+                c
+                for name in ("torch", "ort")
+                for c in (report.ms(stage[name]["p50"]), report.ratio(stage[name]["p50"] / floor["ms"]))
+            ]
+            assert f"| {label} | " in page and " | ".join(cells) + " |" in page, (batch, label)
+        assert entry["floor_ms"] == pytest.approx(sum(s["floor"]["ms"] for s in entry["stages"].values()))
+
+
+def test_smoke_run_overhead_adds_up(smoke):
+    out, _ = smoke
+    for entry in json.loads((out / "bench.json").read_text())["jobs"]["overhead"].values():
+        parts = entry["graphs_ms"] + entry["session_ms"] + entry["loop_ms"]
+        assert entry["e2e_ms"] == pytest.approx(parts)  # one run: the p50s are that run's values
+        assert entry["overhead_ms"] == pytest.approx(entry["e2e_ms"] - entry["graphs_ms"])
+
+
+def test_unknown_jobs_are_refused():
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "roofline,nope"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "unknown job(s) ['nope']" in result.stderr
+
+
+def test_the_package_never_imports_the_bench():
+    sources = [p for part in ("imagefolder", "export", "runtime", "cli") for p in (ROOT / part).rglob("*.py")]
+    assert not [p for p in sources if "from bench" in p.read_text() or "import bench" in p.read_text()]
+
+
+def test_quantized_bundles_are_picked_up_once_the_export_writes_them(monkeypatch):
+    from bench import bundles
+
+    assert bundles.weight_format({"weights": {"stored_bytes": 1}}) == "fp"  # manifests before branch quantize
+    assert bundles.weight_format({"weights": "int4"}) == "int4"
+
+    def export_before(out_dir, tokenizer, generator, config, dtype="fp32"): ...
+
+    def export_after(out_dir, tokenizer, generator, config, dtype="fp32", weights="fp"): ...
+
+    monkeypatch.setattr(bundles, "export_bundle", export_before)
+    assert bundles.weight_formats() == ()
+    monkeypatch.setattr(bundles, "export_bundle", export_after)
+    assert bundles.weight_formats() == ("int8", "int4")
