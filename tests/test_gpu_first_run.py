@@ -45,8 +45,8 @@ def test_the_first_run_script_runs_on_the_fakes(tmp_path):
         "wrote engines to",
         "ar_step     TensorRT 10.3.0's parser: ok",
         "wrote the engine inspector's layer dumps",
-        "eager batch 1: step p50 host",  # per-stage times from the eager runs
-        "graph batch 1: image p50",  # the whole generation as one replayed CUDA graph
+        "CUDA graphs off batch 1: step p50 host",  # per-stage times from the eager runs
+        "CUDA graph batch 1: generation p50 device",  # the whole generation as one replayed CUDA graph
         "memory floor at 0.2 TB/s",
     ):
         assert expected in output, expected
