@@ -352,7 +352,8 @@ def _write_bundle(
     modules = graph_modules(tokenizer, generator, dtype, candidates)
     examples = ExampleInputs(tokenizer, generator, model, candidates)
     num_scales = len(config.generator.scales)
-    bar = tqdm(total=2 * len(modules), desc=f"export {config.name} ({dtype})", unit="step", disable=not progress)
+    what = dtype if weights == "fp" else f"{dtype}, {weights} weights"
+    bar = tqdm(total=2 * len(modules), desc=f"export {config.name} ({what})", unit="step", disable=not progress)
     stored: dict[str, dict] = {}  # each graph's weight record: "fp", or what quantize_graph did
     for name, (module, _) in modules.items():
         bar.set_postfix_str(f"trace {name}")
