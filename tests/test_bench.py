@@ -142,3 +142,19 @@ def test_quantized_bundles_are_picked_up_once_the_export_writes_them(monkeypatch
     assert bundles.weight_formats() == ()
     monkeypatch.setattr(bundles, "export_bundle", export_after)
     assert bundles.weight_formats() == ("int8", "int4")
+
+
+def test_compare_bundles_times_every_stage_and_tells_apart_other_tokens(tmp_path):
+    from bench.compare_bundles import compare, table
+    from imagefolder.export.onnx_export import export_bundle
+    from tests.models import randomized
+
+    same = [export_bundle(tmp_path / name, *randomized(tiny()), tiny(), progress=False) for name in ("a", "b")]
+    other = export_bundle(tmp_path / "other", *randomized(tiny(), seed=1), tiny(), progress=False)
+    result = compare([*same, other], runs=1, warmup=0)
+    scales = len(tiny().generator.scales)
+    assert {f"step[{si}]" for si in range(scales)} | {"prefill", "decode", "end to end"} <= set(result["stages"])
+    assert all(len(times) == 3 and min(times) > 0 for times in result["stages"].values())
+    assert result["greedy"] == [True, True, False] and result["seeded"][:2] == [True, True]
+    rows = table(result).splitlines()
+    assert rows[0].count("|") == 7 and any(row.startswith("| end to end |") for row in rows)
