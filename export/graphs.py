@@ -12,6 +12,8 @@ Z code dim per branch, nb branches, P positions.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -76,6 +78,29 @@ class StepGraph(nn.Module):
             x_folded, positions, cond_start, cond_blocks, cond_head, past_keys, past_values
         )
         return logits, _as(keys, sd), _as(values, sd)
+
+
+class FusableTanhGelu(nn.Module):
+    """``nn.GELU(approximate="tanh")`` written in the operator order ONNX Runtime fuses into one FastGelu.
+
+    The exporter traces the built-in as 0.5·(x·(1 + tanh(c·(x + 0.044715·x·x·x)))), which matches no
+    ORT fusion: eight element-wise passes over the (N, q, 4·width) hidden layer of every block.
+    (x·0.5)·(1 + tanh(c·(x + 0.044715·x³))) is the same function and becomes one kernel
+    (d17 step[9]: 1.26 → 0.47 ms a layer). TensorRT parses both forms.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inner = math.sqrt(2 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))
+        return (x * 0.5) * (1.0 + torch.tanh(inner))
+
+
+def with_fusable_gelu(generator: Generator) -> Generator:
+    """``generator`` (an export copy, changed in place) with every tanh GELU in ``FusableTanhGelu``'s form."""
+    for module in list(generator.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.GELU) and child.approximate == "tanh":
+                setattr(module, name, FusableTanhGelu())
+    return generator
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -53,7 +53,14 @@ from imagefolder.core.specs import (
     state_dtype,
 )
 from imagefolder.errors import ExportError, InputError
-from imagefolder.export.graphs import DecoderGraph, EncoderGraph, FoldGraph, PrefillGraph, StepGraph
+from imagefolder.export.graphs import (
+    DecoderGraph,
+    EncoderGraph,
+    FoldGraph,
+    PrefillGraph,
+    StepGraph,
+    with_fusable_gelu,
+)
 from imagefolder.export.onnx_files import TORCHSCRIPT_MAX_OPSET, raise_opset
 from imagefolder.export.opcheck import check_operators
 from imagefolder.export.quantize import QUANTIZED_GRAPHS, check_weights, default_opset, quantize_graph
@@ -253,7 +260,7 @@ def graph_modules(tokenizer: Tokenizer, generator: Generator, dtype: str, candid
     cd, sd = TORCH_DTYPES[dtype], getattr(torch, state_dtype(dtype))
     tokenizer, generator = tokenizer.eval(), generator.eval()
     tok_c = copy.deepcopy(tokenizer).to(cd)
-    gen_c = copy.deepcopy(generator).to(cd)
+    gen_c = with_fusable_gelu(copy.deepcopy(generator).to(cd))
     sampler_sizes = (generator.cfg.codebook_size, generator.cfg.num_branches)
     return {
         "encoder": (EncoderGraph(tok_c, cd), EncoderGraph(tokenizer, torch.float32)),

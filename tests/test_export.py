@@ -72,6 +72,22 @@ def test_no_weight_is_stored_twice(bundle_fp32, models):
         assert entry["external_data"] == ["weights.bin"] or graphs[name] == 0, name
 
 
+def test_onnx_runtime_fuses_every_mlp_activation_into_one_kernel(bundle_fp32, models, tmp_path):
+    """The step graph's tanh GELU stays in the form ORT's FastGelu fusion matches, one kernel per block;
+    the exported model's own GELU modules are untouched."""
+    import onnxruntime as ort
+    import torch
+
+    config, _, generator = models
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "ar_step.optimized.onnx")
+    ort.InferenceSession(str(bundle_fp32 / "ar_step.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    ops = [node.op_type for node in optimized.graph.node]
+    assert ops.count("FastGelu") == config.generator.depth and "Tanh" not in ops
+    assert all(isinstance(block.ffn.act, torch.nn.GELU) for block in generator.blocks)
+
+
 def test_fp32_parity_recorded_below_tolerance(bundle_fp32):
     manifest = json.loads((bundle_fp32 / "manifest.json").read_text())
     for name, entry in manifest["graphs"].items():
