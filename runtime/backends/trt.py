@@ -502,6 +502,10 @@ class TrtSession:
         self.request_host = self._pinned_buffer(self.layout.nbytes)
         self.cond = {name: own("ar_prefill", name) for name in ("cond_start", "cond_blocks", "cond_head")}
         self.cache_keys, self.cache_values = own("ar_step", "past_keys"), own("ar_step", "past_values")
+        # Attention reads every position and masks the unfilled ones by adding −inf to their scores and
+        # by weight 0 on their values: NaN left in fresh device memory would survive both.
+        self.cache_keys.zero(stream)
+        self.cache_values.zero(stream)
         # Logits: the step writes them, the sampler reads them; one buffer, a view per scale.
         self.logits_buffer = self._shared(
             [("ar_step", "logits", si) for si in scales] + [("sampler", "logits", si) for si in scales]

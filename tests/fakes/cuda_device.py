@@ -1,7 +1,8 @@
 """The simulated GPU behind the fake cuda-python runtime (``cudart.py``): memory, streams, capture, faults.
 
 ``Device`` holds the state and the machinery every call shares: allocations (256-byte aligned, in an
-address range no host pointer uses, numpy-backed, never reused), bounds-checked views of device and
+address range no host pointer uses, numpy-backed, never reused, device memory uninitialised: all-ones
+bytes, NaN as floats), bounds-checked views of device and
 pinned memory, streams with their capture state, eager execution of enqueued work (documented in
 ``cudart.py``), the sticky-fault rule, the pinned-memory race check and the per-stream counters. The
 cuda-python names, enums and handle types live here too, so both modules share one definition;
@@ -19,6 +20,7 @@ from enum import IntEnum
 import numpy as np
 
 ALIGNMENT = 256  # cudaMalloc returns addresses aligned to at least 256 bytes
+UNINITIALISED = 0xFF  # the byte a fresh device allocation holds (see _allocate)
 DEVICE_BASE = 0x2000_0000_0000  # far below the mmap area and above the heap: no host pointer lands here
 DEVICE_SPAN = 1 << 40
 DEFAULT_STREAMS = (0, 1, 2)  # NULL, cudaStreamLegacy, cudaStreamPerThread
@@ -333,7 +335,9 @@ class Device:
         size = int(size)
         padded = -(-max(size, 1) // ALIGNMENT) * ALIGNMENT
         if device:
-            data = np.zeros(padded, np.uint8)
+            # cudaMalloc leaves memory uninitialised: all-ones bytes read as NaN (float) or -1 (int), so a
+            # kernel that reads memory nobody wrote shows up in its outputs.
+            data = np.full(padded, UNINITIALISED, np.uint8)
             base = self._next
             self._next += padded + ALIGNMENT  # a gap: an overrun never lands in the next allocation
         else:

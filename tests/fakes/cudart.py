@@ -10,7 +10,9 @@ the enum (the bindings read ``mode.value`` / ``kind.value``).
 
 Simulated device: allocations get 256-byte aligned addresses in a range no host pointer uses, each
 backed by a numpy byte array, and addresses are never reused, so a freed buffer stays detectably
-freed. Every copy, memset and kernel access is bounds-checked against a live allocation (or a live
+freed. A fresh device allocation holds all-ones bytes (NaN as floats, -1 as ints), not zeros: the real
+cudaMalloc does not initialise, and code that reads memory it never wrote must fail here too.
+Every copy, memset and kernel access is bounds-checked against a live allocation (or a live
 pinned host allocation). Host pointers outside the pinned table are treated as pageable process
 memory and accessed with ctypes, as the real runtime would.
 
