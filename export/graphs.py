@@ -64,18 +64,21 @@ class PrefillGraph(nn.Module):
 
 
 class StepGraph(nn.Module):
-    """One scale (0 included) with the explicit cache; see ``Generator.step``."""
+    """One scale (0 included) with the explicit cache, one input per layer (keys of every layer, then
+    values: ``core.specs.cache_input_names``); see ``Generator.step``."""
 
     def __init__(self, generator: Generator, compute_dtype: torch.dtype, state_dtype: torch.dtype):
         super().__init__()
         self.generator, self.compute_dtype, self.state_dtype = generator, compute_dtype, state_dtype
 
-    def forward(self, x_folded, positions, cond_start, cond_blocks, cond_head, past_keys, past_values):
-        cd, sd = self.compute_dtype, self.state_dtype
-        states = (x_folded, cond_start, cond_blocks, cond_head, past_keys, past_values)
-        x_folded, cond_start, cond_blocks, cond_head, past_keys, past_values = (_as(t, cd) for t in states)
+    def forward(self, x_folded, positions, cond_start, cond_blocks, cond_head, *cache):
+        cd, sd, depth = self.compute_dtype, self.state_dtype, self.generator.cfg.depth
+        x_folded, cond_start, cond_blocks, cond_head = (
+            _as(t, cd) for t in (x_folded, cond_start, cond_blocks, cond_head)
+        )
+        layers = [_as(t, cd) for t in cache]
         logits, keys, values = self.generator.step(
-            x_folded, positions, cond_start, cond_blocks, cond_head, past_keys, past_values
+            x_folded, positions, cond_start, cond_blocks, cond_head, layers[:depth], layers[depth:]
         )
         return logits, _as(keys, sd), _as(values, sd)
 

@@ -48,6 +48,7 @@ from imagefolder.core.specs import (
     SCHEMA_VERSION,
     STATE,
     GraphSpec,
+    cache_input_names,
     example_inputs,
     graph_specs,
     state_dtype,
@@ -176,8 +177,9 @@ class ExampleInputs:
     @torch.no_grad()
     def _hidden_states(self, spec: GraphSpec, batch: int, si: int) -> dict[str, torch.Tensor]:
         wanted = {t.name for t in spec.inputs if t.dtype == STATE}
+        key_names, value_names = cache_input_names(self.gen.cfg.depth)
         out: dict[str, torch.Tensor] = {}
-        if wanted & {"cond_start", "cond_blocks", "cond_head", "past_keys", "past_values"}:
+        if wanted & {"cond_start", "cond_blocks", "cond_head", *key_names, *value_names}:
             cfg = self.gen.cfg
             labels = cfg_rows(self.rng.integers(0, cfg.num_classes, batch), cfg.null_class)
             out["cond_start"], out["cond_blocks"], out["cond_head"] = self.gen.prefill(torch.from_numpy(labels))
@@ -187,9 +189,9 @@ class ExampleInputs:
             start = torch.zeros(1, dtype=torch.int64)
             cond = (out["cond_start"], out["cond_blocks"], out["cond_head"])
             _, keys, values = self.gen.step(folded, start, *cond, empty.keys, empty.values)
-            for name, first in (("past_keys", keys), ("past_values", values)):
+            for names, first in ((key_names, keys), (value_names, values)):
                 noise = torch.from_numpy(self.rng.standard_normal((*first.shape[:3], cfg.positions, first.shape[4])))
-                out[name] = first.repeat(1, 1, 1, cfg.positions, 1) + 0.1 * noise.float()
+                out.update(zip(names, first.repeat(1, 1, 1, cfg.positions, 1) + 0.1 * noise.float(), strict=True))
         if wanted & {"f_hat", "x_folded"}:
             f_hat = self._f_hat(batch, si)
             out["f_hat"] = f_hat

@@ -158,3 +158,13 @@ def test_compare_bundles_times_every_stage_and_tells_apart_other_tokens(tmp_path
     assert result["greedy"] == [True, True, False] and result["seeded"][:2] == [True, True]
     rows = table(result).splitlines()
     assert rows[0].count("|") == 7 and any(row.startswith("| end to end |") for row in rows)
+
+
+def test_cache_inputs_times_both_graph_forms_on_equal_logits(monkeypatch, capsys):
+    from bench import cache_inputs
+
+    monkeypatch.setattr("sys.argv", ["cache_inputs", "--preset", "tiny", "--runs", "1"])
+    cache_inputs.main()  # exits naming the step when the two forms' logits differ
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| step[")]
+    assert len(rows) == len(tiny().generator.scales)
+    assert all(float(cell) > 0 for row in rows for cell in row.strip("|").split("|")[1:])

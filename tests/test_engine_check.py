@@ -107,7 +107,7 @@ def test_a_mismatch_fails_its_rows_and_debug_saves_what_bisects_it(bundle, gpu, 
     assert argv[:4] == ["polygraphy", "run", str(bundle / "ar_step.onnx"), "--trt"]
     assert argv[argv.index("--trt-outputs") + 1] == "*" and str(saved / "inputs.json") in argv
     shapes = argv[argv.index("--input-shapes") + 1 : argv.index("--load-inputs")]
-    assert "positions:[9]" in shapes and len(shapes) == 7  # ar_step's inputs, cond_start included
+    assert "positions:[9]" in shapes and len(shapes) == 5 + 2 * 4  # ar_step's inputs: 4 layers' keys and values
 
 
 def test_debug_with_nothing_failing_saves_only_the_marked_graphs(bundle, gpu, tmp_path):

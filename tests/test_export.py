@@ -44,9 +44,11 @@ def test_bundle_io_equals_specs(bundle_fp32, models):
         io = onnx_io(bundle_fp32 / entry["file"])
         assert io["inputs"] == entry["inputs"] == [t.to_dict("float32") for t in spec.inputs]
         assert io["outputs"] == entry["outputs"] == [t.to_dict("float32") for t in spec.outputs]
-    # The spec's fixed dims are the model's: cache (L, N, H, P, D) for the tiny preset.
+    # The spec's fixed dims are the model's: the cache as L = 4 layers of (N, H, P, D) for the tiny preset.
     step_inputs = {t["name"]: t["shape"] for t in manifest["graphs"]["ar_step"]["inputs"]}
-    assert step_inputs["past_keys"] == [4, "N", 4, 66, 32]
+    cache = [name for name in step_inputs if name.startswith("past_")]
+    assert cache == [f"past_keys_{i}" for i in range(4)] + [f"past_values_{i}" for i in range(4)]
+    assert all(step_inputs[name] == ["N", 4, 66, 32] for name in cache)
     assert set(manifest["files"]) == {f"{n}.onnx" for n in S.GRAPH_NAMES} | {"weights.bin"}
 
 
@@ -134,7 +136,7 @@ def test_fp16_bundle_matches_fp32_torch_within_tolerance(models, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["state_dtype"] == "float16"
     step = {t["name"]: t["dtype"] for t in manifest["graphs"]["ar_step"]["inputs"]}
-    assert step["past_keys"] == "float16" and step["positions"] == "int64"
+    assert step["past_keys_0"] == step["past_values_3"] == "float16" and step["positions"] == "int64"
     # Stated tolerance for fp16 against fp32 PyTorch: relative error below 2e-2 on every float output.
     for entry in manifest["graphs"].values():
         for result in entry["parity"]["outputs"].values():

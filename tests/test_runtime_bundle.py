@@ -97,7 +97,8 @@ def test_loads_and_resolves_shapes(bundle_dir):
     assert (bundle.batch_max, bundle.candidates, bundle.num_classes, bundle.image_size) == (4, CANDIDATES, 10, 64)
     shapes = bundle.shapes("ar_step", batch=2, scale_index=3)
     assert shapes["x_folded"] == (4, 16, 32)
-    assert shapes["past_keys"] == (4, 4, 4, 66, 32)  # (L, N, H, P, D)
+    assert shapes["past_keys_0"] == shapes["past_values_3"] == (4, 4, 66, 32)  # each layer's (N, H, P, D)
+    assert "past_keys_4" not in shapes and bundle.depth == 4
     assert shapes["positions"] == (16,)
     fold = bundle.shapes("fold", batch=2, scale_index=3)  # the fold before the last scale makes its input
     assert fold["x_next"] == (4, 36, 32) and fold["f_hat"] == (2, 32, 6, 6)
@@ -169,7 +170,7 @@ def test_malformed_manifests(bundle_dir, edit, message):
 
 def test_onnx_io_must_match_the_manifest(bundle_dir):
     specs = graph_specs(tiny().to_dict())
-    (bundle_dir / "ar_step.onnx").write_bytes(_onnx_graph(specs["ar_step"], rename={"past_keys": "cache_k"}))
+    (bundle_dir / "ar_step.onnx").write_bytes(_onnx_graph(specs["ar_step"], rename={"past_keys_0": "cache_k"}))
     manifest = _manifest(bundle_dir)
     manifest["files"]["ar_step.onnx"] = _record(bundle_dir, "ar_step.onnx")  # a consistent hash, wrong I/O
     _write_manifest(bundle_dir, manifest)

@@ -23,7 +23,7 @@ from imagefolder.core.bundle import load_bundle
 from imagefolder.core.images import save_grid, save_png, to_uint8
 from imagefolder.core.sampler import image_uniforms, sample_tokens
 from imagefolder.core.schedule import SamplingParams, guidance, scale_spans
-from imagefolder.core.specs import graph_specs
+from imagefolder.core.specs import cache_input_names, graph_specs
 from imagefolder.errors import InputError
 from imagefolder.models.sampler import SamplerGraph
 from imagefolder.runtime.backends.ort import OrtBackend, OrtBackendError
@@ -46,9 +46,12 @@ class Prefill(nn.Module):
 
 
 class Step(nn.Module):
-    def forward(self, x_folded, positions, cond_start, cond_blocks, cond_head, past_keys, past_values):
+    def forward(self, x_folded, positions, cond_start, cond_blocks, cond_head, *cache):
+        past_keys, past_values = torch.stack(cache[:L]), torch.stack(cache[L:])  # (L, N, H, P, D) each
         valid = (torch.arange(P) < positions[:1]).float()  # only entries before this scale count
-        past = ((past_keys - 0.5 * past_values) * valid[:, None]).sum((0, 2, 3, 4))  # (N,)
+        # Each layer weighs differently, so a runtime that binds layers out of order changes the result.
+        layer_weight = torch.arange(1, L + 1).float().reshape(L, 1, 1, 1, 1)
+        past = ((past_keys - 0.5 * past_values) * layer_weight * valid[:, None]).sum((0, 2, 3, 4))  # (N,)
         cond = cond_blocks.mean((1, 2, 3)) + cond_head.mean((1, 2))  # (N,)
         first = positions[:1] == 0  # scale 0 reads the start token, not the folded input
         x = torch.where(first, cond_start.mean(-1, keepdim=True), x_folded.mean(-1, keepdim=True))  # (N, q, 1)
@@ -111,8 +114,7 @@ def bundle_dir(tmp_path_factory):
                 torch.rand(N, 1, C),
                 torch.rand(N, L, 6, C),
                 torch.rand(N, 2, C),
-                torch.rand(L, N, H, P, D),
-                torch.rand(L, N, H, P, D),
+                *torch.rand(2 * L, N, H, P, D),  # keys of every layer, then values
             ),
         ),
         "sampler": (
@@ -151,6 +153,7 @@ def _reference(bundle_dir, labels, params: SamplingParams) -> np.ndarray:
     rows = np.concatenate([labels, np.full(B, CFG.generator.num_classes)]).astype(np.int64)
     cond_start, cond_blocks, cond_head = run["ar_prefill"](None, {"labels": rows})
     cache_k, cache_v = np.zeros((L, 2 * B, H, P, D), np.float32), np.zeros((L, 2 * B, H, P, D), np.float32)
+    key_names, value_names = cache_input_names(L)
     f_hat, indices = np.zeros((B, Z2, K, K), np.float32), np.zeros((B, 2, P), np.int32)
     uniforms = np.stack([image_uniforms(params.seed, i, P, 2) for i in range(B)])
     x = np.zeros((2 * B, 1, Z2), np.float32)
@@ -162,8 +165,8 @@ def _reference(bundle_dir, labels, params: SamplingParams) -> np.ndarray:
             "cond_start": cond_start,
             "cond_blocks": cond_blocks,
             "cond_head": cond_head,
-            "past_keys": cache_k,
-            "past_values": cache_v,
+            **dict(zip(key_names, cache_k, strict=True)),
+            **dict(zip(value_names, cache_v, strict=True)),
         }
         logits, keys, values = run["ar_step"](None, feeds)
         cache_k[:, :, :, positions], cache_v[:, :, :, positions] = keys, values

@@ -429,3 +429,33 @@ def test_a_refused_optimization_profile_fails_the_build_and_names_it(built, tmp_
         monkeypatch.setattr(config_class, "add_optimization_profile", refuse_the_third)
         with pytest.raises(EngineBuildError, match=r"ar_step: TensorRT refused optimization profile 2 \(batch 1, "):
             build_engines(copy, batches=[1], graphs=["ar_step"], progress=False)
+
+
+def test_cache_layers_of_an_unaligned_size_are_padded_and_still_give_onnx_runtime_tokens(tmp_path):
+    """A model whose per-layer cache (N, Hd, P, D) is not a multiple of TensorRT's 256-byte address alignment
+    (width 40, 5 heads of 8: 2·5·66·8·4 = 21120 bytes at batch 1): each layer starts at a padded, aligned
+    address, the step's keys/values are copied in layer by layer, and the tokens stay ONNX Runtime's."""
+    import dataclasses
+
+    from imagefolder.configs import tiny
+    from imagefolder.export.onnx_export import export_bundle
+    from imagefolder.export.trt_build import build_engines
+    from imagefolder.runtime.backends.ort import OrtBackend
+    from imagefolder.runtime.backends.trt import TrtBackend
+    from tests.models import randomized
+
+    base = tiny()
+    config = dataclasses.replace(base, generator=dataclasses.replace(base.generator, width=40, heads=5, depth=2))
+    bundle = export_bundle(tmp_path / "b", *randomized(config), config, dtype="fp32", batch_max=1, progress=False)
+    want = [generate(OrtBackend(bundle), [3], **params) for params in (GREEDY, SAMPLED)]
+    with installed(VERSIONS[0]) as gpu:
+        build_engines(bundle, batches=[1], progress=False, tf32=False)
+        with TrtBackend(bundle) as backend:
+            session = backend.session(1)
+            assert session.cache_stride % 256 == 0 and session.cache_stride > 2 * 5 * 66 * 8 * 4
+            for _ in range(2):  # eager, then the captured whole generation
+                for params, expected in zip((GREEDY, SAMPLED), want, strict=True):
+                    np.testing.assert_array_equal(
+                        generate(backend, [3], session=session, **params).indices, expected.indices
+                    )
+        assert not gpu.trt_errors() and not gpu.cuda.faults

@@ -6,6 +6,7 @@ import pytest
 
 from imagefolder.configs import official, tiny
 from imagefolder.core.schedule import scale_spans
+from imagefolder.core.specs import cache_input_names
 from imagefolder.export.trt_build import plan_profiles
 from tests.trt_helpers import make_manifest
 
@@ -52,8 +53,7 @@ def test_profile_shapes(case):
             "cond_start": (n, 1, gen.width),
             "cond_blocks": (n, L, 6, gen.width),
             "cond_head": (n, 2, gen.width),
-            "past_keys": (L, n, H, P, D),
-            "past_values": (L, n, H, P, D),
+            **{name: (n, H, P, D) for names in cache_input_names(L) for name in names},
         }
     for p in plan["sampler"]:
         q = spans[p.scale_index][1]

@@ -35,14 +35,13 @@ from bench.context import Context
 from bench.report import JobResult, ms, ratio, table
 from bench.timing import PAUSE_S, Plan
 from imagefolder.configs import ModelConfig
-from imagefolder.core.specs import example_inputs, graph_specs
+from imagefolder.core.specs import SCHEMA_VERSION, cache_input_names, example_inputs, graph_specs
 from imagefolder.export.graphs import StepGraph
 from imagefolder.export.onnx_export import export_graph
 from imagefolder.io import atomic_write_text
 from imagefolder.models.generator import Generator
 
 TRACE_Q = 7  # positions of the traced step: distinct from every other dimension, so none is frozen
-STEP_INPUTS = ("x_folded", "positions", "cond_start", "cond_blocks", "cond_head", "past_keys", "past_values")
 
 
 def squares_summing_to(total: int) -> tuple[int, ...]:
@@ -102,10 +101,12 @@ def _timed_steps(call, feeds: list[dict]) -> list[float]:
 
 def _runners(session: ort.InferenceSession, generator: Generator, feeds: list[dict]) -> dict:
     tensors = [{name: torch.from_numpy(value) for name, value in f.items()} for f in feeds]
+    key_names, value_names = cache_input_names(generator.cfg.depth)
 
     @torch.no_grad()
     def torch_step(f: dict) -> None:
-        generator.step(*(f[name] for name in STEP_INPUTS))
+        cache = [f[name] for name in key_names], [f[name] for name in value_names]
+        generator.step(f["x_folded"], f["positions"], f["cond_start"], f["cond_blocks"], f["cond_head"], *cache)
 
     return {
         "ort": lambda: _timed_steps(lambda f: session.run(None, f), feeds),
@@ -123,7 +124,8 @@ def _unfolded(ctx: Context) -> Variant:
     generator.head = torch.nn.Linear(config.generator.width, config.generator.codebook_size)
     folder = ctx.options.workdir / config.name
     path, described = folder / "ar_step.onnx", folder / "config.json"
-    if path.exists() and described.exists() and json.loads(described.read_text()) == _jsonable(config.to_dict()):
+    record = {"schema_version": SCHEMA_VERSION, "model": config.to_dict()}  # the graph's I/O follows the schema
+    if path.exists() and described.exists() and json.loads(described.read_text()) == _jsonable(record):
         ctx.say(f"reusing {path}")
     else:
         ctx.say(f"exporting the unfolded step graph ({config.generator.positions} positions, one token each)")
@@ -134,7 +136,7 @@ def _unfolded(ctx: Context) -> Variant:
         trace["x_folded"] = np.zeros((4, TRACE_Q, config.generator.folded_dim), np.float32)
         module = StepGraph(generator, torch.float32, torch.float32)
         export_graph(module, spec, tuple(torch.from_numpy(trace[t.name]) for t in spec.inputs), path, 17, "float32")
-        atomic_write_text(described, json.dumps(model))
+        atomic_write_text(described, json.dumps(record))
     steps = [2 * pn * pn for pn in ctx.models().config.generator.scales]
     return Variant(config, steps, _runners(ctx.ort().open_graph(path), generator, _feeds(config, steps)))
 

@@ -116,6 +116,11 @@ class Bundle:
         return scale_spans(self.scales)
 
     @property
+    def depth(self) -> int:
+        """L: the generator's blocks, each with one keys and one values input in ``ar_step``."""
+        return int(self.model["generator"]["depth"])
+
+    @property
     def num_classes(self) -> int:
         """Class labels are in [0, num_classes); ``num_classes`` itself is the null class."""
         return int(self.model["generator"]["num_classes"])

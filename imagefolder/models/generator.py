@@ -15,6 +15,7 @@ L depth, H heads, D head dim, V codebook size per branch, Z code dim per branch 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -180,7 +181,8 @@ class AdaLNBeforeHead(nn.Module):
 class KVCache:
     """Keys and values of every filled position, preallocated for all P positions.
 
-    The same layout as the exported graphs' ``past_keys`` / ``past_values``: (L, N, H, P, D).
+    (L, N, H, P, D), the layout of the runtimes' cache buffers, whose layers the exported ``ar_step``
+    takes as ``past_keys_{l}`` / ``past_values_{l}``.
     ``length`` is the fill position: entries at or after it are ignored by attention.
     """
 
@@ -297,8 +299,8 @@ class Generator(nn.Module):
         cond_start: torch.Tensor,
         cond_blocks: torch.Tensor,
         cond_head: torch.Tensor,
-        past_keys: torch.Tensor,
-        past_values: torch.Tensor,
+        past_keys: torch.Tensor | Sequence[torch.Tensor],
+        past_values: torch.Tensor | Sequence[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One scale, attending to the cache; the same computation serves every scale.
 
@@ -308,7 +310,9 @@ class Generator(nn.Module):
             positions: (q,) int64 global positions of this scale; cache entries before
                 ``positions[0]`` are attended to, later ones are ignored (all of them at scale 0).
             cond_start, cond_blocks, cond_head: the conditioning returned by ``prefill``.
-            past_keys, past_values: (L, N, H, P, D) cache.
+            past_keys, past_values: the cache, (L, N, H, P, D) or L layers of (N, H, P, D) (the exported
+                graph's form: a runtime binds each layer of its buffer, and indexing a graph input
+                would copy it).
         Returns:
             logits (N, q, 2V), and this scale's keys and values (L, N, H, q, D).
         """
@@ -316,7 +320,7 @@ class Generator(nn.Module):
         lvl = self.lvl_embed(self.lvl_1L[0].index_select(0, positions))  # (q, C)
         first = positions[:1] == 0  # scale 0: the start token instead of a folded input (a Where, no If)
         x = torch.where(first, cond_start, self.word_embed(x_folded)) + pos + lvl  # (N, q, C)
-        filled = torch.arange(past_keys.shape[3], device=positions.device) < positions[:1]  # (P,)
+        filled = torch.arange(past_keys[0].shape[2], device=positions.device) < positions[:1]  # (P,)
         past_bias = torch.zeros(filled.shape, dtype=x.dtype, device=x.device).masked_fill(~filled, float("-inf"))
         x, keys, values = self._trunk(x, cond_blocks, past=(past_keys, past_values, past_bias))
         return self.logits(x, cond_head), keys, values

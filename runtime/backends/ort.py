@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from imagefolder.core.bundle import Bundle, load_bundle
 from imagefolder.core.schedule import cfg_rows, positions
+from imagefolder.core.specs import cache_input_names
 from imagefolder.errors import InputError
 from imagefolder.runtime.backends.base import BatchRequest, BundleFacts, Stage, no_stage, run_stages
 
@@ -153,8 +154,11 @@ class OrtSession:
 
         self._labels = np.empty(prefill["labels"], np.int64)
         self._cond = {name: np.empty(prefill[name], state) for name in ("cond_start", "cond_blocks", "cond_head")}
-        self._cache_keys = np.zeros(widest_step["past_keys"], state)
-        self._cache_values = np.zeros(widest_step["past_values"], state)
+        # The cache (L, N, Hd, P, D); ar_step binds each layer's contiguous slice as one of its inputs.
+        self._cache_names = cache_input_names(bundle.depth)
+        cache_shape = (bundle.depth, *widest_step[self._cache_names[0][0]])
+        self._cache_keys = np.zeros(cache_shape, state)
+        self._cache_values = np.zeros(cache_shape, state)
         # One flat buffer per per-scale tensor, viewed with the shape of each scale (a contiguous prefix).
         self._logits = np.empty(math.prod(widest_step["logits"]), np.float32)
         self._new_keys = np.empty(math.prod(widest_step["keys"]), state)
@@ -207,8 +211,8 @@ class OrtSession:
                 "x_folded": view(self._folded, s["x_folded"]),
                 "positions": self._positions[si],
                 **self._cond,
-                "past_keys": self._cache_keys,
-                "past_values": self._cache_values,
+                **dict(zip(self._cache_names[0], self._cache_keys, strict=True)),
+                **dict(zip(self._cache_names[1], self._cache_values, strict=True)),
             }, {
                 "logits": view(self._logits, s["logits"]),
                 "keys": view(self._new_keys, s["keys"]),

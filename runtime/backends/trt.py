@@ -38,6 +38,7 @@ from imagefolder.core.engines import (
     read_build_record,
 )
 from imagefolder.core.schedule import cfg_rows, positions
+from imagefolder.core.specs import cache_input_names
 from imagefolder.errors import EngineError, InputError
 from imagefolder.io import atomic_write_text, sha256_file
 from imagefolder.runtime.backends.base import BatchRequest, BundleFacts, Stage, no_stage, run_stages
@@ -501,9 +502,18 @@ class TrtSession:
         self.request = self._array((self.layout.nbytes,), np.uint8)
         self.request_host = self._pinned_buffer(self.layout.nbytes)
         self.cond = {name: own("ar_prefill", name) for name in ("cond_start", "cond_blocks", "cond_head")}
-        self.cache_keys, self.cache_values = own("ar_step", "past_keys"), own("ar_step", "past_values")
-        # Attention reads every position and masks the unfilled ones by adding −inf to their scores and
-        # by weight 0 on their values: NaN left in fresh device memory would survive both.
+        # The cache: L layers of (N, Hd, P, D) in one buffer each for keys and values, every layer at an
+        # aligned address (ar_step binds each as an input). Attention reads every position and masks the
+        # unfilled ones by adding −inf to their scores and by weight 0 on their values: NaN left in fresh
+        # device memory would survive both, hence the zeroing.
+        self.cache_names = cache_input_names(self.backend.bundle.depth)
+        layer_bytes = (
+            int(np.prod(self._shape("ar_step", self.cache_names[0][0]))) * self._dtype("ar_step", "keys").itemsize
+        )
+        self.cache_stride = layer_bytes + -layer_bytes % ALIGNMENT
+        self.cache_keys, self.cache_values = (
+            self._array((len(self.cache_names[0]) * self.cache_stride,), np.uint8) for _ in range(2)
+        )
         self.cache_keys.zero(stream)
         self.cache_values.zero(stream)
         # Logits: the step writes them, the sampler reads them; one buffer, a view per scale.
@@ -560,8 +570,8 @@ class TrtSession:
                 "x_folded": self.x_next.ptr,
                 "positions": self.positions[si].ptr,
                 **cond,
-                "past_keys": self.cache_keys.ptr,
-                "past_values": self.cache_values.ptr,
+                **self._cache_layers(self.cache_names[0], self.cache_keys),
+                **self._cache_layers(self.cache_names[1], self.cache_values),
                 "logits": self.logits_buffer.ptr,
                 "keys": self.new_keys.ptr,
                 "values": self.new_values.ptr,
@@ -586,6 +596,10 @@ class TrtSession:
         out["decode", None] = {"indices": self.indices_dev.ptr, "image": self.image.ptr}
         return out
 
+    def _cache_layers(self, names: list[str], cache: cuda.DeviceArray) -> dict[str, int]:
+        """The address of each layer's (N, Hd, P, D) slice of ``cache``, by its ``ar_step`` input name."""
+        return {name: cache.ptr + layer * self.cache_stride for layer, name in enumerate(names)}
+
     def _segment(self, name: str) -> int:
         """The device address of one segment of the request buffer."""
         return self.request.ptr + self.layout.offset(name)
@@ -593,16 +607,32 @@ class TrtSession:
     # -- device copies -------------------------------------------------------------------------------------------------
 
     def _append_cache(self, si: int) -> None:
-        """Copy this scale's keys/values (L, N, H, q, D) into the cache (L, N, H, P, D) at its positions."""
+        """Copy this scale's keys/values (L, N, H, q, D) into the cache's layers (N, H, P, D) at its positions.
+
+        One 2-D copy of all L·N·H rows when the layers lie back to back (every official preset), else
+        one per layer (a layer's size is not a multiple of the address alignment).
+        """
         start, q = self.spans[si]
-        shape = self.cache_keys.shape  # (L, N, H, P, D)
-        rows = shape[0] * shape[1] * shape[2]
-        esize = self.cache_keys.dtype.itemsize
-        row, width = shape[3] * shape[4] * esize, q * shape[4] * esize
+        n, heads, positions_total, d = self._shape("ar_step", self.cache_names[0][0])
+        depth, esize = len(self.cache_names[0]), self._dtype("ar_step", "keys").itemsize
+        row, width = positions_total * d * esize, q * d * esize
+        contiguous = self.cache_stride == n * heads * row
+        copies = (
+            [(0, 0, depth * n * heads)]
+            if contiguous
+            else [(layer * self.cache_stride, layer * n * heads * width, n * heads) for layer in range(depth)]
+        )
         for cache, new in ((self.cache_keys, self.new_keys), (self.cache_values, self.new_values)):
-            cuda.memcpy2d_dtod_async(
-                cache.ptr + start * shape[4] * esize, row, new.ptr, width, width, rows, self.backend.stream
-            )
+            for cache_offset, new_offset, rows in copies:
+                cuda.memcpy2d_dtod_async(
+                    cache.ptr + cache_offset + start * d * esize,
+                    row,
+                    new.ptr + new_offset,
+                    width,
+                    width,
+                    rows,
+                    self.backend.stream,
+                )
 
     def _scatter_tokens(self, si: int) -> None:
         """tokens (B, q, nb) of one scale → indices (B, nb, P) at the scale's positions."""
