@@ -33,6 +33,7 @@ import torch
 
 from bench import figures, machine, report
 from bench.budget import Budget
+from bench.calibrate import GEMM_SOURCE
 from bench.context import BATCHES, Context, Options
 from bench.jobs import batch, calibrate, dtypes, folding, overhead, roofline
 from imagefolder.configs import PRESETS
@@ -90,7 +91,7 @@ def floor_file(ctx: Context, info: dict) -> dict:
         "model": ctx.models().config.name,
         "dtype": "fp32",
         "machine": info,
-        "rates": {"memory_gbs": calib.memory_gbs, "threads": calib.threads, "gemm": "torch.matmul fp32"},
+        "rates": {"memory_gbs": calib.memory_gbs, "threads": calib.threads, "gemm": GEMM_SOURCE},
         "batches": {str(b): {label: f.to_dict() for label, f in ctx.floors(b).items()} for b in BATCHES},
     }
 

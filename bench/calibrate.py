@@ -1,12 +1,16 @@
 """The machine's floor, measured in the same run as the benchmarks: GEMM GFLOP/s at the model's shapes
 and memory read GB/s, and from them the floor of every stage of a generation.
 
-- GEMM: every distinct (batch, m, k, n) product of the stages (``bench.cost``) is timed with
-  ``torch.matmul`` on fp32 tensors (oneDNN/MKL sgemm), with ``torch.set_num_threads(T)`` where T is
-  the number of physical cores this process may use: ONNX Runtime's default intra-op thread count
-  (the ort backend runs with its defaults) and what the torch backend gets. Best of repeated calls
-  over a minimum time: a floor is what the machine can do, and on a shared machine the best call is
-  the least disturbed. ``contention`` compares T threads with one on a few shapes: on a machine whose
+- GEMM: every distinct (batch, m, k, n) product of the stages (``bench.cost``) is timed in both
+  libraries the backends use, fp32, and the faster one sets the rate: ``torch.matmul`` (oneDNN/MKL
+  sgemm) with ``torch.set_num_threads(T)``, and a one-node ONNX Runtime ``MatMul`` (MLAS) whose
+  second operand is a constant, as the weights are in the bundle's graphs (prepacked), on an
+  intra-op pool of T threads without spinning, as the ort backend runs. T is the number of physical
+  cores this process may use: ONNX Runtime's default intra-op thread count and what the torch
+  backend gets. Which library is faster depends on the processor (on an AMD EPYC, MLAS was up to
+  2.5× faster than torch's sgemm at 2–72 rows; on a Xeon with AVX-512 the two were within 20 %), and a
+  floor is what the machine can do. Best of repeated calls over a minimum time: on a shared machine
+  the best call is the least disturbed. ``contention`` compares T threads with one on a few shapes: on a machine whose
   cores other tenants hold, T threads can be many times slower than one, for the floor and the
   backends alike.
 - Memory: a sum over a float32 array of twice the last-level cache (at least 256 MiB, at most 2 GiB),
@@ -14,8 +18,8 @@ and memory read GB/s, and from them the floor of every stage of a generation.
 
 The floor of a stage is max(Σ FLOPs_i / rate(shape_i), bytes read / memory rate): its products at the
 rates measured for their shapes, or its weights and inputs read once at the memory rate, whichever
-takes longer. A multiple of 1 means the stage runs as fast as a plain matmul of its shapes (or a
-plain read of its bytes) on this machine; small stages whose weights stay in cache can go below 1.
+takes longer. A multiple of 1 means the stage runs as fast as the faster library's plain matmuls of
+its shapes (or a plain read of its bytes) on this machine; small stages whose weights stay in cache can go below 1.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from bench.cost import StageCost, distinct_gemms
@@ -32,6 +37,8 @@ from bench.machine import last_level_cache_bytes
 
 Shape = tuple[int, int, int, int]  # (batch, m, k, n)
 MIN_ARRAY, MAX_ARRAY = 256 * 2**20, 2 * 2**30
+LIBRARIES = ("torch", "ort")  # the GEMMs the two backends run; the faster sets a shape's rate
+GEMM_SOURCE = "the faster of torch.matmul and ONNX Runtime's MatMul (constant weight), fp32"
 
 
 def _best_seconds(fn: Callable[[], object], min_s: float, budget_s: float, min_repeats: int = 3) -> float:
@@ -60,11 +67,44 @@ def memory_read_gbs(threads: int, nbytes: int | None = None, repeats: int = 5) -
     return array.numel() * 4 / seconds / 1e9
 
 
+def _ort_matmul(a: np.ndarray, b: np.ndarray, threads: int) -> Callable[[], object]:
+    """A call of ONNX Runtime's MatMul on ``a`` with the constant ``b`` (an initializer, as a weight)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "matmul",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape))],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(b, "b")],
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return functools.partial(session.run, None, {"a": a})
+
+
+def _matmul_call(library: str, a: torch.Tensor, b: torch.Tensor, threads: int) -> Callable[[], object]:
+    if library == "torch":
+        return functools.partial(torch.matmul, a, b)
+    if library == "ort":
+        return _ort_matmul(a.numpy(), b.numpy(), threads)
+    raise ValueError(f"unknown GEMM library {library!r}: one of {LIBRARIES}")
+
+
 def gemm_gflops(
-    shapes: Iterable[Shape], threads: int, min_s: float = 0.05, progress: Callable[[int, int], None] | None = None
-) -> dict:
-    """GFLOP/s of ``torch.matmul`` for each (batch, m, k, n), fp32, on ``threads`` threads; each shape is
-    timed for at least ``min_s`` seconds (at most 0.3 s after its first call)."""
+    shapes: Iterable[Shape],
+    threads: int,
+    min_s: float = 0.05,
+    progress: Callable[[int, int], None] | None = None,
+    libraries: tuple[str, ...] = LIBRARIES,
+) -> dict[Shape, float]:
+    """GFLOP/s of the faster of ``libraries`` (torch.matmul, ONNX Runtime's MatMul with a constant second
+    operand) for each (batch, m, k, n), fp32, on ``threads`` threads; each shape and library is timed for
+    at least ``min_s`` seconds (at most 0.3 s after its first call)."""
     torch.set_num_threads(threads)
     shapes = list(shapes)
     rates: dict[Shape, float] = {}
@@ -73,7 +113,10 @@ def gemm_gflops(
         lead = (batch,) if batch > 1 else ()
         a = torch.randn(*lead, m, k, generator=generator)
         b = torch.randn(*lead, k, n, generator=generator)
-        seconds = _best_seconds(functools.partial(torch.matmul, a, b), min_s, budget_s=max(0.3, min_s))
+        seconds = min(
+            _best_seconds(_matmul_call(library, a, b, threads), min_s, budget_s=max(0.3, min_s))
+            for library in libraries
+        )
         rates[(batch, m, k, n)] = 2 * batch * m * k * n / seconds / 1e9
         if progress is not None:
             progress(done + 1, len(shapes))
@@ -83,8 +126,8 @@ def gemm_gflops(
 def contention(shapes: list[Shape], threads: int, min_s: float = 0.05) -> dict[Shape, float]:
     """GEMM rate on ``threads`` threads ÷ on one, per shape. Below 1, the threads wait for each other:
     other tenants hold the cores, and every parallel kernel (ONNX Runtime's too) pays for it."""
-    one = gemm_gflops(shapes, 1, min_s)
-    many = gemm_gflops(shapes, threads, min_s)
+    one = gemm_gflops(shapes, 1, min_s, libraries=("torch",))
+    many = gemm_gflops(shapes, threads, min_s, libraries=("torch",))
     return {shape: many[shape] / one[shape] for shape in shapes}
 
 

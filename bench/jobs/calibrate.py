@@ -3,6 +3,7 @@ the effective GEMM rate of each step, at batch 1 and 8."""
 
 from __future__ import annotations
 
+from bench import calibrate
 from bench.context import Context
 from bench.report import JobResult, table
 
@@ -27,7 +28,7 @@ def run(ctx: Context) -> JobResult:
     ]
     notes = [
         f"memory read: **{calib.memory_gbs:.1f} GB/s** (sum over a float32 array of twice the last-level cache); "
-        f"GEMM: torch.matmul fp32 on {calib.threads} thread(s) ({threads}), "
+        f"GEMM: {calibrate.GEMM_SOURCE} on {calib.threads} thread(s) ({threads}), "
         f"{len(rates)} shapes from {rates[0]:.0f} to **{rates[-1]:.0f} GFLOP/s**; "
         f"calibration took {calib.seconds:.0f} s",
         "effective rate of a stage = its FLOPs ÷ Σ FLOPs of each product ÷ the rate measured for its shape",
