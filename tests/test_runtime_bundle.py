@@ -136,6 +136,17 @@ def test_same_size_modification_is_caught(bundle_dir):
         load_bundle(bundle_dir)
 
 
+def test_a_schema_3_bundle_is_refused_with_the_command_that_re_exports_it(bundle_dir):
+    """Schema 3 took the cache stacked; schema 4 takes a layer per input: the old graphs cannot be bound."""
+    manifest = _manifest(bundle_dir)
+    manifest["schema_version"] = 3
+    _write_manifest(bundle_dir, manifest)
+    with pytest.raises(BundleError) as err:
+        load_bundle(bundle_dir)
+    assert f"bundle schema 3 is older than this imagefolder (supports {SCHEMA_VERSION})" in str(err.value)
+    assert f"`imagefolder-export onnx --out {bundle_dir}`" in str(err.value)
+
+
 def test_newer_schema_asks_for_an_upgrade(bundle_dir):
     manifest = _manifest(bundle_dir)
     manifest["schema_version"] = SCHEMA_VERSION + 1
