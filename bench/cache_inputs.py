@@ -24,6 +24,7 @@ import onnxruntime as ort
 import torch
 
 from bench.bundles import load_models
+from imagefolder.configs import PRESETS
 from imagefolder.core.schedule import scale_spans
 from imagefolder.core.specs import cache_input_names
 from imagefolder.export.graphs import StepGraph, with_fusable_gelu
@@ -89,10 +90,12 @@ def export_both(generator: Generator, folder: Path) -> dict[str, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="imagefolder-d17")
+    parser.add_argument("--preset", default="imagefolder-d17", choices=sorted(PRESETS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--runs", type=int, default=8)
     args = parser.parse_args()
+    if args.batch < 1 or args.runs < 1:
+        parser.error("--batch and --runs must be ≥ 1")
 
     generator = with_fusable_gelu(copy.deepcopy(load_models(args.preset).generator)).eval()
     cfg, rows, rng = generator.cfg, 2 * args.batch, np.random.default_rng(0)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from imagefolder.core.schedule import SamplingParams
+from imagefolder.errors import ImagefolderError
 from imagefolder.runtime.backends.ort import OrtBackend
 from imagefolder.runtime.loop import generate
 from imagefolder.runtime.profiler import StepProfiler
@@ -68,7 +69,12 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.bundles) < 2:
         parser.error("give at least two bundles")
-    result = compare(args.bundles, args.runs, args.warmup, args.batch)
+    if args.runs < 1 or args.warmup < 0 or args.batch < 1:
+        parser.error("--runs and --batch must be ≥ 1, --warmup ≥ 0")
+    try:
+        result = compare(args.bundles, args.runs, args.warmup, args.batch)
+    except ImagefolderError as err:  # a path that is no bundle, an old schema, a batch above its maximum
+        parser.exit(2, f"Error: {err}\n")
     print(f"batch {result['batch']}, host wall time p50 over {result['runs']} interleaved runs\n")
     print(table(result))
 

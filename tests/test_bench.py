@@ -168,3 +168,26 @@ def test_cache_inputs_times_both_graph_forms_on_equal_logits(monkeypatch, capsys
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| step[")]
     assert len(rows) == len(tiny().generator.scales)
     assert all(float(cell) > 0 for row in rows for cell in row.strip("|").split("|")[1:])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compare_bundles", "NOT_A_BUNDLE", "NOT_A_BUNDLE"], "Error: NOT_A_BUNDLE: no manifest.json"),
+        (["compare_bundles", "a", "b", "--runs", "0"], "--runs and --batch must be ≥ 1"),
+        (["cache_inputs", "--batch", "0"], "--batch and --runs must be ≥ 1"),
+        (["cache_inputs", "--preset", "d99"], "invalid choice: 'd99'"),
+    ],
+)
+def test_the_side_by_side_scripts_refuse_bad_input_in_one_line(monkeypatch, capsys, tmp_path, argv, message):
+    from bench import cache_inputs, compare_bundles
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", argv)
+    script = {"compare_bundles": compare_bundles, "cache_inputs": cache_inputs}[argv[0]]
+    with pytest.raises(SystemExit) as exit_info:
+        script.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -12,7 +12,7 @@ from tests.reference import OFFICIAL_KEYS, TENSORRT_API
 
 
 def test_reading_beside_the_repository_fails():
-    sibling = REPOSITORY.parent / "shared" / "reference" / "official-state-dict-keys.txt"
+    sibling = REPOSITORY.parent / "a-sibling-folder" / "reference" / "keys.txt"  # any folder beside the clone
     with pytest.raises(OutsideRepository, match="outside the repository"):
         open(sibling)  # noqa: SIM115 - the open itself must be refused, whether or not the file exists
     assert outside_repository(REPOSITORY.parent / "anything.txt")

@@ -507,10 +507,12 @@ class TrtSession:
         # unfilled ones by adding −inf to their scores and by weight 0 on their values: NaN left in fresh
         # device memory would survive both, hence the zeroing.
         self.cache_names = cache_input_names(self.backend.bundle.depth)
-        layer_bytes = (
-            int(np.prod(self._shape("ar_step", self.cache_names[0][0]))) * self._dtype("ar_step", "keys").itemsize
-        )
+        n, heads, positions_total, head_dim = self._shape("ar_step", self.cache_names[0][0])
+        self.cache_esize = self._dtype("ar_step", "keys").itemsize
+        layer_bytes = n * heads * positions_total * head_dim * self.cache_esize
         self.cache_stride = layer_bytes + -layer_bytes % ALIGNMENT
+        # (rows of a layer: N·Hd, bytes of a row: P·D, D)
+        self.cache_rows = (n * heads, positions_total * head_dim * self.cache_esize, head_dim)
         self.cache_keys, self.cache_values = (
             self._array((len(self.cache_names[0]) * self.cache_stride,), np.uint8) for _ in range(2)
         )
@@ -613,24 +615,22 @@ class TrtSession:
         one per layer (a layer's size is not a multiple of the address alignment).
         """
         start, q = self.spans[si]
-        n, heads, positions_total, d = self._shape("ar_step", self.cache_names[0][0])
-        depth, esize = len(self.cache_names[0]), self._dtype("ar_step", "keys").itemsize
-        row, width = positions_total * d * esize, q * d * esize
-        contiguous = self.cache_stride == n * heads * row
+        rows, row, head_dim = self.cache_rows
+        depth, width = len(self.cache_names[0]), q * head_dim * self.cache_esize
         copies = (
-            [(0, 0, depth * n * heads)]
-            if contiguous
-            else [(layer * self.cache_stride, layer * n * heads * width, n * heads) for layer in range(depth)]
+            [(0, 0, depth * rows)]
+            if self.cache_stride == rows * row  # the layers lie back to back
+            else [(layer * self.cache_stride, layer * rows * width, rows) for layer in range(depth)]
         )
         for cache, new in ((self.cache_keys, self.new_keys), (self.cache_values, self.new_values)):
-            for cache_offset, new_offset, rows in copies:
+            for cache_offset, new_offset, count in copies:
                 cuda.memcpy2d_dtod_async(
-                    cache.ptr + cache_offset + start * d * esize,
+                    cache.ptr + cache_offset + start * head_dim * self.cache_esize,
                     row,
                     new.ptr + new_offset,
                     width,
                     width,
-                    rows,
+                    count,
                     self.backend.stream,
                 )
 
