@@ -4,7 +4,7 @@
 max, so every step of the loop can be captured as a CUDA graph and replayed). ``build_engines``
 parses each ONNX graph, builds one strongly typed engine per graph with those profiles, and writes
 ``BUNDLE/engines/<graph>.plan`` plus ``BUNDLE/engines/build.json`` (TensorRT version, GPU, profiles,
-flags, sha256 of every plan) atomically. The runtime (``runtime/backends/trt.py``) refuses plans
+flags, sha256 of every plan) atomically. The runtime (``runtime/backends/trt/``) refuses plans
 whose build record does not match the running TensorRT and GPU.
 
 Supports TensorRT 10.x (JetPack 6 ships 10.3) and 11.x. Every ``trt.*`` name used here exists in

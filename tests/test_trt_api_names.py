@@ -25,7 +25,7 @@ from imagefolder.export.trt_build import VERSIONED_NAMES
 from tests.reference import TENSORRT_API
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = (ROOT / "export" / "trt_build.py", ROOT / "runtime" / "backends" / "trt.py")
+SOURCES = (ROOT / "export" / "trt_build.py", *sorted((ROOT / "runtime" / "backends" / "trt").glob("*.py")))
 VERSIONS = {"10.3": 10, "11.4": 11}
 
 
