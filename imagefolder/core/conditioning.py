@@ -78,7 +78,8 @@ def region_positions(region: np.ndarray, scales: tuple[int, ...] | list[int]) ->
     region = np.asarray(region, dtype=bool)
     if region.ndim != 2 or region.shape[0] != region.shape[1] or region.shape[0] < 1:
         raise InputError(f"a region must be a square picture, got shape {region.shape}")
-    kept = np.concatenate([(cell_fractions(region, k) >= KEPT_FRACTION).reshape(-1) for k in scales])
+    # exactly half counts as kept; 1e-9 absorbs the rounding of a cell edge that falls inside a pixel
+    kept = np.concatenate([(cell_fractions(region, k) >= KEPT_FRACTION - 1e-9).reshape(-1) for k in scales])
     if not kept.any():
         raise InputError(
             f"the mask keeps no cell at any scale (a cell is kept when ≥ {KEPT_FRACTION:g} of its area is white); "
