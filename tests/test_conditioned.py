@@ -238,3 +238,30 @@ def test_bad_conditioning_input_is_one_error_line_and_writes_nothing(model, tmp_
     assert code == 1 and len(errors) == 1 and "Traceback" not in output, output
     assert culprit in errors[0], errors[0]
     assert not (tmp_path / "out.png").exists() and not (tmp_path / "out.npy").exists()
+
+
+def test_profile_with_a_reference_has_an_encode_stage_in_its_table_json_and_plot(model, tmp_path):
+    import json
+
+    from imagefolder.runtime.plots import _bar_groups
+
+    _, _, _, _, root = model
+    args = ["profile", "--bundle", root / "bundle", "--reference", root / "reference.png", "--keep", "semantic"]
+    code, output = _run([*args, "--runs", 2, "--warmup", 1, "--json", tmp_path / "p.json"])
+    assert code == 0, output
+    assert any(line.startswith("encode ") for line in output.splitlines())
+    (report,) = json.loads((tmp_path / "p.json").read_text())["reports"]
+    assert [s["label"] for s in report["stages"]][:2] == ["encode", "prefill"]
+    assert report["stages"][0]["host_ms"]["n"] == 2
+    assert _bar_groups(report, (1, 2, 3, 4, 6))[0] == ("encode", ["encode"])
+    code, output = _run([*args, "--runs", 1, "--warmup", 0, "--plot", tmp_path / "p.png"])
+    assert code == 0, output
+    assert "encode" in [t.get_text() for t in _plotted_ticks(report)]
+    code, output = _run([*args[:3], "--reference-indices", tmp_path / "p.json"])
+    assert code == 1 and "Error:" in output
+
+
+def _plotted_ticks(report: dict) -> list:
+    from imagefolder.runtime.plots import profile_figure
+
+    return profile_figure([report], (1, 2, 3, 4, 6)).axes[0].get_xticklabels()
