@@ -46,6 +46,16 @@ def model(tmp_path_factory):
     return ort_backend, TorchBackend(tokenizer, generator, bundle.candidates), image, indices, root
 
 
+def test_the_exported_sampler_selects_with_where_and_passes_the_tensorrt_10_3_operator_report(model):
+    ort_backend = model[0]
+    graph = ort_backend.bundle.manifest["graphs"]["sampler"]
+    report = graph["operators"]
+    assert report["ok"] and not report["unsupported"] and report["opset"] == 17
+    assert report["counts"]["Where"] >= 1 and "If" not in report["counts"]
+    assert [t["name"] for t in graph["inputs"]][-2:] == ["reference_tokens", "force_mask"]
+    assert graph["inputs"][-1]["dtype"] == "bool" and graph["parity"]["outputs"]["tokens"]["value"] == 0.0
+
+
 def test_the_mask_all_set_gives_the_reference_and_reconstruct_s_image(model):
     ort_backend, torch_backend, image, indices, _ = model
     everything = np.ones((indices.shape[2], 2), bool)

@@ -16,7 +16,12 @@ from imagefolder.core.schedule import num_positions
 from imagefolder.core.specs import GRAPH_NAMES, SCHEMA_VERSION, graph_specs
 
 CANDIDATES = 16
-ONNX_TYPES = {"float32": TensorProto.FLOAT, "int32": TensorProto.INT32, "int64": TensorProto.INT64}
+ONNX_TYPES = {
+    "float32": TensorProto.FLOAT,
+    "int32": TensorProto.INT32,
+    "int64": TensorProto.INT64,
+    "bool": TensorProto.BOOL,
+}
 
 
 def _onnx_graph(spec, rename: dict[str, str] | None = None) -> bytes:
