@@ -94,7 +94,7 @@ def _references(backend: Backend, count: int, reference, force) -> list[Referenc
             raise InputError("a force mask needs the reference indices it forces")
         return [None] * count
     if force is None:
-        raise InputError("reference indices need a force mask (core.conditioning.force_mask) saying what they force")
+        raise InputError("a reference needs a force mask (core.conditioning.force_mask) saying which tokens it keeps")
     positions = num_positions(backend.scales)
     indices = check_reference_indices(reference, positions, backend.codebook_size, BRANCHES)
     mask = np.asarray(force)
@@ -110,6 +110,7 @@ def _references(backend: Backend, count: int, reference, force) -> list[Referenc
 
 
 def _check_reference_images(backend: Backend, count: int, images) -> np.ndarray:
+    """Reference images as the encoder's float32 input: (1 or ``count``, 3, H, H), else ``InputError``."""
     size = backend.image_size
     array = np.asarray(images)
     if array.ndim != 4 or array.shape[0] not in (1, count) or array.shape[1:] != (3, size, size):

@@ -3,7 +3,8 @@
 ``build_engines`` on an exported tiny bundle, ``TrtBackend`` generating eagerly and with its whole generation
 replayed as one CUDA graph (tokens identical to ``OrtBackend`` for the same seed, since the fake runs the same
 graphs on ONNX Runtime; launches counted by the fake device), a capture the fake refuses, ``imagefolder-export
-check --backend trt``, the profiler, and plans refused on another GPU or TensorRT. Every test ends with no
+check --backend trt``, the profiler, plans refused on another GPU or TensorRT, and conditioned generation
+(reference tokens and force masks in the captured upload). Every test ends with no
 TensorRT error logged and no device fault unless it provokes one: a broken rule anywhere fails it. What the
 fakes cannot show (speed, TF32/fp16 rounding, real kernels) is tests/test_trt_gpu.py's job on a real GPU.
 """
