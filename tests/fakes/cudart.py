@@ -255,8 +255,9 @@ class FakeCuda(Device):
             return (fault.code,)
         err = self.enqueue(stream, op)
         s = self.stream(stream)
-        if err == OK and op.pageable and s.capture is None and not op.pinned_out and not self.is_device_pointer(int(dst)):
-            # into pageable memory: "the function will return only once the copy has completed"
+        into_pageable = op.pageable and not op.pinned_out and not self.is_device_pointer(int(dst))
+        if err == OK and into_pageable and s.capture is None:
+            # "the function will return only once the copy has completed"
             self._synchronised(s)
             return (self.sticky or OK,)
         return (err,)
@@ -403,6 +404,7 @@ class FakeCuda(Device):
                 return (E.cudaErrorStreamCaptureInvalidated,)
             e.captured, e.stream, e.time_ms = True, s.handle, None  # a dependency marker, not a timestamp
             return (OK,)
+
         def reached(cuda: FakeCuda) -> None:
             cuda.clock_ms += 0.0005  # two records are never at the same instant
             e.time_ms = cuda.clock_ms
