@@ -4,8 +4,8 @@ tiny preset, its CUDA part on the fake GPU (tests/fakes), and its FLOP arithmeti
 from __future__ import annotations
 
 import importlib.util
-import sys
 import json
+import sys
 from pathlib import Path
 
 import pytest
