@@ -9,6 +9,11 @@ Each mistake is one exact text replacement in one file (the original must occur 
 that moves the line makes the mistake fail loudly instead of silently testing nothing). The copy holds the
 files git tracks plus untracked ones not ignored, and runs with the checkout's Python; its tests import the
 copy (pytest puts the copy's root first on ``sys.path``). A mistake is *caught* when its tests fail.
+
+Not listed, because CUDA makes them harmless (and the fake, following CUDA, lets them pass): a download
+into pageable memory without a synchronisation (``cudaMemcpyAsync`` into pageable memory returns once the
+copy completed), and reading event times without synchronising the end event after the stream itself was
+synchronised.
 """
 
 from __future__ import annotations
@@ -74,14 +79,14 @@ MISTAKES = [
         "runtime/backends/trt/engine.py",
         'trt.DataType.HALF: np.dtype("float16"),',
         'trt.DataType.HALF: np.dtype("float32"),',
-        (f"{PRECISIONS}::test_an_fp16_bundle_runs_through_tensorrt_with_onnx_runtime_tokens",),
+        (f"{PRECISIONS}::test_a_half_precision_bundle_runs_through_tensorrt_with_onnx_runtime_tokens",),
     ),
     Mistake(
         "fixes the cache element size at 4 bytes",
         SESSION,
         'self.cache_esize = self._dtype("ar_step", "keys").itemsize',
         "self.cache_esize = 4",
-        (f"{PRECISIONS}::test_an_fp16_bundle_runs_through_tensorrt_with_onnx_runtime_tokens",),
+        (f"{PRECISIONS}::test_a_half_precision_bundle_runs_through_tensorrt_with_onnx_runtime_tokens",),
     ),
     Mistake(
         "loads a version-compatible plan without allowing host code",
@@ -126,18 +131,18 @@ MISTAKES = [
         (GENERATION,),
     ),
     Mistake(
-        "reads event times before the end event completed",
-        "imagefolder/core/cuda.py",
-        "            end.synchronize()\n",
-        "",
-        (f"{ON_FAKES}::test_cli_builds_checks_generates_and_profiles",),
+        "returns views of the pinned output staging, which the next generation overwrites",
+        SESSION,
+        "return self.images_host.copy(), self.indices_host.copy()",
+        "return self.images_host, self.indices_host",
+        (GENERATION,),
     ),
     Mistake(
-        "downloads a device array without waiting for the copy",
+        "counts work recorded into a capture as launches",
         "imagefolder/core/cuda.py",
-        "        memcpy_dtoh_async(out, self.ptr, stream)\n        stream.synchronize()\n",
-        "        memcpy_dtoh_async(out, self.ptr, stream)\n",
-        (f"{ON_FAKES}::test_encode_and_decode_match_onnx_runtime",),
+        "        if not self.capturing:\n            self.launches += 1\n",
+        "        self.launches += 1\n",
+        (GENERATION,),
     ),
 ]
 

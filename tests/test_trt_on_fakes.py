@@ -135,7 +135,7 @@ def test_generation_is_token_identical_to_onnx_runtime(built, gpu, expected, bat
     with TrtBackend(built[0], use_cuda_graphs=use_cuda_graphs) as backend:
         stream = backend.stream.ptr
         session = backend.session(batch)
-        counted = []
+        counted, results = [], []
         for params, labels in RUNS[batch]:
             before, launches = launched(gpu, stream), session.launches
             result = generate(backend, labels, session=session, **params)
@@ -147,6 +147,9 @@ def test_generation_is_token_identical_to_onnx_runtime(built, gpu, expected, bat
                 ran.get(k, 0) for k in COUNTED
             )  # the product counts as the device
             counted.append(ran)
+            results.append((result, want))
+        for result, want in results:  # each result is the caller's own: no later generation overwrote it
+            np.testing.assert_array_equal(result.indices, want.indices)
     eager, second, *later = counted
     assert eager["kernels"] == 1 + 5 + 5 + 4 + 1 and "captured" not in eager  # prefill, step/sample ×5, fold ×4, decode
     if use_cuda_graphs:

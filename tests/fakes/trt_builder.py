@@ -397,6 +397,7 @@ class Builder:
         self._env.report(self._logger, "ERROR", f"IBuilder::buildSerializedNetwork: {message}")
 
     def build_serialized_network(self, network, config):
+        from tests.fakes.numerics import runnable
         from tests.fakes.trt_runtime import ort_session
 
         env, trt = self._env, self._env.trt
@@ -444,7 +445,7 @@ class Builder:
             IProgressMonitor._check_initialised(monitor, "IProgressMonitor")
             monitor.phase_start("Building engine", None, len(config._profiles))
         onnx_bytes = network._model.SerializeToString()
-        session = ort_session(onnx_bytes)
+        session = ort_session(runnable(onnx_bytes))
         profiles = []
         for index, profile in enumerate(config._profiles):
             shapes = {name: [list(s) for s in profile._shapes.get(name, (t._shape,) * 3)] for name, t in inputs.items()}
