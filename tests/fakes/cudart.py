@@ -67,11 +67,13 @@ NVIDIA/cuda-python PR #458):
   CUDA Runtime API: pageable host → device is copied to a staging buffer immediately; device →
   pageable host returns once the copy has completed);
 - a copy from or to pageable host memory enqueued during a capture is refused with
-  ``cudaErrorStreamCaptureUnsupported`` and invalidates the capture. The staging above happens at the
-  call, on the host, so a graph would replay a copy from a driver buffer that no longer holds the
-  request (or write into memory nothing keeps alive); PyTorch refuses these copies at capture for that
-  reason (pytorch/pytorch#172156: "the CPU tensor must be pinned for the operation to be captured
-  correctly") [*];
+  ``cudaErrorStreamCaptureUnsupported`` and invalidates the capture. CUDA's documentation names no such
+  rule (the memcpy-node restrictions of ``cudaGraphAddMemcpyNode`` concern managed memory only), and a
+  real capture may record the copy: eager, pageable memory is staged or waited for at the call (above),
+  which a replay cannot repeat, and nothing keeps the memory alive for later replays. PyTorch refuses
+  these copies at capture for that reason (pytorch/pytorch#172156: "the CPU tensor must be pinned for
+  the operation to be captured correctly"; silent garbage otherwise); the fake does the same, stricter
+  than CUDA may be [*];
 - a fault while work *executes* (a kernel touching freed or too little memory, a replayed copy whose
   buffer is gone) is the sticky ``cudaErrorIllegalAddress``: every later call returns it, as a CUDA
   context is unusable after one.
