@@ -131,6 +131,13 @@ MISTAKES = [
         (GENERATION,),
     ),
     Mistake(
+        "builds the sampler with TF32, whose cumulative sums then move the draw boundaries",
+        "export/trt_build.py",
+        "if not tf32 or graph in EXACT_FP32_GRAPHS:",
+        "if not tf32:",
+        ("tests/test_trt_numerics.py::test_the_engine_check_judges_tf32_engines_by_their_own_row",),
+    ),
+    Mistake(
         "returns views of the pinned output staging, which the next generation overwrites",
         SESSION,
         "return self.images_host.copy(), self.indices_host.copy()",
