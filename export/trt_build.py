@@ -305,7 +305,8 @@ def build_engines(
             the old ones in ``build.json``; records of other graphs are kept only if built by this
             same TensorRT on this same GPU.
         detailed: ``ProfilingVerbosity.DETAILED`` (layer parameters and tactics in the engine inspector).
-        tf32: allow TF32 for fp32 layers (TensorRT's default); False for exact fp32 parity checks.
+        tf32: allow TF32 for fp32 layers (TensorRT's default; never in ``EXACT_FP32_GRAPHS``); False for exact
+            fp32 parity checks.
 
     Returns:
         the engines folder ``BUNDLE/engines`` (its ``build.json`` holds the build record).
