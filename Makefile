@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[export,ort,train,dev]'
+	# setuptools' "Editable installation" notice is information only (this checkout is meant to be importable)
+	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/pip install -q -e '.[export,ort,train,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
