@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imagefolder.core.sampler import image_uniforms
+from imagefolder.core.sampler import TRT_TOPK_LIMIT, image_uniforms
 from imagefolder.core.schedule import SamplingParams, check_labels, guidance, num_positions
 from imagefolder.errors import InputError
 from imagefolder.runtime.backends.base import Backend, BatchRequest, Session, no_stage
@@ -101,6 +101,20 @@ def run_batch(
     return GenerationResult(images=images_out, indices=indices)
 
 
+def check_top_k(top_k: int, backend: Backend) -> None:
+    """Refuse a top-k the backend's sampler cannot honour: above its candidates, when they are fewer than the codebook.
+
+    The sampler ranks only its ``candidates`` best logits (its TopK size, fixed at export); a top-k at or
+    above the codebook keeps every code, which those candidates do when they are the whole codebook.
+    """
+    if top_k > backend.candidates and backend.candidates < backend.codebook_size:
+        raise InputError(
+            f"--top-k {top_k} is above the {backend.candidates} candidates this sampler ranks (of "
+            f"{backend.codebook_size} codes): give --top-k {backend.candidates} or less, or re-export the bundle "
+            f"with --candidates {min(top_k, backend.codebook_size, TRT_TOPK_LIMIT - 1)}"
+        )
+
+
 def generate(
     backend: Backend,
     labels,
@@ -124,6 +138,7 @@ def generate(
     """
     params = params or SamplingParams()
     labels = check_labels(labels, backend.num_classes)
+    check_top_k(params.top_k, backend)
     images = [ImageRequest(int(label), params, index) for index, label in enumerate(labels)]
     if session is not None:
         return run_batch(session, backend.scales, images, profiler)
