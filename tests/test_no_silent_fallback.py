@@ -93,4 +93,3 @@ def test_generate_writes_both_outputs_when_both_can_be_written(workspace, tmp_pa
     _ok(main, [*args, "-o", tmp_path / "out.png", "--indices", tmp_path / "new" / "idx.npy"])
     assert (tmp_path / "out.png").stat().st_size > 0 and (tmp_path / "new" / "idx.npy").stat().st_size > 0
     _nothing_written(tmp_path, {"out.png", "new"})
-
