@@ -29,7 +29,9 @@ comment on a line of its own marks every command after it in its block):
 - ``# the doc test adds <options>``: run with these options appended (click keeps the last value of an
   option), e.g. ``--steps 2`` for a training command that takes an hour as written.
 
-``pip install`` commands are run from the checkout (where ``.`` is) with ``--dry-run --no-deps`` into a
+An export repeated with the same options and checkpoint (README and docs/jetson.md export the official
+checkpoint in fp16 three times, to different folders) runs once per test process; the repeats copy its
+bundle to their ``--out``. ``pip install`` commands are run from the checkout (where ``.`` is) with ``--dry-run --no-deps`` into a
 throwaway virtual environment: the requirement must exist and build its metadata, with every extra named
 (tests/test_extras.py resolves the extras' dependencies in full). After ``make demo``, the two lines it
 prints last (how to put the CLI on the PATH, one command to try) are run too, from a shell whose PATH
@@ -39,12 +41,14 @@ does not have the virtual environment.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +59,12 @@ from imagefolder.core.gpu_stack import is_jetson
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(sys.executable).parent
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # a new document is read by itself
 LINKED = ("Makefile", "pyproject.toml", ".venv", "docs", "scripts", "bench", "README.md")
 GPU, JETSON, NOT_RUN, ADDS = "needs a GPU", "needs a Jetson", "not run by the doc test:", "the doc test adds "
 GPU_ERROR = re.compile(r"TensorRT|cuda-python|CUDA|GPU", re.I)
 MAX_UNRUN = 6
+NOT_HERE = ("jetson", "not run", "gpu elsewhere")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +140,7 @@ def commands(document: Path, root: Path = ROOT) -> list[Command]:
 
 
 ALL = [command for document in DOCUMENTS for command in commands(document)]
+WITH_COMMANDS = list(dict.fromkeys(command.document for command in ALL))
 
 
 # -- the stand-ins --------------------------------------------------------------------------------------------
@@ -197,37 +203,60 @@ def shell(text: str, cwd: Path, env: dict[str, str], timeout: float = 300) -> su
 # -- the tests ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("document", [d.relative_to(ROOT).as_posix() for d in DOCUMENTS])
+@pytest.mark.parametrize("document", WITH_COMMANDS)
 def test_every_command_of_the_document_runs_as_written(document, stand_ins, tmp_path):
     here = workspace(stand_ins, tmp_path)
     env = environment(tmp_path)
-    throwaway = tmp_path / "throwaway-venv"
-    ran = 0
-    for command in [c for c in ALL if c.document == document]:
-        if command.kind in ("jetson", "not run", "gpu elsewhere"):
-            continue  # checked by test_marked_commands_cannot_run_here and test_unrun_commands_are_few
-        text = command.text
-        if ADDS in command.comment:
-            text += " " + command.comment.split(ADDS, 1)[1].strip()
-        result = _pip_dry_run(text, throwaway, env) if command.kind == "pip" else shell(text, here, env)
-        ran += 1
-        context = f"{command.where}: {command.text}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-        if command.kind == "gpu" and not gpu_stack_present():
-            errors = result.stderr.strip().splitlines()
-            assert result.returncode != 0, context
-            assert len(errors) == 1 and errors[0].startswith("Error: ") and GPU_ERROR.search(errors[0]), context
-            continue
-        assert result.returncode == 0, context
-        if command.text == "make demo":
-            _run_the_next_steps_it_printed(result.stdout, here, tmp_path, context)
-    if not [c for c in ALL if c.document == document]:
-        pytest.fail(f"{document} has no bash block: parametrized from a stale list")
-    assert ran or all(c.kind in ("jetson", "not run", "gpu elsewhere") for c in ALL if c.document == document)
+    runnable = [c for c in ALL if c.document == document and c.kind not in NOT_HERE]
+    with ThreadPoolExecutor(4) as pool:  # the pip dry runs wait on the registry: all of them at once
+        throwaway = _throwaway_venv(tmp_path)
+        dry_runs = {c: pool.submit(_pip_dry_run, _as_run(c), throwaway, env) for c in runnable if c.kind == "pip"}
+        for command in runnable:
+            result = dry_runs[command].result() if command in dry_runs else _run(command, here, env, stand_ins)
+            context = f"{command.where}: {command.text}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+            if command.kind == "gpu" and not gpu_stack_present():
+                errors = result.stderr.strip().splitlines()
+                assert result.returncode != 0, context
+                assert len(errors) == 1 and errors[0].startswith("Error: ") and GPU_ERROR.search(errors[0]), context
+                continue
+            assert result.returncode == 0, context
+            if command.text == "make demo":
+                _run_the_next_steps_it_printed(result.stdout, here, tmp_path, context)
+
+
+def _as_run(command: Command) -> str:
+    """The command's text, with the options a ``# the doc test adds ...`` marker appends."""
+    if ADDS not in command.comment:
+        return command.text
+    return f"{command.text} {command.comment.split(ADDS, 1)[1].strip()}"
+
+
+def _run(command: Command, here: Path, env: dict[str, str], stand_ins: Path) -> subprocess.CompletedProcess:
+    """Run a command in ``here``. An export identical to one run before in this process (same options but
+    ``--out``, same checkpoint) is not repeated: its bundle is copied to ``--out``, as the export would write it."""
+    words = shlex.split(command.text)
+    if words[:2] != ["imagefolder-export", "onnx"] or "--out" not in words:
+        return shell(_as_run(command), here, env)
+    out = words[words.index("--out") + 1]
+    key = " ".join(words[: words.index("--out")] + words[words.index("--out") + 2 :])
+    cached = stand_ins / "exports" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if cached.is_dir():
+        shutil.rmtree(here / out, ignore_errors=True)
+        shutil.copytree(cached, here / out)
+        return subprocess.CompletedProcess(command.text, 0, f"copied the export of {key}", "")
+    result = shell(_as_run(command), here, env)
+    if result.returncode == 0:
+        shutil.copytree(here / out, cached)
+    return result
+
+
+def _throwaway_venv(tmp_path: Path) -> Path:
+    folder = tmp_path / "throwaway-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    return folder
 
 
 def _pip_dry_run(text: str, throwaway: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    if not throwaway.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(throwaway)], check=True)
     arguments = shlex.split(text)[2:]
     return subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(throwaway / "bin" / "python"), "install", "--dry-run"]
@@ -264,7 +293,8 @@ def test_marked_commands_cannot_run_here():
 def test_unrun_commands_are_few_and_say_why(capsys):
     unrun = [c for c in ALL if c.kind == "not run"]
     for command in unrun:
-        assert command.comment.split(NOT_RUN, 1)[1].strip(), f"{command.where}: say why it is not run"
+        why = f"{command.comment} {command.block_note}".split(NOT_RUN, 1)[1].strip()
+        assert why, f"{command.where}: say why it is not run"
     with capsys.disabled():
         print("\nnot run by the doc test:", *(f"  {c.where}: {c.text}" for c in unrun), sep="\n")
     assert len(unrun) <= MAX_UNRUN, [c.where for c in unrun]
