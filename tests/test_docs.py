@@ -30,11 +30,11 @@ comment on a line of its own marks every command after it in its block):
   option), e.g. ``--steps 2`` for a training command that takes an hour as written.
 
 An export repeated with the same options and checkpoint (README and docs/jetson.md export the official
-checkpoint in fp16 three times, to different folders) runs once per test process; the repeats copy its
-bundle to their ``--out``. ``pip install`` commands are run from the checkout (where ``.`` is) with ``--dry-run --no-deps`` into a
-throwaway virtual environment: the requirement must exist and build its metadata, with every extra named
-(tests/test_extras.py resolves the extras' dependencies in full). After ``make demo``, the two lines it
-prints last (how to put the CLI on the PATH, one command to try) are run too, from a shell whose PATH
+checkpoint in fp16 three times, to different folders) runs once per test process; the repeats copy its bundle
+to their ``--out``. ``pip install`` commands are run from the checkout (where ``.`` is) with ``--dry-run --no-
+deps`` into a throwaway virtual environment: the requirement must exist and build its metadata, with every
+extra named (tests/test_extras.py resolves the extras' dependencies in full). After ``make demo``, the two
+lines it prints last (how to put the CLI on the PATH, one command to try) are run too, from a shell whose PATH
 does not have the virtual environment.
 """
 
