@@ -183,7 +183,13 @@ def workspace(stand_ins: Path, tmp_path: Path) -> Path:
 def environment(home: Path, with_venv: bool = True) -> dict[str, str]:
     path = os.environ.get("PATH", "").split(os.pathsep)
     path = [p for p in path if p and Path(p) != SCRIPTS]
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    # a newcomer's shell: no virtual environment active, and not inside `make test` (whose MAKEFLAGS and
+    # MAKELEVEL would make `make demo` print "Entering directory" lines around its output)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("VIRTUAL_ENV", "PYTHONPATH", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")
+    }
     env.update(HOME=str(home), PATH=os.pathsep.join([str(SCRIPTS)] * with_venv + path), NO_COLOR="1")
     return env
 
