@@ -211,6 +211,9 @@ def shell(text: str, cwd: Path, env: dict[str, str], timeout: float = 300) -> su
 
 @pytest.mark.parametrize("document", WITH_COMMANDS)
 def test_every_command_of_the_document_runs_as_written(document, stand_ins, tmp_path):
+    if any(c.text.startswith("make ") for c in ALL if c.document == document and c.kind not in NOT_HERE):
+        stale = subprocess.run(["make", "-q", ".venv/.installed"], cwd=ROOT, capture_output=True, check=False)
+        assert stale.returncode == 0, "pyproject.toml or the Makefile changed since the last set-up: run make setup"
     here = workspace(stand_ins, tmp_path)
     env = environment(tmp_path)
     runnable = [c for c in ALL if c.document == document and c.kind not in NOT_HERE]
