@@ -8,11 +8,12 @@ TORCH := torch==2.13.0
 
 .PHONY: setup demo test test-mutations lint bench clean
 
+# PYTHONWARNINGS: setuptools' "Editable installation" notice is information only (the checkout is meant to be importable).
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[export,ort,train,dev]'
+	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/pip install -q -e '.[export,ort,train,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -69,7 +69,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "(default: the physical cores, ONNX Runtime's own default, which its sessions then keep)",
     )
     parser.add_argument("--quality-images", type=int, default=100, help="default-model images per dtype")
-    parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench", help="where bundles are kept")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("build") / "bench",
+        help="where bundles are kept (default build/bench in the current folder, where README's --floor looks)",
+    )
     parser.add_argument("--out", type=Path, help="results folder (default build/bench/PRESET, docs/bench)")
     parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md's generated section")
     args = parser.parse_args(argv)

@@ -38,8 +38,9 @@ class CommandGroup(click.Group):
 
     User errors are ``ImagefolderError`` (wrong files and values, missing packages, engines built
     elsewhere) and ``OSError`` on the paths a user names; ``-vv`` prints the traceback too. Ctrl-C
-    anywhere ends the command with ``Aborted`` and exit code 130, after the files being written
-    were discarded (atomic writes clean up on the way out), never with a crash of the interpreter.
+    (SIGINT), SIGTERM and SIGHUP anywhere end the command with ``Aborted`` and exit code 128 + the
+    signal's number (130 for Ctrl-C), after the files being written were discarded (atomic writes and
+    staging folders clean up on the way out), never with a crash of the interpreter.
     """
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra) -> Any:
@@ -65,35 +66,38 @@ class CommandGroup(click.Group):
                 _abort()
             raise
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         sys.exit(code if isinstance(code, int) else 0)
 
 
-_interrupted = False
+# The signals that end a command: each unwinds it like Ctrl-C, so that what it was writing is discarded.
+ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_interrupted: int = 0  # the number of the signal that ended the command, 0 while none did
 
 
 def _on_interrupt(signum, frame) -> None:
     global _interrupted
-    _interrupted = True
+    _interrupted = signum
     raise KeyboardInterrupt
 
 
-def _catch_interrupts():
-    """Install the SIGINT handler (main thread only); returns the handler it replaced."""
+def _catch_interrupts() -> dict:
+    """Install the handler of every ending signal (main thread only); returns the handlers it replaced."""
     if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGINT, _on_interrupt)
+        return {}
+    return {signum: signal.signal(signum, _on_interrupt) for signum in ENDING_SIGNALS}
 
 
 def _abort() -> None:
-    """Leave at once with 130: an interrupted import of a C extension can crash the interpreter's shutdown."""
+    """Leave at once with 128 + the signal (130 for Ctrl-C): an interrupted import of a C extension can crash
+    the interpreter's shutdown."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
     with contextlib.suppress(Exception):
         os.write(2, b"Aborted\n")
-    os._exit(130)
+    os._exit(128 + (_interrupted or signal.SIGINT))
 
 
 def _report(err: BaseException) -> None:

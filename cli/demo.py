@@ -4,13 +4,17 @@
 2. generate one image per class on ONNX Runtime (``demo-out/samples.png``);
 3. generate the same with the PyTorch reference and check the tokens are identical;
 4. one row of variations: a reference shape, then images that keep its detail tokens (``demo-out/variations.png``);
-5. profile the loop on ONNX Runtime and print the per-step table (JSON and a Chrome trace beside it).
+5. profile the loop on ONNX Runtime and print the per-step table (JSON and a Chrome trace beside it);
+6. print the two lines a newcomer needs next: how to put the CLI on the PATH, and one command to try.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +83,29 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out / 'profile.json'} and {args.out / 'trace.json'} (open the trace in Perfetto)")
     if not same:
         raise SystemExit("the ONNX Runtime and PyTorch tokens differ: please report this")
+    print(*next_steps(bundle_dir), sep="\n")
+
+
+def next_steps(bundle_dir: Path) -> list[str]:
+    """What to run next, as two shell lines: put this environment's CLI on the PATH, then generate from the bundle."""
+    scripts = Path(sys.executable).parent
+    on_path = shutil.which("imagefolder")
+    if on_path is not None and Path(on_path).parent == scripts:
+        path_line = "the imagefolder CLI is on your PATH: no set-up needed"
+    elif (scripts / "activate").is_file():
+        path_line = f"source {shlex.quote(_relative(scripts / 'activate'))}"
+    else:
+        path_line = f'export PATH="{_relative(scripts)}:$PATH"'
+    try_line = f"imagefolder generate --bundle {shlex.quote(str(bundle_dir))} --class 3 --seed 0 -o out.png"
+    return [f"next:  {path_line}", f"then:  {try_line}"]
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the current folder when it lies inside it (``.venv/bin``), else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 if __name__ == "__main__":

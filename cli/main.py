@@ -164,17 +164,18 @@ def generate(
         finally:
             engine.close()
         images, indices = result.images, result.indices
-    from imagefolder.core.images import save_grid
-
-    save_grid(output, images)
-    if indices_out is not None:
-        _save_npy(indices_out, indices)
+    _save_outputs(output, images, indices_out, indices)
     click.echo(f"wrote {output} ({len(labels)} image{'s' * (len(labels) > 1)}, classes {labels}, seed {seed})")
 
 
 def _generate_official(bundle, backend, checkpoint, trust_checkpoint, labels, cfg, top_k, top_p, seed):
     if backend not in ("auto", "torch"):
         raise InputError("--sampling official runs on the torch backend only")
+    if bundle is not None:  # it would run the PyTorch model of --checkpoint (or the default one), not the bundle
+        raise InputError(
+            "--sampling official runs the PyTorch model (--checkpoint, or the default model), not a bundle: "
+            "drop --bundle, or keep it and drop --sampling official (the default sampling runs on every backend)"
+        )
     import torch
 
     from imagefolder.core.schedule import check_labels
@@ -187,11 +188,20 @@ def _generate_official(bundle, backend, checkpoint, trust_checkpoint, labels, cf
     return images.numpy(), indices.int().numpy()
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    from imagefolder.io import atomic_write
+def _save_outputs(
+    output: Path, images: np.ndarray, indices_out: Path | None, indices: np.ndarray, columns: int | None = None
+) -> None:
+    """The grid PNG and, if asked for, the indices: both written, or neither when either cannot be."""
+    from PIL import Image
 
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
+    from imagefolder.core.images import grid
+    from imagefolder.io import atomic_writes
+
+    with atomic_writes(output, *([indices_out] if indices_out is not None else [])) as temporary:
+        Image.fromarray(grid(images, columns)).save(temporary[0], format="PNG")
+        if indices_out is not None:
+            with open(temporary[1], "wb") as f:
+                np.save(f, indices)
 
 
 @main.command()
@@ -221,7 +231,7 @@ def reconstruct(bundle, backend, checkpoint, trust_checkpoint, images, output, i
     Each image is centre-cropped and resized to the model's size; PSNR compares the reconstruction
     with that input, as both are saved in the grid.
     """
-    from imagefolder.core.images import psnr, read_image, save_grid, to_batch
+    from imagefolder.core.images import psnr, read_image, to_batch
 
     pictures = [read_image(path) for path in images]  # every file checked before the backend loads
     engine = open_backend(bundle, backend, checkpoint, trust_checkpoint)
@@ -231,9 +241,7 @@ def reconstruct(bundle, backend, checkpoint, trust_checkpoint, images, output, i
         recon = engine.decode(indices)
     finally:
         engine.close()
-    save_grid(output, np.concatenate([batch, recon]), columns=len(batch))
-    if indices_out is not None:
-        _save_npy(indices_out, indices)
+    _save_outputs(output, np.concatenate([batch, recon]), indices_out, indices, columns=len(batch))
     for path, value in zip(images, psnr(batch, recon), strict=True):
         click.echo(f"{path}: PSNR {value:.2f} dB")
     click.echo(f"wrote {output}")
@@ -372,3 +380,7 @@ def convert(source, destination, trust_checkpoint) -> None:
 
     out = convert_checkpoint(source, destination, trust_checkpoint=trust_checkpoint)
     click.echo(f"wrote {out} and {Path(out).with_suffix('.json')}")
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m imagefolder.cli.main train ... (docs/training.md)
+    main()

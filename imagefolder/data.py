@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from imagefolder.core.images import load_images
 from imagefolder.errors import InputError
+from imagefolder.install import install_command
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def bundled_photos() -> list[np.ndarray]:
         log.debug("scikit-learn is not installed")
     photos = [p for p in photos if p.ndim == 3 and p.shape[2] == 3]
     if not photos:
-        raise DataError("natural-image crops need scikit-image or scikit-learn: pip install 'imagefolder[train]'")
+        raise DataError(f"natural-image crops need scikit-image or scikit-learn: {install_command('train')}")
     return photos
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 
+from imagefolder.install import install_command
+
 
 class ImagefolderError(Exception):
     """Base of every error a user can cause and fix."""
@@ -53,7 +55,8 @@ class OutputError(ImagefolderError):
 
 
 class MissingDependency(ImagefolderError, ImportError):
-    """An optional package is not installed; the message names the extra that brings it.
+    """An optional package is not installed; the message gives the pip command that adds the extra bringing it
+    to this installation (``imagefolder.install``: a checkout, a wheel, or an index).
 
     ``install`` replaces the pip command where no extra brings the package (JetPack's TensorRT comes
     from apt); ``extra`` still names the extra for the rest of the stack.
@@ -72,7 +75,7 @@ class MissingDependency(ImagefolderError, ImportError):
         why = f" ({detail})" if detail else ""
         need = f" {purpose}" if purpose else ""
         more = f"; {hint}" if hint else ""
-        command = install or f"pip install 'imagefolder[{extra}]'"
+        command = install or install_command(extra)
         super().__init__(f"{package} is not installed{need}{why}: {command}{more}")
 
 

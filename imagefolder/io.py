@@ -77,6 +77,17 @@ def _concerns(err: OSError, path: Path, tmp: Path) -> bool:
     return os.fspath(err.filename) in {os.fspath(p) for p in (path, tmp, *path.parents)}
 
 
+@contextmanager
+def atomic_writes(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """``atomic_write`` for several files that belong together: all of them or none.
+
+    The writer creates every temporary path; only when the block succeeds are they renamed into
+    place, so a file that cannot be written leaves none of the others behind.
+    """
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_write(path)) for path in paths]
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
     path = Path(path)
@@ -110,31 +121,53 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def folder_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold the writers' lock of folder ``path`` (which need not exist yet) for the block.
 
-    The lock is an exclusive ``flock`` on the hidden file ``.<name>.lock`` beside the folder; the
-    operating system releases it when the holder exits, however it exits. A second writer is refused
-    at once with an ``OutputError`` that names the holder, rather than waiting or mixing its files in.
+    The lock is an exclusive ``flock`` on the hidden file ``.<name>.lock`` beside the folder, which
+    the holder deletes when it is done (a writer that was killed leaves it; the next one reuses it);
+    the operating system releases the lock when the holder exits, however it exits. A second writer
+    is refused at once with an ``OutputError`` that names the holder, rather than waiting or mixing
+    its files in.
     """
     path = Path(path)
     lock = path.with_name(f".{path.name}.lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
         raise output_error(path, err, "folder") from err
+    fd = _take_lock(lock, path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise OutputError(
-                f"{path} is being written by another process (pid {holder}); wait for it to finish or choose "
-                "another folder"
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()  # still held: a writer that opened it meanwhile sees it gone and takes a fresh one
         os.close(fd)  # releases the lock
+
+
+def _take_lock(lock: Path, path: Path) -> int:
+    """Open and ``flock`` the lock file; retried when its holder deleted it between our open and our lock."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise output_error(path, err, "folder") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputError(
+                f"{path} is being written by another process (pid {holder}); wait for it to finish or choose "
+                "another folder"
+            ) from None
+        try:
+            current = os.stat(lock)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)  # we locked a file its holder had already deleted: take the new one
 
 
 @contextmanager

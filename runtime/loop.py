@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from imagefolder.core.conditioning import check_reference_indices
-from imagefolder.core.sampler import image_uniforms
+from imagefolder.core.sampler import TRT_TOPK_LIMIT, image_uniforms
 from imagefolder.core.schedule import SamplingParams, check_labels, guidance, num_positions
 from imagefolder.errors import InputError
 from imagefolder.runtime.backends.base import Backend, BatchRequest, Session, Stage, no_stage
@@ -185,6 +185,20 @@ def run_batch(
     return GenerationResult(images=images_out, indices=indices)
 
 
+def check_top_k(top_k: int, backend: Backend) -> None:
+    """Refuse a top-k the backend's sampler cannot honour: above its candidates, when they are fewer than the codebook.
+
+    The sampler ranks only its ``candidates`` best logits (its TopK size, fixed at export); a top-k at or
+    above the codebook keeps every code, which those candidates do when they are the whole codebook.
+    """
+    if top_k > backend.candidates and backend.candidates < backend.codebook_size:
+        raise InputError(
+            f"--top-k {top_k} is above the {backend.candidates} candidates this sampler ranks (of "
+            f"{backend.codebook_size} codes): give --top-k {backend.candidates} or less, or re-export the bundle "
+            f"with --candidates {min(top_k, backend.codebook_size, TRT_TOPK_LIMIT - 1)}"
+        )
+
+
 def generate(
     backend: Backend,
     labels,
@@ -217,6 +231,7 @@ def generate(
     """
     params = params or SamplingParams()
     labels = check_labels(labels, backend.num_classes)
+    check_top_k(params.top_k, backend)
     if reference_images is not None:
         if reference is not None:
             raise InputError("give reference indices or reference images, not both")

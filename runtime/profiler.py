@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imagefolder.errors import InputError
 from imagefolder.io import atomic_write_text
 from imagefolder.runtime.backends.base import DeviceTimer, GraphSession
 
@@ -354,10 +355,17 @@ def profile_generation(
             run encodes (the ``encode`` stage, before the generation) and is conditioned on with ``force``
             (P, 2) (``core.conditioning.force_mask``).
     """
-    from imagefolder.runtime.loop import generate  # the loop imports this module
+    from imagefolder.runtime.loop import check_top_k, generate  # the loop imports this module
 
     if runs < 1:
         raise ProfilerError(f"runs must be ≥ 1, got {runs}")
+    too_large = [batch for batch in batches if not 1 <= batch <= backend.batch_max]
+    if too_large:  # before anything is allocated for them
+        raise InputError(
+            f"batch size(s) {too_large} outside [1, {backend.batch_max}], the largest batch this backend runs "
+            "(a bundle's batch_max: re-export with a larger --batch-max)"
+        )
+    check_top_k(params.top_k, backend)
     reports, traces = [], []
     for batch in batches:
         labels = [i % backend.num_classes for i in range(batch)]

@@ -57,7 +57,7 @@ import tensorrt  # JetPack's comes from apt and has no pip metadata
 
 print(f"{'tensorrt module':16} {tensorrt.__version__}")
 problems = []
-runtimes = gpu_stack.onnxruntime_distributions()
+runtimes = gpu_stack.installed_ort_distributions()
 if len(runtimes) > 1:
     problems.append(f"{' and '.join(runtimes)} are both installed and share one onnxruntime module: "
                     "pip uninstall -y onnxruntime (the GPU extras bring onnxruntime-gpu; the dev extra brings it)")

@@ -191,3 +191,15 @@ def test_the_side_by_side_scripts_refuse_bad_input_in_one_line(monkeypatch, caps
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_the_contention_line_keeps_the_digits_that_matter_or_says_why_there_is_none():
+    from bench.jobs.calibrate import contention_note
+
+    shape = (1, 2, 128, 512)
+    assert contention_note(2, {shape: 0.0031}) == "2 threads against 1 (GEMM rate on 2 threads ÷ on one): " + (
+        "0.0031× at (2×128)·(128×512)"
+    )
+    assert "not measured" in contention_note(1, {})
+    for broken in (0.0, float("inf"), float("nan")):
+        assert contention_note(2, {shape: broken}).startswith("contention could not be measured")

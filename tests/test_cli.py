@@ -16,6 +16,7 @@ from imagefolder.checkpoints import save_checkpoint
 from imagefolder.cli.export import main as export_main
 from imagefolder.cli.main import main
 from imagefolder.configs import tiny
+from imagefolder.install import install_command
 from tests.models import randomized
 from tests.official_files import write_official_ar_checkpoint
 
@@ -145,7 +146,8 @@ def test_trt_without_tensorrt_exits_with_install_hint(workspace):
         pytest.skip("TensorRT is installed here")
     root, _ = workspace
     result = run(export_main, ["trt", root / "bundle"], ok=False)
-    hint = "pip install 'imagefolder[gpu-cu1" in result.output or "apt install python3-libnvinfer" in result.output
+    hints = [install_command(extra) for extra in ("gpu-cu12", "gpu-cu13")] + ["apt install python3-libnvinfer"]
+    hint = any(h in result.output for h in hints)
     assert result.exit_code != 0 and hint, result.output
 
 

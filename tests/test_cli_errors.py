@@ -233,10 +233,12 @@ def test_two_exports_into_one_folder_never_mix(workspace, tmp_path):
 
     report = check_bundle(out, checkpoint=bundle.manifest["source"]["checkpoint"])
     assert report.ok, report.table()  # every graph is the recorded model's
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle")) == [".bundle.lock"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle")]  # no lock, no staging left
 
 
-def test_interrupted_export_keeps_the_previous_bundle(workspace, tmp_path):
+@pytest.mark.parametrize("ending", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_interrupted_export_keeps_the_previous_bundle(workspace, tmp_path, ending):
+    """Any signal that ends the export (Ctrl-C, kill, a closed terminal) leaves the old bundle and no staging."""
     bundle = shutil.copytree(workspace["bundle"], tmp_path / "bundle")
     before = _digest(bundle)
     process = _export_process(workspace["checkpoint"], bundle)
@@ -244,12 +246,12 @@ def test_interrupted_export_keeps_the_previous_bundle(workspace, tmp_path):
     while not list(tmp_path.glob(".bundle.staging-*/*.onnx")):  # interrupt once graphs are being written
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(ending)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and stderr.rstrip().endswith("Aborted"), stderr
+    assert process.returncode == 128 + ending and stderr.rstrip().endswith("Aborted"), stderr
     assert "Traceback" not in stderr
     assert _digest(bundle) == before
-    assert not list(tmp_path.glob(".bundle.staging-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging folder, no lock file
 
 
 # -- Ctrl-C anywhere -------------------------------------------------------------------------------------------

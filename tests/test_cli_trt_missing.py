@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from imagefolder.cli.export import main as export_main
 from imagefolder.cli.main import main
 from imagefolder.core import gpu_stack
+from imagefolder.install import install_command
 from tests.fakes import installed
 
 MODULES = {
@@ -108,7 +109,7 @@ def test_a_missing_package_is_one_line_naming_what_installs_it(
     if package == "tensorrt" and machine == "Jetson":
         assert "sudo apt install python3-libnvinfer" in errors[0], errors[0]
     else:
-        assert f"pip install 'imagefolder[{EXTRA[machine]}]'" in errors[0], errors[0]
+        assert install_command(EXTRA[machine]) in errors[0], errors[0]
 
 
 @pytest.mark.parametrize("command", list(RUNS_WITHOUT))

@@ -10,6 +10,7 @@ fails its collection under a too-old driver instead of skipping.
 from __future__ import annotations
 
 import importlib.abc
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from imagefolder.core import cuda, gpu_stack
 from imagefolder.core.engines import TensorRTUnavailable, import_tensorrt
+from imagefolder.install import install_command
 from tests import gpu_probe
 from tests.fakes import installed
 
@@ -55,14 +57,15 @@ def test_missing_tensorrt_names_what_installs_it_here(machine, monkeypatch):
         assert "sudo apt install python3-libnvinfer" in message and "--system-site-packages" in message
         assert "pip install" not in message  # no extra brings JetPack's TensorRT
     else:
-        assert f"pip install 'imagefolder[{EXTRA[machine]}]'" in message
+        assert install_command(EXTRA[machine]) in message
 
 
 def test_missing_cuda_python_names_the_extra(machine, monkeypatch):
     for name in CUDA_MODULES:
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setattr(cuda, "_cudart", None)
-    with pytest.raises(cuda.CudaUnavailable, match=rf"cuda-python is not installed.*imagefolder\[{EXTRA[machine]}\]"):
+    hint = re.escape(install_command(EXTRA[machine]))
+    with pytest.raises(cuda.CudaUnavailable, match=rf"cuda-python is not installed.*{hint}"):
         cuda.DeviceBuffer(16)
 
 
@@ -75,7 +78,7 @@ def test_error_35_names_the_driver_and_cuda_python_mismatch(monkeypatch):
     message = str(caught.value)
     assert message.startswith("CUDA error 35 (cudaErrorInsufficientDriver)")
     assert "driver is older than the CUDA that cuda-python 13.4.4 was built for" in message
-    assert "it supports CUDA 12.4" in message and "pip install 'imagefolder[gpu-cu12]'" in message
+    assert "it supports CUDA 12.4" in message and install_command("gpu-cu12") in message
 
 
 def test_driver_version_reads_nothing_without_a_driver():

@@ -3,7 +3,7 @@
 Every import statement of every module (lazy ones inside functions included) is read with ``ast``
 and mapped to the part it comes from and the part it reaches:
 
-    foundation (imagefolder/__init__, errors, io)  ←  core  ←  models  ←  export
+    foundation (imagefolder/__init__, errors, io, install)  ←  core  ←  models  ←  export
                                                         ↖ runtime ↙        ↖ cli (everything)
 
 ``runtime`` never imports ``export`` and ``export`` never ``runtime``; ``core`` imports neither; the
@@ -47,7 +47,7 @@ def _modules() -> dict[str, Path]:
 
 
 def _part(module: str) -> str | None:
-    if module == "imagefolder" or module in ("imagefolder.errors", "imagefolder.io"):
+    if module == "imagefolder" or module in ("imagefolder.errors", "imagefolder.io", "imagefolder.install"):
         return "foundation"
     if not module.startswith("imagefolder."):
         return None

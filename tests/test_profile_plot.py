@@ -15,6 +15,7 @@ from PIL import Image
 from imagefolder.cli.export import main as export_main
 from imagefolder.cli.main import main
 from imagefolder.errors import InputError
+from imagefolder.install import install_command
 from imagefolder.runtime import plots
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def test_plot_without_matplotlib_names_the_extra(bundle, tmp_path, monkeypatch):
     code, output = _invoke(_profile(bundle, "--plot", tmp_path / "x.png"))
     errors = [line for line in output.splitlines() if line.startswith("Error:")]
     assert code == 1 and len(errors) == 1, output
-    assert "matplotlib is not installed" in errors[0] and "pip install 'imagefolder[bench]'" in errors[0]
+    assert "matplotlib is not installed" in errors[0] and install_command("bench") in errors[0]
     assert "warm-up" not in output and not (tmp_path / "x.png").exists()
 
 

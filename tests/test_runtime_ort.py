@@ -297,7 +297,8 @@ def test_encode_decode_and_images(bundle_dir, tmp_path):
 
 
 def test_profile_generation(bundle_dir, tmp_path):
-    result = profile_generation(OrtBackend(bundle_dir), [1, 2], SamplingParams(), runs=2, warmup=1)
+    backend = OrtBackend(bundle_dir)
+    result = profile_generation(backend, [1, 2], SamplingParams(top_k=backend.candidates), runs=2, warmup=1)
     assert [r["batch"] for r in result.reports] == [1, 2] and all(r["runs"] == 2 for r in result.reports)
     assert "batch 2" in result.table()
     report = json.loads(result.write_json(tmp_path / "p.json").read_text())

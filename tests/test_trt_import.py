@@ -36,7 +36,7 @@ def test_modules_import_without_tensorrt_torch_or_cuda():
 
 
 # What installs TensorRT on this kind of machine (tests/test_gpu_stack.py checks each kind).
-INSTALL_HINT = r"pip install 'imagefolder\[gpu-cu1[23]\]'|sudo apt install python3-libnvinfer"
+INSTALL_HINT = r"pip install .*\[gpu-cu1[23]\]'|sudo apt install python3-libnvinfer"
 
 
 @pytest.fixture

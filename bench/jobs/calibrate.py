@@ -3,6 +3,8 @@ the effective GEMM rate of each step, at batch 1 and 8."""
 
 from __future__ import annotations
 
+import math
+
 from bench import calibrate
 from bench.context import Context
 from bench.report import JobResult, table
@@ -29,19 +31,18 @@ def run(ctx: Context) -> JobResult:
     notes = [
         f"memory read: **{calib.memory_gbs:.1f} GB/s** (sum over a float32 array of twice the last-level cache); "
         f"GEMM: {calibrate.GEMM_SOURCE} on {calib.threads} thread(s) ({threads}), "
-        f"{len(rates)} shapes from {rates[0]:.0f} to **{rates[-1]:.0f} GFLOP/s**; "
+        f"{len(rates)} shapes from {_rate(rates[0])} to **{_rate(rates[-1])} GFLOP/s**; "
         f"calibration took {calib.seconds:.0f} s",
         "effective rate of a stage = its FLOPs ÷ Σ FLOPs of each product ÷ the rate measured for its shape",
     ]
-    if calib.contention:
-        ratios = ", ".join(f"{r:.2f}× at {_shape(s)}" for s, r in calib.contention.items())
-        notes.append(f"{calib.threads} threads against 1 (GEMM rate ratio): {ratios}")
-        if min(calib.contention.values()) < 1:
-            notes.append(
-                f"**{calib.threads} threads are slower than 1 on some shapes: other tenants hold the cores and the "
-                "threads wait for each other. Floors and backends pay alike; compare multiples and ratios, and "
-                "rerun on a quiet machine for absolute numbers.**"
-            )
+    notes.append(contention_note(calib.threads, calib.contention))
+    measured = [r for r in calib.contention.values() if math.isfinite(r) and r > 0]
+    if measured and min(measured) < 1:
+        notes.append(
+            f"**{calib.threads} threads are slower than 1 on some shapes: other tenants hold the cores and the "
+            "threads wait for each other. Floors and backends pay alike; compare multiples and ratios, and "
+            "rerun on a quiet machine for absolute numbers.**"
+        )
     return JobResult(
         "calibrate",
         "Floor calibration",
@@ -56,6 +57,24 @@ def run(ctx: Context) -> JobResult:
         [table(["stage", "GEMM GFLOP/s, batch 1", "batch 8", "bound, batch 1", "batch 8"], rows)],
         notes,
     )
+
+
+def _rate(value: float) -> str:
+    """Three significant digits: a rate under load can be far below 1 GFLOP/s, which ``.0f`` prints as 0."""
+    return f"{value:.3g}" if math.isfinite(value) else "?"
+
+
+def contention_note(threads: int, contention: dict) -> str:
+    """The calibration's contention line: the rate ratio with the digits that matter, or why there is none."""
+    if not contention:
+        return f"contention not measured: the floor runs on {threads} thread, there is nothing to compare with"
+    if not all(math.isfinite(r) and r > 0 for r in contention.values()):
+        return (
+            f"contention could not be measured: a {threads}-thread or 1-thread GEMM time was zero or not finite "
+            "(a clock too coarse for these shapes)"
+        )
+    ratios = ", ".join(f"{r:.2g}× at {_shape(s)}" for s, r in contention.items())
+    return f"{threads} threads against 1 (GEMM rate on {threads} threads ÷ on one): {ratios}"
 
 
 def _shape(shape: tuple[int, int, int, int]) -> str:

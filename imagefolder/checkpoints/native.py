@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from imagefolder.checkpoints.official import read_official
 from imagefolder.checkpoints.strict import build_models
 from imagefolder.configs import ModelConfig
-from imagefolder.errors import CheckpointError, InputError
+from imagefolder.errors import CheckpointError, InputError, OutputError
 from imagefolder.io import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,11 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
     """
     path = Path(path)
     copies = {key: value.detach().to("cpu", copy=True).contiguous() for key, value in tensors.items()}
-    with atomic_write(path) as tmp:
-        save_file(copies, tmp, metadata=metadata)
+    try:
+        with atomic_write(path) as tmp:
+            save_file(copies, tmp, metadata=metadata)
+    except SafetensorError as err:  # its I/O failures are not OSErrors: the message carries the OS's reason
+        raise OutputError(f"cannot write the output {path}: {err}") from err
     return path
 
 

@@ -218,6 +218,12 @@ def _check_onnx_io(bundle: Bundle) -> None:
                         f"{bundle.path}: {name}.onnx {want['name']} is {got['dtype']} {got['shape']}, manifest says "
                         f"{want['dtype']} {want['shape']}; re-export the bundle"
                     )
+    rows = class_rows(bundle.graph_path("ar_prefill"))
+    if rows is not None and rows != bundle.num_classes + 1:
+        raise BundleError(
+            f"{bundle.path}: the manifest says {bundle.num_classes} classes, but ar_prefill.onnx's class embedding "
+            f"has {rows} rows ({rows - 1} classes and the null class); re-export the bundle"
+        )
 
 
 def file_digest(path: str | os.PathLike) -> dict:
@@ -230,6 +236,23 @@ def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
     with atomic_write(Path(path)) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=False)
         f.write("\n")
+
+
+def class_rows(path: str | os.PathLike) -> int | None:
+    """Rows of the table that an ``ar_prefill`` graph gathers its ``labels`` from (None if it has no such table).
+
+    Needs ``onnx``; reads no weights.
+    """
+    import onnx
+
+    graph = onnx.load(os.fspath(path), load_external_data=False).graph
+    tables = {init.name: list(init.dims) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "labels":
+            dims = tables.get(node.input[0])
+            if dims:
+                return int(dims[0])
+    return None
 
 
 def external_data_files(path: str | os.PathLike) -> list[str]:

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import logging
 from pathlib import Path
 
 from imagefolder.errors import MissingDependency
+from imagefolder.install import install_command
 
 JETSON_RELEASE = Path("/etc/nv_tegra_release")
 JETSON_TENSORRT = (
@@ -92,7 +94,7 @@ def insufficient_driver_hint() -> str:
     version = cuda_python_version()
     return (
         f"the NVIDIA driver is older than the CUDA that cuda-python{f' {version}' if version else ''} was built for "
-        f"({have}): install the stack of the driver's CUDA major, pip install 'imagefolder[{gpu_extra()}]' "
+        f"({have}): install the stack of the driver's CUDA major, {install_command(gpu_extra())} "
         "(it pins cuda-python and TensorRT to that major), or update the driver"
     )
 
@@ -156,13 +158,55 @@ def driver_problem(driver: str, compute_capability: str | None, trt_version: str
     return None
 
 
-def onnxruntime_distributions() -> list[str]:
-    """The ONNX Runtime distributions installed: more than one share the ``onnxruntime`` module and clash."""
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+_warned_about_ort = False
+
+
+def installed_ort_distributions() -> list[str]:
+    """Which of ONNX Runtime's CPU and GPU distributions are installed (both provide the ``onnxruntime`` module)."""
     found = []
-    for distribution in ("onnxruntime", "onnxruntime-gpu"):
+    for name in ORT_DISTRIBUTIONS:
         try:
-            importlib.metadata.version(distribution)
-            found.append(distribution)
+            importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
+        found.append(name)
     return found
+
+
+def both_onnxruntimes_fix() -> str:
+    """What to run when onnxruntime and onnxruntime-gpu share an environment."""
+    return (
+        "onnxruntime and onnxruntime-gpu are both installed; they share the onnxruntime module and whichever "
+        "was installed last overwrote the other's files: pip uninstall -y onnxruntime onnxruntime-gpu, then "
+        f"{install_command(gpu_extra())} (GPU) or {install_command('ort')} (CPU)"
+    )
+
+
+def warn_if_both_onnxruntimes() -> bool:
+    """Log the fix once per process when both ONNX Runtime distributions are installed; True if they are."""
+    global _warned_about_ort
+    both = len(installed_ort_distributions()) == len(ORT_DISTRIBUTIONS)
+    if both and not _warned_about_ort:
+        _warned_about_ort = True
+        logging.getLogger("imagefolder").warning(both_onnxruntimes_fix())
+    return both
+
+
+def gpu_providers_hint(missing_providers: list[str]) -> str:
+    """``; <what installs them>`` for ONNX Runtime GPU providers missing from this build, else ``""``."""
+    if not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(missing_providers):
+        return ""
+    installed = installed_ort_distributions()
+    if "onnxruntime-gpu" in installed:
+        if "onnxruntime" in installed:
+            return f"; {both_onnxruntimes_fix()}"
+        return "; onnxruntime-gpu is installed but does not offer them here: check the CUDA libraries it needs"
+    if is_jetson():
+        return (
+            "; on JetPack they come with the onnxruntime-gpu wheel of pypi.jetson-ai-lab.io (docs/jetson.md): "
+            "pip uninstall -y onnxruntime, then pip install onnxruntime-gpu --index-url "
+            "https://pypi.jetson-ai-lab.io/jp6/cu126"
+        )
+    swap = "pip uninstall -y onnxruntime, then " if "onnxruntime" in installed else ""
+    return f"; they come with onnxruntime-gpu, in the GPU extra: {swap}{install_command(gpu_extra())}"

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from imagefolder.core import gpu_stack
 from imagefolder.core.bundle import Bundle, load_bundle
 from imagefolder.core.schedule import cfg_rows, positions
 from imagefolder.core.specs import cache_input_names
@@ -29,6 +30,7 @@ from imagefolder.runtime.backends.base import BatchRequest, BundleFacts, Stage, 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+gpu_stack.warn_if_both_onnxruntimes()
 
 
 class OrtBackendError(InputError):
@@ -46,8 +48,8 @@ def check_providers(providers: list | tuple | None) -> list:
     unknown = [_provider_name(p) for p in providers if _provider_name(p) not in available]
     if not providers or unknown:
         raise OrtBackendError(
-            f"execution provider(s) {unknown or providers} not available in onnxruntime {ort.__version__}; "
-            f"available: {', '.join(available)}"
+            f"--providers: execution provider(s) {unknown or providers} not available in onnxruntime "
+            f"{ort.__version__}; available: {', '.join(available)}{gpu_stack.gpu_providers_hint(unknown)}"
         )
     return providers
 
