@@ -49,14 +49,24 @@ def main(verbose: int) -> None:
     show_default=True,
     help="Generator weights: fp (the dtype), int8 per output channel, int4 in blocks of 64 (weight-only).",
 )
-def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candidates, weights) -> None:
+@click.option(
+    "--compute",
+    type=click.Choice(["float", "int8", "int8-tensor"]),
+    default="float",
+    show_default=True,
+    help="How the generator multiplies: float, or int8 weights times activations quantized at run time, per row "
+    "(int8) or per tensor (int8-tensor). Integer bundles are for ONNX Runtime's CPU provider only (not TensorRT).",
+)
+def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candidates, weights, compute) -> None:
     """Export encoder, decoder, ar_prefill, ar_step, sampler and fold graphs plus manifest.json."""
     from imagefolder.default_model import load_default_or_checkpoint
+    from imagefolder.export.integer import check_compute
     from imagefolder.export.onnx_export import export_bundle
     from imagefolder.export.quantize import check_weights, default_opset
 
     opset = default_opset(weights, dtype) if opset is None else opset
     check_weights(weights, dtype, opset)  # before the model loads
+    check_compute(compute, weights, dtype)
     config, tokenizer, generator, source = load_default_or_checkpoint(checkpoint, trust_checkpoint)
     out = export_bundle(
         out_dir,
@@ -69,8 +79,10 @@ def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candida
         candidates=candidates,
         source=source,
         weights=weights,
+        compute=compute,
     )
-    click.echo(f"wrote bundle {out} ({config.name}, {dtype}, {weights} weights, opset {opset})")
+    arithmetic = "" if compute == "float" else f", {compute} compute for ONNX Runtime's CPU provider"
+    click.echo(f"wrote bundle {out} ({config.name}, {dtype}, {weights} weights{arithmetic}, opset {opset})")
 
 
 @main.command()

@@ -48,8 +48,8 @@ def check_bundle(
             continue  # ONNX Runtime's CPU provider has no bf16 kernels
         session = ort.InferenceSession(str(bundle.graph_path(name)), providers=["CPUExecutionProvider"])
         _, reference = modules[name]
-        weights = bundle.graph_weights(name)
+        weights, compute = bundle.graph_weights(name), bundle.graph_compute(name)
         for si in spec.served_scales(bundle.num_scales):
             inputs = examples.for_graph(spec, batch, si)
-            report.add(name, si, check_parity(session, reference, inputs, spec, bundle.dtype, weights))
+            report.add(name, si, check_parity(session, reference, inputs, spec, bundle.dtype, weights, compute))
     return report

@@ -306,11 +306,13 @@ def build_engines(
         the engines folder ``BUNDLE/engines`` (its ``build.json`` holds the build record).
 
     Raises:
+        BundleError: the bundle is for another execution provider (integer compute).
         TensorRTUnavailable: tensorrt cannot be imported.
         EngineBuildError: a graph fails to parse or build (the message names the failing nodes).
     """
-    trt = import_tensorrt()
     bundle = load_bundle(bundle_dir, verify=True)  # hashes every graph: engines are built from what was exported
+    bundle.require_tensorrt()
+    trt = import_tensorrt()
     bundle_dir, manifest = bundle.path, bundle.manifest
     if isinstance(hardware_compat, bool):
         hardware_compat = "ampere_plus" if hardware_compat else "none"

@@ -7,7 +7,9 @@ dtype policy, every graph's I/O, and the sha256 of every file except the manifes
 with a message that says what to do. It needs no torch; the ONNX I/O check runs when ``onnx`` is
 installed (TensorRT-only targets may not have it). Optional fields, read with a default so that
 older schema-2 bundles stay valid: ``weights`` ("fp"; "int8"/"int4" for quantized generator
-weights) and each graph's ``weights`` record (scheme, stored bytes).
+weights), each graph's ``weights`` record (scheme, stored bytes, and ``compute`` where it multiplies in
+integers), ``compute`` ("float"; ``core.specs.COMPUTE_MODES``) and ``provider`` ("any"; the one execution
+provider an integer-compute bundle runs on, which ``require_tensorrt`` checks).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from imagefolder.core.schedule import scale_spans
 from imagefolder.core.specs import (
+    COMPUTE_MODES,
     DTYPES,
     GRAPH_NAMES,
     SCHEMA_VERSION,
@@ -87,6 +90,28 @@ class Bundle:
     def graph_weights(self, graph: str) -> str:
         """How one graph's weights are stored: fp, or the bundle's ``weights`` where it quantized them."""
         return self.manifest["graphs"][graph].get("weights", {}).get("scheme", "fp")
+
+    @property
+    def compute(self) -> str:
+        """How the generator graphs multiply: float, or an integer mode of ``core.specs.COMPUTE_MODES``."""
+        return self.manifest.get("compute", "float")
+
+    def graph_compute(self, graph: str) -> str:
+        """How one graph multiplies: float, or the bundle's ``compute`` where its products are integer."""
+        return self.manifest["graphs"][graph].get("weights", {}).get("compute", "float")
+
+    @property
+    def provider(self) -> str:
+        """The execution provider the bundle is for: "any", or the one whose kernels its graphs need."""
+        return self.manifest.get("provider", "any")
+
+    def require_tensorrt(self) -> None:
+        """Refuse a bundle TensorRT cannot build: one made for another provider (integer compute)."""
+        if self.provider != "any":
+            raise BundleError(
+                f"{self.path} is for ONNX Runtime's {self.provider} (--compute {self.compute}: integer MatMuls "
+                "TensorRT cannot parse); run it with --backend ort, or export without --compute for TensorRT"
+            )
 
     @property
     def state_dtype(self) -> str:
@@ -405,6 +430,11 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
         raise BundleError(
             f"{manifest_path}: weights {manifest['weights']!r} is not one of this imagefolder's formats "
             f"({', '.join(WEIGHT_SCHEMES)}); upgrade imagefolder or re-export the bundle"
+        )
+    if manifest.get("compute", "float") not in COMPUTE_MODES:
+        raise BundleError(
+            f"{manifest_path}: compute {manifest['compute']!r} is not one of this imagefolder's modes "
+            f"({', '.join(COMPUTE_MODES)}); upgrade imagefolder or re-export the bundle"
         )
     try:
         specs = graph_specs(manifest["model"])

@@ -33,6 +33,10 @@ ORT_CPU_DTYPES = ("fp32", "fp16")  # bundle dtypes ONNX Runtime's CPU provider h
 # How big weights are stored: "fp" in the bundle dtype; "int8" per output channel; "int4" in blocks
 # (export/quantize.py). Recorded in the manifest's optional "weights" field, "fp" when absent.
 WEIGHT_SCHEMES = ("fp", "int8", "int4")
+# How the generator graphs multiply: "float" (the dtype, weights dequantized first: every provider), or in
+# integers on ONNX Runtime's CPU provider (export/integer.py): "int8" with per-row activation scales,
+# "int8-tensor" with one activation scale per tensor. Recorded in the manifest's optional "compute" field.
+COMPUTE_MODES = ("float", "int8", "int8-tensor")
 
 # Which scales a graph serves: once per batch, whatever the scale ("batch"), every scale ("all"), or
 # every scale but the last ("before_last": the fold, whose output feeds the next scale).
