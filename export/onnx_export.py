@@ -40,6 +40,7 @@ from imagefolder.core.bundle import (
     write_json_atomic,
 )
 from imagefolder.core.compare import compare_outputs
+from imagefolder.core.pruning import check_prune, manifest_record, scale_graph_name, scale_graphs
 from imagefolder.core.sampler import default_candidates
 from imagefolder.core.schedule import cfg_rows
 from imagefolder.core.specs import (
@@ -59,6 +60,7 @@ from imagefolder.export.graphs import (
     EncoderGraph,
     FoldGraph,
     PrefillGraph,
+    ScaleStepGraph,
     StepGraph,
     with_fusable_gelu,
 )
@@ -69,6 +71,7 @@ from imagefolder.export.quantize import QUANTIZED_GRAPHS, check_weights, default
 from imagefolder.export.weights import WEIGHTS_FILE, pack_weights, weight_report
 from imagefolder.io import atomic_write, folder_lock, staged_folder
 from imagefolder.models.generator import Generator, KVCache
+from imagefolder.models.pruning import ScaleStep
 from imagefolder.models.sampler import SamplerGraph
 from imagefolder.models.tokenizer import Tokenizer
 
@@ -261,8 +264,11 @@ def _versions() -> dict[str, str]:
     }
 
 
-def graph_modules(tokenizer: Tokenizer, generator: Generator, dtype: str, candidates: int) -> dict[str, tuple]:
-    """For each graph: (the module exported in the bundle dtype, its fp32 PyTorch reference)."""
+def graph_modules(
+    tokenizer: Tokenizer, generator: Generator, dtype: str, candidates: int, prune: dict[int, float] | None = None
+) -> dict[str, tuple]:
+    """For each graph: (the module exported in the bundle dtype, its fp32 PyTorch reference); with ``prune``,
+    the step graph of every scale that needs its own (``core/pruning.py``)."""
     cd, sd = TORCH_DTYPES[dtype], getattr(torch, state_dtype(dtype))
     tokenizer, generator = tokenizer.eval(), generator.eval()
     tok_c = copy.deepcopy(tokenizer).to(cd)
@@ -275,6 +281,13 @@ def graph_modules(tokenizer: Tokenizer, generator: Generator, dtype: str, candid
         "ar_step": (StepGraph(gen_c, cd, sd), StepGraph(generator, torch.float32, torch.float32)),
         "sampler": (SamplerGraph(candidates, *sampler_sizes), SamplerGraph(candidates, *sampler_sizes)),
         "fold": (FoldGraph(tokenizer), FoldGraph(tokenizer)),
+        **{
+            scale_graph_name(si): (
+                ScaleStepGraph(ScaleStep(gen_c, si, ratio), cd, sd),
+                ScaleStepGraph(ScaleStep(generator, si, ratio), torch.float32, torch.float32),
+            )
+            for si, ratio in scale_graphs(prune or {}).items()
+        },
     }
 
 
@@ -302,6 +315,7 @@ def export_bundle(
     progress: bool = True,
     weights: str = "fp",
     compute: str = "float",
+    prune: dict[int, float] | None = None,
 ) -> Path:
     """Export all graphs of a model into the bundle folder ``out_dir``.
 
@@ -321,6 +335,8 @@ def export_bundle(
         compute: float, or int8 / int8-tensor: the generator graphs' int8 weights multiplied in integers on
             ONNX Runtime's CPU provider (``export/integer.py``; needs ``weights`` int8 and ``dtype`` fp32). The
             manifest then names that provider, and TensorRT refuses the bundle.
+        prune: scale → share of its positions the trunk runs on (``core/pruning.py``; ``core.pruning.parse_prune``
+            reads the command line's form); those scales, and the one before each, get step graphs of their own.
     Returns:
         The bundle folder.
     Raises:
@@ -336,6 +352,8 @@ def export_bundle(
     opset = default_opset(weights, dtype) if opset is None else opset
     check_weights(weights, dtype, opset)
     check_compute(compute, weights, dtype)
+    prune = dict(sorted((prune or {}).items()))
+    check_prune(prune, config.generator.scales)
     candidates = default_candidates(config.generator.codebook_size, candidates)
     out = Path(out_dir)
     with folder_lock(out):
@@ -354,6 +372,7 @@ def export_bundle(
                 progress,
                 weights,
                 compute,
+                prune,
             )
     return out
 
@@ -371,6 +390,7 @@ def _write_bundle(
     progress: bool,
     weights: str,
     compute: str,
+    prune: dict[int, float],
 ) -> None:
     """Export every graph into ``out``, store their weights once (``weights.bin``), check each against
     PyTorch as it is on disk, and write the manifest last."""
@@ -379,12 +399,13 @@ def _write_bundle(
 
     model = config.to_dict()
     sdt = state_dtype(dtype)
-    specs = graph_specs(model)
-    modules = graph_modules(tokenizer, generator, dtype, candidates)
+    specs = graph_specs(model, prune)
+    modules = graph_modules(tokenizer, generator, dtype, candidates, prune)
     examples = ExampleInputs(tokenizer, generator, model, candidates)
     num_scales = len(config.generator.scales)
     what = dtype if weights == "fp" else f"{dtype}, {weights} weights"
     what += "" if compute == "float" else f", {compute} compute"
+    what += f", pruned {','.join(f'{si}:{r:g}' for si, r in prune.items())}" if prune else ""
     bar = tqdm(total=2 * len(modules), desc=f"export {config.name} ({what})", unit="step", disable=not progress)
     stored: dict[str, dict] = {}  # each graph's weight record: "fp", or what quantize_graph did
     for name, (module, _) in modules.items():
@@ -396,7 +417,7 @@ def _write_bundle(
         inputs = tuple(x.to(sd) if t.dtype == STATE else x for t, x in zip(spec.inputs, inputs, strict=True))
         path = out / f"{name}.onnx"
         export_graph(module, spec, inputs, path, opset, sdt)
-        quantized = weights != "fp" and name in QUANTIZED_GRAPHS
+        quantized = weights != "fp" and (name in QUANTIZED_GRAPHS or spec.scales == "one")  # scale steps too
         stored[name] = quantize_graph(path, weights) if quantized else {"scheme": "fp"}
         if quantized and compute != "float":
             stored[name].update(integer_matmuls(path, compute))
@@ -449,6 +470,7 @@ def _write_bundle(
         "weights": weights,
         "compute": compute,
         "provider": "any" if compute == "float" else PROVIDER,
+        **({"prune": manifest_record(prune, config.generator.scales)} if prune else {}),
         "opset": opset,
         "batch_max": batch_max,
         "sampler_candidates": candidates,

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagefolder.core import pruning
 from imagefolder.core.schedule import scale_spans
 from imagefolder.core.specs import (
     COMPUTE_MODES,
@@ -99,6 +100,16 @@ class Bundle:
     def graph_compute(self, graph: str) -> str:
         """How one graph multiplies: float, or the bundle's ``compute`` where its products are integer."""
         return self.manifest["graphs"][graph].get("weights", {}).get("compute", "float")
+
+    @property
+    def prune(self) -> dict[int, float]:
+        """Scale → share of its positions kept (``core/pruning.py``); {} for a dense bundle."""
+        return pruning.from_manifest(self.manifest)
+
+    def step_graph(self, scale_index: int) -> str:
+        """The step graph that runs ``scale_index``: its own in a pruned bundle, else ``ar_step``."""
+        name = pruning.scale_graph_name(scale_index)
+        return name if name in self.specs else "ar_step"
 
     @property
     def provider(self) -> str:
@@ -437,10 +448,20 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
             f"({', '.join(COMPUTE_MODES)}); upgrade imagefolder or re-export the bundle"
         )
     try:
-        specs = graph_specs(manifest["model"])
+        prune = pruning.from_manifest(manifest)
+        pruning.check_prune(prune, manifest["model"]["generator"]["scales"])
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"{manifest_path}: malformed prune record ({err}); re-export the bundle") from err
+    try:
+        specs = graph_specs(manifest["model"], prune)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
         raise BundleError(f"{manifest_path}: malformed model configuration ({err!r}); re-export the bundle") from err
-    for g in GRAPH_NAMES:
+    for g in specs:
+        if g not in GRAPH_NAMES:  # a scale step graph of a pruned bundle: checked as the others were above
+            try:
+                _check_schema(manifest["graphs"].get(g), _GRAPH, f"manifest.graphs.{g}")
+            except BundleError as err:
+                raise BundleError(f"{manifest_path}: {err}; re-export the bundle") from None
         want = [[t.to_dict(manifest["state_dtype"]) for t in ts] for ts in (specs[g].inputs, specs[g].outputs)]
         if _manifest_io(manifest["graphs"][g]) != want:
             raise BundleError(
