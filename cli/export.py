@@ -57,8 +57,18 @@ def main(verbose: int) -> None:
     help="How the generator multiplies: float, or int8 weights times activations quantized at run time, per row "
     "(int8) or per tensor (int8-tensor). Integer bundles are for ONNX Runtime's CPU provider only (not TensorRT).",
 )
-def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candidates, weights, compute) -> None:
+@click.option(
+    "--prune",
+    "prune_spec",
+    metavar="SCALE:RATIO,...",
+    help="Training-free token pruning: e.g. 8:0.5,9:0.6 runs the trunk on 50 %% of scale 8's positions and 60 %% "
+    "of scale 9's, restoring the rest from the previous scale (the manifest records it; docs/architecture.md).",
+)
+def onnx(
+    checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candidates, weights, compute, prune_spec
+) -> None:
     """Export encoder, decoder, ar_prefill, ar_step, sampler and fold graphs plus manifest.json."""
+    from imagefolder.core.pruning import parse_prune
     from imagefolder.default_model import load_default_or_checkpoint
     from imagefolder.export.integer import check_compute
     from imagefolder.export.onnx_export import export_bundle
@@ -68,6 +78,7 @@ def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candida
     check_weights(weights, dtype, opset)  # before the model loads
     check_compute(compute, weights, dtype)
     config, tokenizer, generator, source = load_default_or_checkpoint(checkpoint, trust_checkpoint)
+    prune = parse_prune(prune_spec, config.generator.scales) if prune_spec is not None else {}
     out = export_bundle(
         out_dir,
         tokenizer,
@@ -80,8 +91,10 @@ def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candida
         source=source,
         weights=weights,
         compute=compute,
+        prune=prune,
     )
     arithmetic = "" if compute == "float" else f", {compute} compute for ONNX Runtime's CPU provider"
+    arithmetic += f", pruned {prune_spec}" if prune else ""
     click.echo(f"wrote bundle {out} ({config.name}, {dtype}, {weights} weights{arithmetic}, opset {opset})")
 
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from imagefolder.core.compare import CheckReport
+from imagefolder.core.pruning import describe
 from imagefolder.core.specs import ORT_CPU_DTYPES
 from imagefolder.errors import BundleError
 from imagefolder.export.onnx_export import ExampleInputs, check_parity, graph_modules
@@ -40,9 +41,9 @@ def check_bundle(
     config, tokenizer, generator, _ = load_default_or_checkpoint(checkpoint, trust_checkpoint)
     if json.loads(json.dumps(config.to_dict()))["generator"] != manifest["model"]["generator"]:
         raise BundleError("the checkpoint's model differs from the bundle's; pass the checkpoint it came from")
-    modules = graph_modules(tokenizer, generator, bundle.dtype, bundle.candidates)
+    modules = graph_modules(tokenizer, generator, bundle.dtype, bundle.candidates, bundle.prune)
     examples = ExampleInputs(tokenizer, generator, manifest["model"], bundle.candidates, seed=1)
-    report = CheckReport(operators=operator_reports(bundle))
+    report = CheckReport(operators=operator_reports(bundle), notes=[describe(manifest)])
     for name, spec in bundle.specs.items():
         if bundle.dtype not in ORT_CPU_DTYPES and not spec.float32_compute:
             continue  # ONNX Runtime's CPU provider has no bf16 kernels

@@ -103,6 +103,17 @@ def manifest_record(prune: dict[int, float], scales: tuple[int, ...] | list[int]
     }
 
 
+def describe(manifest: dict) -> str:
+    """One line for ``imagefolder profile`` and ``imagefolder-export check``: what a pruned bundle prunes."""
+    record = manifest.get("prune")
+    if not record:
+        return "dense: every scale runs the trunk on all its positions"
+    scales = ", ".join(
+        f"scale {si} keeps {entry['kept']} of {entry['positions']}" for si, entry in record["scales"].items()
+    )
+    return f"pruned --prune {record['spec']}: {scales} (score: {record['score']}; the rest: {record['restore']})"
+
+
 def from_manifest(manifest: dict) -> dict[int, float]:
     """The spec a manifest records ({} for a dense bundle)."""
     record = manifest.get("prune") or {}
