@@ -120,8 +120,31 @@ def onnx(
     help="trt: mark every ONNX tensor as an output and save, for each failing graph, what bisects it "
     "(inputs, ONNX Runtime's outputs, the polygraphy command) into this folder.",
 )
-def check(bundle, backend, checkpoint, trust_checkpoint, debug_dir) -> None:
+@click.option(
+    "--quality",
+    is_flag=True,
+    help="Instead of the graphs: generate the same images on BUNDLE and on --against (a dense bundle of the same "
+    "model) and print token agreement per scale, PSNR and, for the default model, the classifier's metrics.",
+)
+@click.option(
+    "--against",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="--quality: the dense bundle to compare with.",
+)
+@click.option("--images", default=100, show_default=True, type=click.IntRange(10), help="--quality: images.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="--quality: the seed.")
+def check(bundle, backend, checkpoint, trust_checkpoint, debug_dir, quality, against, images, seed) -> None:
     """Run every graph against its reference and print max abs / relative error per output."""
+    if quality or against is not None:
+        if not (quality and against is not None):
+            raise click.UsageError(
+                "--quality and --against go together: imagefolder-export check --quality B --against D"
+            )
+        from imagefolder.core.schedule import SamplingParams
+        from imagefolder.export.quality import compare_quality
+
+        click.echo(compare_quality(bundle, against, images, SamplingParams(seed=seed)).table())
+        return
     if backend == "trt":
         from imagefolder.core.bundle import load_bundle
         from imagefolder.export.trt_capability import operator_reports

@@ -170,3 +170,26 @@ def test_bad_specs_are_refused_in_one_line_and_nothing_is_written(spec, problem,
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert result.exit_code == 1 and len(errors) == 1 and problem in errors[0], result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_quality_check_compares_a_bundle_with_its_dense_one(bundles, tmp_path):
+    from imagefolder.configs import tiny
+    from tests.models import randomized
+
+    args = ["check", "--quality", str(bundles["pruned"]), "--against", str(bundles["dense"]), "--images", "20"]
+    result = CliRunner().invoke(export_main, args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    rows = {int(line.split()[0]): float(line.split()[1][:-1]) for line in lines if line[:5].strip().isdigit()}
+    assert [rows[si] for si in range(3)] == [100.0] * 3 and rows[3] < 100 and rows[4] < 100
+    assert "class accuracy" in result.output and "Fréchet distance" in result.output  # the default model
+    from imagefolder.export.quality import compare_quality
+
+    same = compare_quality(bundles["dense"], bundles["dense"], images=10)
+    assert same.scale_agreement == [1.0] * 5 and min(same.psnr_db) == 100.0
+    assert same.classifier["bundle"] == same.classifier["dense"]
+    config = tiny()  # another model: refused in one line
+    other = export_bundle(tmp_path / "other", *randomized(config), config, progress=False)
+    result = CliRunner().invoke(export_main, ["check", "--quality", str(other), "--against", str(bundles["dense"])])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "different models" in errors[0], result.output
