@@ -12,6 +12,8 @@ Jobs, in this order (``--only`` picks some; each calibrates or measures what it 
     overhead   the runtime's own time per image: end to end minus the time inside the graphs
     folding    two tokens per position (286 positions at d17) against one (572): per step, per image
     dtypes     fp32 and fp16 bundles, int8 and int4 generator weights: speed and quality
+    pruning    token pruning of the last two scales and integer arithmetic against the dense bundle:
+               speed (preset), quality over 1,000 default-model images, a recommended setting
 
 Models and bundles are made first (exported once into ``--workdir``, then reused); measurements run
 interleaved and are sized to the budget (``--budget``, default 20 minutes for d17, one for tiny);
@@ -35,7 +37,7 @@ from bench import figures, machine, report
 from bench.budget import Budget
 from bench.calibrate import GEMM_SOURCE
 from bench.context import BATCHES, Context, Options
-from bench.jobs import batch, calibrate, dtypes, folding, overhead, roofline
+from bench.jobs import batch, calibrate, dtypes, folding, overhead, pruning, roofline
 from imagefolder.configs import PRESETS
 from imagefolder.runtime.plots import FLOOR_KIND, FLOOR_VERSION, save_png
 
@@ -47,6 +49,7 @@ JOBS: dict[str, ModuleType] = {
     "overhead": overhead,
     "folding": folding,
     "dtypes": dtypes,
+    "pruning": pruning,
 }
 DEFAULT_PRESET = "imagefolder-d17"
 BUDGET_S = {"tiny": 60.0}  # every other preset: 20 minutes
@@ -69,6 +72,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "(default: the physical cores, ONNX Runtime's own default, which its sessions then keep)",
     )
     parser.add_argument("--quality-images", type=int, default=100, help="default-model images per dtype")
+    parser.add_argument("--pruning-images", type=int, default=1000, help="default-model images per pruning variant")
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench", help="where bundles are kept")
     parser.add_argument("--out", type=Path, help="results folder (default build/bench/PRESET, docs/bench)")
     parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md's generated section")
@@ -77,8 +81,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     unknown = [name for name in args.jobs if name not in JOBS]
     if unknown or not args.jobs:
         parser.error(f"unknown job(s) {unknown}; choose from {', '.join(JOBS)}")
-    if args.runs < 1 or args.warmup < 0 or args.quality_images < 10 or (args.threads or 1) < 1:
-        parser.error("--runs and --threads must be ≥ 1, --warmup ≥ 0, --quality-images ≥ 10")
+    if (
+        args.runs < 1
+        or args.warmup < 0
+        or min(args.quality_images, args.pruning_images) < 10
+        or (args.threads or 1) < 1
+    ):
+        parser.error("--runs and --threads must be ≥ 1, --warmup ≥ 0, --quality-images and --pruning-images ≥ 10")
     return args
 
 
@@ -104,7 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or machine.physical_cores()
     torch.set_num_threads(threads)
     onnxruntime.set_default_logger_severity(3)  # errors only: fp16 graphs log a warning per unfoldable constant
-    options = Options(args.preset, args.runs, args.warmup, threads, args.threads, args.workdir, args.quality_images)
+    options = Options(
+        args.preset,
+        args.runs,
+        args.warmup,
+        threads,
+        args.threads,
+        args.workdir,
+        args.quality_images,
+        args.pruning_images,
+    )
     ctx = Context(options, budget)
     print(f"## {args.preset}: {', '.join(args.jobs)}\n\n{machine.summary(info)}\n", flush=True)
     budget.say("preparing: models, bundles, graphs (exported once into --workdir, then reused)")
@@ -140,6 +158,8 @@ def write(out: Path, args: argparse.Namespace, ctx: Context, info: dict, results
         written.append(save_png(figures.roofline(raw["roofline"], raw["calibrate"], title), out / "roofline.png"))
     if "batch" in raw:
         written.append(save_png(figures.batch_scaling(raw["batch"], title), out / "batch-scaling.png"))
+    if "pruning" in raw:
+        written.append(save_png(figures.quality_speed(raw["pruning"], title), out / "pruning.png"))
     section = report.document(header(args, ctx, info, drift, out), results)
     if args.write_docs:
         written.append(report.replace_section(ROOT / "docs" / "benchmarks.md", section))
@@ -160,7 +180,7 @@ def header(args: argparse.Namespace, ctx: Context, info: dict, drift: dict | Non
             f"Floor drift over the run (re-measured at the end ÷ at the start): memory ×{drift['memory']:.2f}, "
             f"GEMM ×{drift['gemm']:.2f}"
         )
-    pictures = [name for name in ("roofline.png", "batch-scaling.png") if (out / name).exists()]
+    pictures = [name for name in ("roofline.png", "batch-scaling.png", "pruning.png") if (out / name).exists()]
     if args.write_docs and pictures:
         lines.append(" ".join(f"![{name[:-4]}](bench/{name})" for name in pictures))
     return "\n\n".join(lines)

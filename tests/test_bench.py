@@ -191,3 +191,26 @@ def test_the_side_by_side_scripts_refuse_bad_input_in_one_line(monkeypatch, caps
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_the_pruning_job_prunes_the_last_two_scales_and_recommends_within_the_bounds():
+    from bench.jobs.pruning import recommend, variants
+
+    options = variants((1, 2, 3, 4, 6))
+    assert options["prune 0.5"] == {"prune": {3: 0.5, 4: 0.5}} and options["dense"] == {}
+    assert options["int8 compute + prune 0.5"] == {"weights": "int8", "compute": "int8", "prune": {3: 0.5, 4: 0.5}}
+    speed = {"dense": 1.0, "prune 0.75": 1.2, "prune 0.5": 1.5, "int8 compute": 1.7, "int8 compute + prune 0.5": 2.2}
+    quality = {  # (accuracy, Fréchet distance): prune 0.5 and the combination lose 3 points
+        "dense": (0.95, 2.0),
+        "prune 0.75": (0.945, 2.1),
+        "prune 0.5": (0.92, 2.1),
+        "int8 compute": (0.95, 2.15),
+        "int8 compute + prune 0.5": (0.92, 2.3),
+    }
+    best, verdict = recommend(
+        {k: {"speed_up": v} for k, v in speed.items()},
+        {k: {"class_accuracy": a, "frechet_distance": f} for k, (a, f) in quality.items()},
+    )
+    assert best == "int8 compute"
+    assert "prune 0.75 gives 1.20× within the bounds; the ≥ 1.4× target is not met" in verdict
+    assert "int8 compute + prune 0.5: 2.20× (target ≥ 1.6×), outside the quality bounds" in verdict
