@@ -14,6 +14,7 @@ Jobs, in this order (``--only`` picks some; each calibrates or measures what it 
     dtypes     fp32 and fp16 bundles, int8 and int4 generator weights: speed and quality
     pruning    token pruning of the last two scales and integer arithmetic against the dense bundle:
                speed (preset), quality over 1,000 default-model images, a recommended setting
+    compare    only with --bundles A,B[,...]: your bundles side by side, every stage, and their tokens
 
 Models and bundles are made first (exported once into ``--workdir``, then reused); measurements run
 interleaved and are sized to the budget (``--budget``, default 20 minutes for d17, one for tiny);
@@ -37,8 +38,9 @@ from bench import figures, machine, report
 from bench.budget import Budget
 from bench.calibrate import GEMM_SOURCE
 from bench.context import BATCHES, Context, Options
-from bench.jobs import batch, calibrate, dtypes, folding, overhead, pruning, roofline
+from bench.jobs import batch, calibrate, compare, dtypes, folding, overhead, pruning, roofline
 from imagefolder.configs import PRESETS
+from imagefolder.errors import ImagefolderError
 from imagefolder.runtime.plots import FLOOR_KIND, FLOOR_VERSION, save_png
 
 # Each job module has prepare(ctx), the one-time work (models, exports), and run(ctx) -> JobResult.
@@ -50,7 +52,9 @@ JOBS: dict[str, ModuleType] = {
     "folding": folding,
     "dtypes": dtypes,
     "pruning": pruning,
+    "compare": compare,
 }
+ON_REQUEST = ("compare",)  # jobs that run only when --only names them
 DEFAULT_PRESET = "imagefolder-d17"
 BUDGET_S = {"tiny": 60.0}  # every other preset: 20 minutes
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +65,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
-    parser.add_argument("--only", default=",".join(JOBS), help=f"comma-separated jobs of: {', '.join(JOBS)}")
+    default_jobs = [name for name in JOBS if name not in ON_REQUEST]
+    parser.add_argument("--only", default=",".join(default_jobs), help=f"comma-separated jobs of: {', '.join(JOBS)}")
+    parser.add_argument("--bundles", default="", help="the compare job's bundles of one model, comma-separated")
     parser.add_argument("--budget", type=float, help="seconds for the whole run (default: 1200; 60 for tiny)")
     parser.add_argument("--runs", type=int, default=10, help="the most measured runs of any measurement")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up runs before each measurement")
@@ -73,6 +79,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quality-images", type=int, default=100, help="default-model images per dtype")
     parser.add_argument("--pruning-images", type=int, default=1000, help="default-model images per pruning variant")
+    parser.add_argument(
+        "--pruning-ratios", default="0.75,0.5,0.25", help="the pruning job's shares kept of the last two scales"
+    )
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench", help="where bundles are kept")
     parser.add_argument("--out", type=Path, help="results folder (default build/bench/PRESET, docs/bench)")
     parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md's generated section")
@@ -81,6 +90,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     unknown = [name for name in args.jobs if name not in JOBS]
     if unknown or not args.jobs:
         parser.error(f"unknown job(s) {unknown}; choose from {', '.join(JOBS)}")
+    args.bundles = [Path(part.strip()) for part in args.bundles.split(",") if part.strip()]
+    if ("compare" in args.jobs) != (len(args.bundles) >= 2):
+        parser.error("--only compare and --bundles A,B (two or more bundles of one model) go together")
+    try:
+        args.pruning_ratios = tuple(float(r) for r in args.pruning_ratios.split(","))
+    except ValueError:
+        args.pruning_ratios = ()
+    if not args.pruning_ratios or not all(0 < r <= 1 for r in args.pruning_ratios):
+        parser.error("--pruning-ratios: shares of positions kept, in (0, 1], comma-separated")
     if (
         args.runs < 1
         or args.warmup < 0
@@ -122,12 +140,18 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir,
         args.quality_images,
         args.pruning_images,
+        args.bundles,
+        args.pruning_ratios,
     )
     ctx = Context(options, budget)
     print(f"## {args.preset}: {', '.join(args.jobs)}\n\n{machine.summary(info)}\n", flush=True)
     budget.say("preparing: models, bundles, graphs (exported once into --workdir, then reused)")
-    for name in args.jobs:
-        JOBS[name].prepare(ctx)
+    try:
+        for name in args.jobs:
+            JOBS[name].prepare(ctx)
+    except ImagefolderError as err:  # a --bundles path that is no bundle, an export refused
+        print(f"Error: {err}", file=sys.stderr)
+        return 2
     budget.plan(args.jobs)
     results = []
     for i, name in enumerate(args.jobs):

@@ -34,6 +34,8 @@ class Options:
     workdir: Path
     quality_images: int  # images per dtype for the default model's class accuracy
     pruning_images: int = 1000  # images per variant for the pruning job's quality on the default model
+    bundles: list[Path] = field(default_factory=list)  # the compare job's bundles (--bundles)
+    pruning_ratios: tuple[float, ...] = (0.75, 0.5, 0.25)  # the pruning job's shares kept of the last two scales
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Job ``pruning``: token pruning and integer arithmetic against the dense fp32 bundle, quality and speed.
 
-Variants: the dense fp32 bundle; the last two scales pruned to each ratio of ``RATIOS`` (``--prune``);
-int8 weights multiplied in integers (``--compute int8``); and both together at ``COMBINED_RATIO``.
+Variants: the dense fp32 bundle; the last two scales pruned to each ratio of ``--pruning-ratios`` (``--prune``);
+int8 weights multiplied in integers (``--compute int8``); and both together at the largest ratio (the one
+that costs least quality).
 
 - speed, on the preset (random weights), ONNX Runtime's CPU provider, batch 1, each variant interleaved with
   the dense bundle in one run (``bench.timing.measure``): end to end p50, the step times of the last two
@@ -30,28 +31,22 @@ from imagefolder.core.schedule import SamplingParams
 from imagefolder.export.quality import classifier_metrics, per_image_psnr
 from imagefolder.runtime.loop import generate
 
-RATIOS = (0.75, 0.5, 0.25)
-COMBINED_RATIO = 0.5
 ACCURACY_POINTS = 1.0  # the quality bound of the issue: class accuracy within 1 point of the dense bundle's
 FD_SHARE = 0.10  # and the Fréchet distance within 10 %
 TARGET_PRUNED, TARGET_COMBINED = 1.4, 1.6  # speed-ups over the dense ort bundle the issue asks for
 
 
-def variants(scales: tuple[int, ...]) -> dict[str, dict[str, Any]]:
+def variants(scales: tuple[int, ...], ratios: tuple[float, ...]) -> dict[str, dict[str, Any]]:
     """Label → export options (``weights`` and the options of ``Context.bundle``), the last two scales pruned."""
-    last = len(scales) - 1
+    last, combined = len(scales) - 1, max(ratios)
 
     def pruned(r: float) -> dict[int, float]:
         return {last - 1: r, last: r}
 
     out: dict[str, dict[str, Any]] = {"dense": {}}
-    out.update({f"prune {r:g}": {"prune": pruned(r)} for r in RATIOS})
+    out.update({f"prune {r:g}": {"prune": pruned(r)} for r in ratios})
     out["int8 compute"] = {"weights": "int8", "compute": "int8"}
-    out[f"int8 compute + prune {COMBINED_RATIO:g}"] = {
-        "weights": "int8",
-        "compute": "int8",
-        "prune": pruned(COMBINED_RATIO),
-    }
+    out[f"int8 compute + prune {combined:g}"] = {"weights": "int8", "compute": "int8", "prune": pruned(combined)}
     return out
 
 
@@ -63,7 +58,7 @@ def _backend(ctx: Context, name: str | None, options: dict[str, Any]):
 
 def prepare(ctx: Context) -> None:
     for name in (None, DEFAULT_MODEL):
-        for options in variants(ctx.models(name).config.generator.scales).values():
+        for options in variants(ctx.models(name).config.generator.scales, ctx.options.pruning_ratios).values():
             _backend(ctx, name, options)
 
 
@@ -125,7 +120,7 @@ def run(ctx: Context) -> JobResult:
 def _speed(ctx: Context, scales: tuple[int, ...], allot_s: float) -> dict[str, dict]:
     """Each variant interleaved with the dense bundle in a run of its own (one pruned bundle's sessions hold a
     copy of the trunk per scale graph: all variants at once would not fit a shared 24 GB machine)."""
-    options = variants(scales)
+    options = variants(scales, ctx.options.pruning_ratios)
     dense = _backend(ctx, None, {})
     spans = ctx.bundle().spans
     out: dict[str, dict] = {}
@@ -164,7 +159,7 @@ def _quality(ctx: Context) -> dict[str, dict]:
     spans = ctx.bundle(DEFAULT_MODEL).spans
     out: dict[str, dict] = {}
     reference = None
-    for label, options in variants(models.config.generator.scales).items():
+    for label, options in variants(models.config.generator.scales, ctx.options.pruning_ratios).items():
         ctx.say(f"quality: {count} images of the default model, {label}")
         result = generate(_backend(ctx, DEFAULT_MODEL, options), labels, SamplingParams(seed=0))
         reference = result if reference is None else reference
