@@ -82,6 +82,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pruning-ratios", default="0.75,0.5,0.25", help="the pruning job's shares kept of the last two scales"
     )
+    parser.add_argument(
+        "--pruning-speed-ratios", default="", help="those measured for speed on the preset (default: the same)"
+    )
+    parser.add_argument(
+        "--pruning-combined",
+        default="",
+        help="the ratio pruned on top of int8 compute (default: the largest speed ratio; 'none': no such variant)",
+    )
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench", help="where bundles are kept")
     parser.add_argument("--out", type=Path, help="results folder (default build/bench/PRESET, docs/bench)")
     parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md's generated section")
@@ -93,12 +101,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.bundles = [Path(part.strip()) for part in args.bundles.split(",") if part.strip()]
     if ("compare" in args.jobs) != (len(args.bundles) >= 2):
         parser.error("--only compare and --bundles A,B (two or more bundles of one model) go together")
+    for option in ("pruning_ratios", "pruning_speed_ratios"):
+        text = getattr(args, option)
+        try:
+            ratios = tuple(float(r) for r in text.split(",")) if text else ()
+        except ValueError:
+            ratios = (float("nan"),)
+        if (option == "pruning_ratios" and not ratios) or not all(0 < r <= 1 for r in ratios):
+            parser.error(f"--{option.replace('_', '-')}: shares of positions kept, in (0, 1], comma-separated")
+        setattr(args, option, ratios)
+    combined = args.pruning_combined
     try:
-        args.pruning_ratios = tuple(float(r) for r in args.pruning_ratios.split(","))
+        args.pruning_combined = None if combined == "none" else float(combined) if combined else 0.0
     except ValueError:
-        args.pruning_ratios = ()
-    if not args.pruning_ratios or not all(0 < r <= 1 for r in args.pruning_ratios):
-        parser.error("--pruning-ratios: shares of positions kept, in (0, 1], comma-separated")
+        parser.error("--pruning-combined: a share in (0, 1], or 'none'")
+    if args.pruning_combined is not None and not 0 <= args.pruning_combined <= 1:
+        parser.error("--pruning-combined: a share in (0, 1], or 'none'")
     if (
         args.runs < 1
         or args.warmup < 0
@@ -142,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         args.pruning_images,
         args.bundles,
         args.pruning_ratios,
+        args.pruning_speed_ratios,
+        args.pruning_combined,
     )
     ctx = Context(options, budget)
     print(f"## {args.preset}: {', '.join(args.jobs)}\n\n{machine.summary(info)}\n", flush=True)

@@ -36,6 +36,8 @@ class Options:
     pruning_images: int = 1000  # images per variant for the pruning job's quality on the default model
     bundles: list[Path] = field(default_factory=list)  # the compare job's bundles (--bundles)
     pruning_ratios: tuple[float, ...] = (0.75, 0.5, 0.25)  # the pruning job's shares kept of the last two scales
+    pruning_speed_ratios: tuple[float, ...] = ()  # those measured for speed on the preset (): the same
+    pruning_combined: float | None = 0.0  # pruned on top of int8 compute; 0: the largest speed ratio; None: none
 
 
 @dataclass

@@ -185,7 +185,8 @@ def test_the_runner_refuses_bad_input_in_one_line(tmp_path, argv, message):
 def test_the_pruning_job_prunes_the_last_two_scales_and_recommends_within_the_bounds():
     from bench.jobs.pruning import recommend, variants
 
-    options = variants((1, 2, 3, 4, 6), (0.75, 0.5))
+    options = variants((1, 2, 3, 4, 6), (0.75, 0.5), 0.75)
+    assert "int8 compute + prune 0.5" not in variants((1, 2, 3, 4, 6), (0.5,), None)
     assert options["prune 0.5"] == {"prune": {3: 0.5, 4: 0.5}} and options["dense"] == {}
     assert options["int8 compute + prune 0.75"] == {"weights": "int8", "compute": "int8", "prune": {3: 0.75, 4: 0.75}}
     speed = {"dense": 1.0, "prune 0.75": 1.2, "prune 0.5": 1.5, "int8 compute": 1.7, "int8 compute + prune 0.5": 2.2}

@@ -36,9 +36,10 @@ FD_SHARE = 0.10  # and the Fréchet distance within 10 %
 TARGET_PRUNED, TARGET_COMBINED = 1.4, 1.6  # speed-ups over the dense ort bundle the issue asks for
 
 
-def variants(scales: tuple[int, ...], ratios: tuple[float, ...]) -> dict[str, dict[str, Any]]:
-    """Label → export options (``weights`` and the options of ``Context.bundle``), the last two scales pruned."""
-    last, combined = len(scales) - 1, max(ratios)
+def variants(scales: tuple[int, ...], ratios: tuple[float, ...], combined: float | None) -> dict[str, dict[str, Any]]:
+    """Label → export options (``weights`` and the options of ``Context.bundle``), the last two scales pruned;
+    int8 compute with pruning at ``combined`` unless it is None."""
+    last = len(scales) - 1
 
     def pruned(r: float) -> dict[int, float]:
         return {last - 1: r, last: r}
@@ -46,7 +47,8 @@ def variants(scales: tuple[int, ...], ratios: tuple[float, ...]) -> dict[str, di
     out: dict[str, dict[str, Any]] = {"dense": {}}
     out.update({f"prune {r:g}": {"prune": pruned(r)} for r in ratios})
     out["int8 compute"] = {"weights": "int8", "compute": "int8"}
-    out[f"int8 compute + prune {combined:g}"] = {"weights": "int8", "compute": "int8", "prune": pruned(combined)}
+    if combined is not None:
+        out[f"int8 compute + prune {combined:g}"] = {"weights": "int8", "compute": "int8", "prune": pruned(combined)}
     return out
 
 
@@ -57,9 +59,27 @@ def _backend(ctx: Context, name: str | None, options: dict[str, Any]):
 
 
 def prepare(ctx: Context) -> None:
-    for name in (None, DEFAULT_MODEL):
-        for options in variants(ctx.models(name).config.generator.scales, ctx.options.pruning_ratios).values():
+    for name, ratios in ((None, _speed_ratios(ctx)), (DEFAULT_MODEL, _quality_ratios(ctx))):
+        for options in variants(ctx.models(name).config.generator.scales, ratios, _combined(ctx)).values():
             _backend(ctx, name, options)
+            if name is None:
+                ctx.release(None, "fp32", **options)  # exported now; loaded (and released) pair by pair later
+
+
+def _speed_ratios(ctx: Context) -> tuple[float, ...]:
+    """The ratios measured for speed on the preset (each a d17 export of its own): ``--pruning-speed-ratios``."""
+    return ctx.options.pruning_speed_ratios or ctx.options.pruning_ratios
+
+
+def _quality_ratios(ctx: Context) -> tuple[float, ...]:
+    """The ratios measured for quality on the default model: ``--pruning-ratios`` and the speed ratios."""
+    return tuple(sorted(set(ctx.options.pruning_ratios) | set(_speed_ratios(ctx)), reverse=True))
+
+
+def _combined(ctx: Context) -> float | None:
+    """The ratio pruned on top of int8 compute (``--pruning-combined``): the largest speed ratio by default."""
+    combined = ctx.options.pruning_combined
+    return max(_speed_ratios(ctx)) if combined == 0 else combined
 
 
 def run(ctx: Context) -> JobResult:
@@ -67,18 +87,28 @@ def run(ctx: Context) -> JobResult:
     scales = ctx.models().config.generator.scales
     speed = _speed(ctx, scales, 0.7 * allot)
     quality = _quality(ctx)
-    labels = list(speed)
+    labels = list(quality) + [label for label in speed if label not in quality]
     dense_q = quality["dense"]
     rows = []
     for label in labels:
-        s, q = speed[label], quality[label]
-        rows.append(
+        s, q = speed.get(label), quality.get(label)
+        speed_cells = (
             [
-                label,
                 ms(s["e2e_ms"]),
                 ratio(s["speed_up"]),
                 " / ".join(ms(t) for t in s["pruned_step_ms"]),
                 " / ".join(f"{a:.0%}" for a in s["scale_agreement"][-3:]),
+            ]
+            if s
+            else ["not measured"] + ["-"] * 3
+        )
+        if q is None:
+            rows.append([label, *speed_cells] + ["not measured"] + ["-"] * 5)
+            continue
+        rows.append(
+            [
+                label,
+                *speed_cells,
                 f"{q['class_accuracy']:.2%}",
                 f"{100 * (q['class_accuracy'] - dense_q['class_accuracy']):+.2f}",
                 f"{q['frechet_distance']:.3f}",
@@ -108,7 +138,8 @@ def run(ctx: Context) -> JobResult:
         "times; the dense row shows the first), official sampling (cfg 3.25, top-k 750, top-p 0.95). The machine "
         "was shared with other agents' jobs while this ran: read the ratios, not the absolute times.",
         f"quality: the default model (scales {list(ctx.models(DEFAULT_MODEL).config.generator.scales)}; its last two "
-        f"scales pruned at the same ratios), {ctx.options.pruning_images} images (classes in turn, seed 0), "
+        f"scales pruned at the ratios {list(ctx.options.pruning_ratios)}; the preset's at {list(_speed_ratios(ctx))}, "
+        f"each a large export), {ctx.options.pruning_images} images (classes in turn, seed 0), "
         "judged by the shipped classifier (Fréchet distance of its features to as many held-out real images); PSNR "
         "per image to the dense bundle's image of the same seed.",
         verdict,
@@ -120,7 +151,7 @@ def run(ctx: Context) -> JobResult:
 def _speed(ctx: Context, scales: tuple[int, ...], allot_s: float) -> dict[str, dict]:
     """Each variant interleaved with the dense bundle in a run of its own (one pruned bundle's sessions hold a
     copy of the trunk per scale graph: all variants at once would not fit a shared 24 GB machine)."""
-    options = variants(scales, ctx.options.pruning_ratios)
+    options = variants(scales, _speed_ratios(ctx), _combined(ctx))
     dense = _backend(ctx, None, {})
     spans = ctx.bundle().spans
     out: dict[str, dict] = {}
@@ -148,7 +179,7 @@ def _speed(ctx: Context, scales: tuple[int, ...], allot_s: float) -> dict[str, d
                 out.setdefault("dense", {**entry, "pairs": []})["pairs"].append(entry["e2e_ms"])
             else:
                 out[label] = entry | {"dense_e2e_ms": median(base.e2e_ms)}
-        ctx.release(None, "fp32", variant.get("weights"), **{k: v for k, v in variant.items() if k != "weights"})
+        ctx.release(None, "fp32", **variant)
     return {"dense": out["dense"], **{label: out[label] for label in options if label != "dense"}}
 
 
@@ -159,7 +190,7 @@ def _quality(ctx: Context) -> dict[str, dict]:
     spans = ctx.bundle(DEFAULT_MODEL).spans
     out: dict[str, dict] = {}
     reference = None
-    for label, options in variants(models.config.generator.scales, ctx.options.pruning_ratios).items():
+    for label, options in variants(models.config.generator.scales, _quality_ratios(ctx), _combined(ctx)).items():
         ctx.say(f"quality: {count} images of the default model, {label}")
         result = generate(_backend(ctx, DEFAULT_MODEL, options), labels, SamplingParams(seed=0))
         reference = result if reference is None else reference
@@ -190,8 +221,8 @@ def recommend(speed: dict[str, dict], quality: dict[str, dict]) -> tuple[str | N
         accuracy_ok = 100 * (dense["class_accuracy"] - q["class_accuracy"]) <= ACCURACY_POINTS
         return accuracy_ok and q["frechet_distance"] <= (1 + FD_SHARE) * dense["frechet_distance"]
 
-    fine = [label for label in speed if label != "dense" and within(label)]
-    pruned = [label for label in speed if label.startswith("prune")]
+    fine = [label for label in speed if label != "dense" and label in quality and within(label)]
+    pruned = [label for label in speed if label.startswith("prune") and label in quality]
     best = max(fine, key=lambda label: speed[label]["speed_up"], default=None)
     best_pruned = max((label for label in pruned if label in fine), key=lambda lb: speed[lb]["speed_up"], default=None)
     parts = [
@@ -211,7 +242,7 @@ def recommend(speed: dict[str, dict], quality: dict[str, dict]) -> tuple[str | N
             f"Pruning alone: no ratio stays within the bounds, so the ≥ {TARGET_PRUNED}× target is not met at "
             f"equal quality; the curve ({curve}) shows where it bends."
         )
-    combined = [label for label in speed if "+" in label]
+    combined = [label for label in speed if "+" in label and label in quality]
     if combined:
         label = combined[0]
         parts.append(
