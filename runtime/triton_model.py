@@ -26,10 +26,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from imagefolder.core import cuda
-from imagefolder.core.schedule import SamplingParams, check_labels
+from imagefolder.core.conditioning import check_reference_indices
+from imagefolder.core.schedule import SamplingParams, check_labels, num_positions
 from imagefolder.errors import ImagefolderError, InputError
 from imagefolder.runtime.backends.trt import TrtBackend, TrtSession
-from imagefolder.runtime.loop import ImageRequest, run_batch, session_sizes
+from imagefolder.runtime.loop import ImageRequest, Reference, run_batch, session_sizes
 
 SETTINGS = {"seed": int, "cfg": float, "top_k": int, "top_p": float}  # optional inputs, one row per image
 OUTPUTS = ("image", "indices")
@@ -45,6 +46,11 @@ def _rows(request, name: str, count: int | None = None) -> np.ndarray | None:
         rows = "n" if count is None else count
         raise InputError(f"{name} must have shape ({rows}, 1), one row per image; got {array.shape}")
     return array[:, 0]
+
+
+def _tensor(request, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
 
 
 class TritonPythonModel:
@@ -84,6 +90,7 @@ class TritonPythonModel:
             raise InputError("class_labels is required")
         labels = check_labels(labels, self.backend.num_classes)
         given = {name: _rows(request, name, len(labels)) for name in SETTINGS}
+        references = self._references(request, len(labels))
         images = []
         for row, label in enumerate(labels):
             settings = {
@@ -94,8 +101,24 @@ class TritonPythonModel:
                 params = SamplingParams(**settings)
             except InputError as err:
                 raise InputError(f"row {row}: {err}") from None
-            images.append(ImageRequest(int(label), params, row))
+            images.append(ImageRequest(int(label), params, row, references[row]))
         return images
+
+    def _references(self, request, count: int) -> list[Reference | None]:
+        """The optional ``reference_indices`` (n, 2, P) and ``force_mask`` (n, P, 2) of a request, per image."""
+        indices, mask = _tensor(request, "reference_indices"), _tensor(request, "force_mask")
+        if indices is None and mask is None:
+            return [None] * count
+        if indices is None or mask is None:
+            raise InputError("reference_indices and force_mask go together: give both or neither")
+        positions = num_positions(self.backend.scales)
+        indices = check_reference_indices(indices, positions, self.backend.codebook_size)
+        if indices.shape[0] != count or mask.shape != (count, positions, 2) or mask.dtype != np.bool_:
+            raise InputError(
+                f"reference_indices {indices.shape} and force_mask {mask.shape} {mask.dtype} must be "
+                f"({count}, 2, {positions}) and ({count}, {positions}, 2) bool, one row per image"
+            )
+        return [Reference(indices[row], mask[row]) for row in range(count)]
 
     def execute(self, requests: list) -> list:
         """One response per request, in order: its images and indices, or an error of its own."""
