@@ -43,7 +43,7 @@ def check_bundle(
         raise BundleError("the checkpoint's model differs from the bundle's; pass the checkpoint it came from")
     modules = graph_modules(tokenizer, generator, bundle.dtype, bundle.candidates, bundle.prune)
     examples = ExampleInputs(tokenizer, generator, manifest["model"], bundle.candidates, seed=1)
-    report = CheckReport(operators=operator_reports(bundle), notes=[describe(manifest)])
+    report = CheckReport(operators=operator_reports(bundle), notes=[describe(manifest)] if bundle.prune else [])
     for name, spec in bundle.specs.items():
         if bundle.dtype not in ORT_CPU_DTYPES and not spec.float32_compute:
             continue  # ONNX Runtime's CPU provider has no bf16 kernels

@@ -74,7 +74,7 @@ def check_engines(
 
     bundle = load_bundle(bundle_dir)
     rng = np.random.default_rng(seed)
-    report = CheckReport(notes=[describe(bundle.manifest)])
+    report = CheckReport(notes=[describe(bundle.manifest)] if bundle.prune else [])
     with TrtBackend(bundle, use_cuda_graphs=False) as backend, following_our_logging():
         precision = judged_precision(bundle.dtype, backend.record)
         built = sorted({p["batch"] for g in backend.record["graphs"].values() for p in g["profiles"]})
