@@ -12,6 +12,9 @@ Jobs, in this order (``--only`` picks some; each calibrates or measures what it 
     overhead   the runtime's own time per image: end to end minus the time inside the graphs
     folding    two tokens per position (286 positions at d17) against one (572): per step, per image
     dtypes     fp32 and fp16 bundles, int8 and int4 generator weights: speed and quality
+    pruning    token pruning of the last two scales and integer arithmetic against the dense bundle:
+               speed (preset), quality over 1,000 default-model images, a recommended setting
+    compare    only with --bundles A,B[,...]: your bundles side by side, every stage, and their tokens
 
 Models and bundles are made first (exported once into ``--workdir``, then reused); measurements run
 interleaved and are sized to the budget (``--budget``, default 20 minutes for d17, one for tiny);
@@ -35,8 +38,9 @@ from bench import figures, machine, report
 from bench.budget import Budget
 from bench.calibrate import GEMM_SOURCE
 from bench.context import BATCHES, Context, Options
-from bench.jobs import batch, calibrate, dtypes, folding, overhead, roofline
+from bench.jobs import batch, calibrate, compare, dtypes, folding, overhead, pruning, roofline
 from imagefolder.configs import PRESETS
+from imagefolder.errors import ImagefolderError
 from imagefolder.runtime.plots import FLOOR_KIND, FLOOR_VERSION, save_png
 
 # Each job module has prepare(ctx), the one-time work (models, exports), and run(ctx) -> JobResult.
@@ -47,7 +51,10 @@ JOBS: dict[str, ModuleType] = {
     "overhead": overhead,
     "folding": folding,
     "dtypes": dtypes,
+    "pruning": pruning,
+    "compare": compare,
 }
+ON_REQUEST = ("compare",)  # jobs that run only when --only names them
 DEFAULT_PRESET = "imagefolder-d17"
 BUDGET_S = {"tiny": 60.0}  # every other preset: 20 minutes
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +65,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
-    parser.add_argument("--only", default=",".join(JOBS), help=f"comma-separated jobs of: {', '.join(JOBS)}")
+    default_jobs = [name for name in JOBS if name not in ON_REQUEST]
+    parser.add_argument("--only", default=",".join(default_jobs), help=f"comma-separated jobs of: {', '.join(JOBS)}")
+    parser.add_argument("--bundles", default="", help="the compare job's bundles of one model, comma-separated")
     parser.add_argument("--budget", type=float, help="seconds for the whole run (default: 1200; 60 for tiny)")
     parser.add_argument("--runs", type=int, default=10, help="the most measured runs of any measurement")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up runs before each measurement")
@@ -69,6 +78,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "(default: the physical cores, ONNX Runtime's own default, which its sessions then keep)",
     )
     parser.add_argument("--quality-images", type=int, default=100, help="default-model images per dtype")
+    parser.add_argument("--pruning-images", type=int, default=1000, help="default-model images per pruning variant")
+    parser.add_argument(
+        "--pruning-ratios", default="0.75,0.5,0.25", help="the pruning job's shares kept of the last two scales"
+    )
+    parser.add_argument(
+        "--pruning-speed-ratios", default="", help="those measured for speed on the preset (default: the same)"
+    )
+    parser.add_argument(
+        "--pruning-combined",
+        default="",
+        help="the ratio pruned on top of int8 compute (default: the largest speed ratio; 'none': no such variant)",
+    )
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -82,8 +103,32 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     unknown = [name for name in args.jobs if name not in JOBS]
     if unknown or not args.jobs:
         parser.error(f"unknown job(s) {unknown}; choose from {', '.join(JOBS)}")
-    if args.runs < 1 or args.warmup < 0 or args.quality_images < 10 or (args.threads or 1) < 1:
-        parser.error("--runs and --threads must be ≥ 1, --warmup ≥ 0, --quality-images ≥ 10")
+    args.bundles = [Path(part.strip()) for part in args.bundles.split(",") if part.strip()]
+    if ("compare" in args.jobs) != (len(args.bundles) >= 2):
+        parser.error("--only compare and --bundles A,B (two or more bundles of one model) go together")
+    for option in ("pruning_ratios", "pruning_speed_ratios"):
+        text = getattr(args, option)
+        try:
+            ratios = tuple(float(r) for r in text.split(",")) if text else ()
+        except ValueError:
+            ratios = (float("nan"),)
+        if (option == "pruning_ratios" and not ratios) or not all(0 < r <= 1 for r in ratios):
+            parser.error(f"--{option.replace('_', '-')}: shares of positions kept, in (0, 1], comma-separated")
+        setattr(args, option, ratios)
+    combined = args.pruning_combined
+    try:
+        args.pruning_combined = None if combined == "none" else float(combined) if combined else 0.0
+    except ValueError:
+        parser.error("--pruning-combined: a share in (0, 1], or 'none'")
+    if args.pruning_combined is not None and not 0 <= args.pruning_combined <= 1:
+        parser.error("--pruning-combined: a share in (0, 1], or 'none'")
+    if (
+        args.runs < 1
+        or args.warmup < 0
+        or min(args.quality_images, args.pruning_images) < 10
+        or (args.threads or 1) < 1
+    ):
+        parser.error("--runs and --threads must be ≥ 1, --warmup ≥ 0, --quality-images and --pruning-images ≥ 10")
     return args
 
 
@@ -109,12 +154,29 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or machine.physical_cores()
     torch.set_num_threads(threads)
     onnxruntime.set_default_logger_severity(3)  # errors only: fp16 graphs log a warning per unfoldable constant
-    options = Options(args.preset, args.runs, args.warmup, threads, args.threads, args.workdir, args.quality_images)
+    options = Options(
+        args.preset,
+        args.runs,
+        args.warmup,
+        threads,
+        args.threads,
+        args.workdir,
+        args.quality_images,
+        args.pruning_images,
+        args.bundles,
+        args.pruning_ratios,
+        args.pruning_speed_ratios,
+        args.pruning_combined,
+    )
     ctx = Context(options, budget)
     print(f"## {args.preset}: {', '.join(args.jobs)}\n\n{machine.summary(info)}\n", flush=True)
     budget.say("preparing: models, bundles, graphs (exported once into --workdir, then reused)")
-    for name in args.jobs:
-        JOBS[name].prepare(ctx)
+    try:
+        for name in args.jobs:
+            JOBS[name].prepare(ctx)
+    except ImagefolderError as err:  # a --bundles path that is no bundle, an export refused
+        print(f"Error: {err}", file=sys.stderr)
+        return 2
     budget.plan(args.jobs)
     results = []
     for i, name in enumerate(args.jobs):
@@ -145,6 +207,8 @@ def write(out: Path, args: argparse.Namespace, ctx: Context, info: dict, results
         written.append(save_png(figures.roofline(raw["roofline"], raw["calibrate"], title), out / "roofline.png"))
     if "batch" in raw:
         written.append(save_png(figures.batch_scaling(raw["batch"], title), out / "batch-scaling.png"))
+    if "pruning" in raw:
+        written.append(save_png(figures.quality_speed(raw["pruning"], title), out / "pruning.png"))
     section = report.document(header(args, ctx, info, drift, out), results)
     if args.write_docs:
         written.append(report.replace_section(ROOT / "docs" / "benchmarks.md", section))
@@ -165,7 +229,7 @@ def header(args: argparse.Namespace, ctx: Context, info: dict, drift: dict | Non
             f"Floor drift over the run (re-measured at the end ÷ at the start): memory ×{drift['memory']:.2f}, "
             f"GEMM ×{drift['gemm']:.2f}"
         )
-    pictures = [name for name in ("roofline.png", "batch-scaling.png") if (out / name).exists()]
+    pictures = [name for name in ("roofline.png", "batch-scaling.png", "pruning.png") if (out / name).exists()]
     if args.write_docs and pictures:
         lines.append(" ".join(f"![{name[:-4]}](bench/{name})" for name in pictures))
     return "\n\n".join(lines)

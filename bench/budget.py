@@ -13,7 +13,7 @@ import time
 from typing import TextIO
 
 # The measuring jobs' shares of the time left after the one-time work.
-SHARES = {"roofline": 0.36, "batch": 0.24, "overhead": 0.04, "folding": 0.16, "dtypes": 0.20}
+SHARES = {"roofline": 0.36, "batch": 0.24, "overhead": 0.04, "folding": 0.16, "dtypes": 0.20, "pruning": 0.25}
 RESERVE = 0.03  # of the budget, for the floor's drift check and writing the results
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from imagefolder.configs import ModelConfig, from_name
+from imagefolder.core import pruning
 from imagefolder.core.bundle import MANIFEST, Bundle, load_bundle
 from imagefolder.errors import BundleError
 from imagefolder.export.onnx_export import export_bundle
@@ -69,7 +70,7 @@ def bundle_bytes(manifest: dict) -> int:
     return sum(entry["bytes"] for entry in manifest["files"].values())
 
 
-def _matches(folder: Path, models: Models, dtype: str, weights: str | None) -> bool:
+def _matches(folder: Path, models: Models, dtype: str, weights: str | None, extra: dict[str, Any]) -> bool:
     path = folder / MANIFEST
     if not path.exists():
         return False
@@ -78,18 +79,36 @@ def _matches(folder: Path, models: Models, dtype: str, weights: str | None) -> b
         manifest.get("model") == json.loads(json.dumps(models.config.to_dict()))
         and manifest.get("dtype") == dtype
         and weight_format(manifest) == (weights or "fp")
+        and manifest.get("compute", "float") == extra.get("compute", "float")
+        and pruning.from_manifest(manifest) == extra.get("prune", {})
         and manifest.get("batch_max", 0) >= BATCH_MAX
         and manifest.get("source", {}).get("bench") == models.name
     )
 
 
+def variant_label(options: dict[str, Any]) -> str:
+    """A folder-name suffix for export options beyond dtype and weights: ``compute`` and ``prune``."""
+    parts = [options["compute"]] if options.get("compute", "float") != "float" else []
+    if options.get("prune"):
+        parts.append("prune" + "_".join(f"{si}-{ratio:g}" for si, ratio in sorted(options["prune"].items())))
+    return "".join(f"-{part}" for part in parts)
+
+
 def bundle(
-    workdir: Path, models: Models, dtype: str = "fp32", weights: str | None = None, say: Callable[[str], None] = print
+    workdir: Path,
+    models: Models,
+    dtype: str = "fp32",
+    weights: str | None = None,
+    say: Callable[[str], None] = print,
+    **options: Any,
 ) -> Bundle:
-    """The bundle of ``models`` in ``dtype`` (and quantized ``weights``), exported into ``workdir`` unless there."""
-    label = f"{dtype}" + (f"-{weights}" if weights else "")
+    """The bundle of ``models`` in ``dtype`` (and quantized ``weights``), exported into ``workdir`` unless there.
+
+    ``options``: further ``export_bundle`` arguments that change the graphs (``compute``, ``prune``).
+    """
+    label = f"{dtype}" + (f"-{weights}" if weights else "") + variant_label(options)
     folder = workdir / f"{models.name}-{label}"
-    if _matches(folder, models, dtype, weights):
+    if _matches(folder, models, dtype, weights, options):
         try:
             found = load_bundle(folder, verify=False)
             say(f"reusing {folder}")
@@ -98,7 +117,7 @@ def bundle(
             say(f"not reusing {folder}: {err}")
     say(f"exporting {models.name} ({label}) into {folder}")
     start = time.perf_counter()
-    extra: dict[str, Any] = {"weights": weights} if weights else {}
+    extra: dict[str, Any] = ({"weights": weights} if weights else {}) | options
     export_bundle(
         folder,
         models.tokenizer,

@@ -33,6 +33,11 @@ class Options:
     ort_threads: int | None  # ONNX Runtime's intra-op threads; None: its default
     workdir: Path
     quality_images: int  # images per dtype for the default model's class accuracy
+    pruning_images: int = 1000  # images per variant for the pruning job's quality on the default model
+    bundles: list[Path] = field(default_factory=list)  # the compare job's bundles (--bundles)
+    pruning_ratios: tuple[float, ...] = (0.75, 0.5, 0.25)  # the pruning job's shares kept of the last two scales
+    pruning_speed_ratios: tuple[float, ...] = ()  # those measured for speed on the preset (): the same
+    pruning_combined: float | None = 0.0  # pruned on top of int8 compute; 0: the largest speed ratio; None: none
 
 
 @dataclass
@@ -69,17 +74,32 @@ class Context:
             self._models[name] = bundles.load_models(name)
         return self._models[name]
 
-    def bundle(self, name: str | None = None, dtype: str = "fp32", weights: str | None = None) -> Bundle:
-        key = (name or self.options.preset, dtype, weights)
+    def bundle(
+        self, name: str | None = None, dtype: str = "fp32", weights: str | None = None, **options: Any
+    ) -> Bundle:
+        """``options``: further export options that change the graphs (``compute``, ``prune``)."""
+        key = (name or self.options.preset, dtype, weights, repr(sorted(options.items())))
         if key not in self._bundles:
-            self._bundles[key] = bundles.bundle(self.options.workdir, self.models(key[0]), dtype, weights, self.say)
+            self._bundles[key] = bundles.bundle(
+                self.options.workdir, self.models(key[0]), dtype, weights, self.say, **options
+            )
         return self._bundles[key]
 
-    def ort(self, name: str | None = None, dtype: str = "fp32", weights: str | None = None) -> TimedOrtBackend:
-        key = (name or self.options.preset, dtype, weights)
+    def ort(
+        self, name: str | None = None, dtype: str = "fp32", weights: str | None = None, **options: Any
+    ) -> TimedOrtBackend:
+        key = (name or self.options.preset, dtype, weights, repr(sorted(options.items())))
         if key not in self._ort:
-            self._ort[key] = TimedOrtBackend(self.bundle(*key), threads=self.options.ort_threads)
+            bundle = self.bundle(name, dtype, weights, **options)
+            self._ort[key] = TimedOrtBackend(bundle, threads=self.options.ort_threads)
         return self._ort[key]
+
+    def release(self, name: str | None = None, dtype: str = "fp32", weights: str | None = None, **options: Any) -> None:
+        """Drop the ort backend of a bundle (its sessions hold the model's weights in memory)."""
+        key = (name or self.options.preset, dtype, weights, repr(sorted(options.items())))
+        backend = self._ort.pop(key, None)
+        if backend is not None:
+            backend.close()
 
     def torch(self, name: str | None = None) -> TimedTorchBackend:
         name = name or self.options.preset

@@ -131,3 +131,34 @@ def batch_scaling(result: dict, title: str):
     ax.grid(which="both", alpha=0.25)
     ax.legend(fontsize=9)
     return figure
+
+
+def quality_speed(result: dict, title: str):
+    """``result``: the raw numbers of the pruning job: quality change against speed-up, one point per variant."""
+    figure = new_figure(10.0, 4.5)
+    left, right = figure.subplots(1, 2)
+    speed, quality = result["speed"], result["quality"]
+    dense = quality["dense"]
+    for label in speed:
+        x = speed[label]["speed_up"]
+        points = (
+            (left, 100 * (quality[label]["class_accuracy"] - dense["class_accuracy"])),
+            (right, 100 * (quality[label]["frechet_distance"] / dense["frechet_distance"] - 1)),
+        )
+        color = "#3b6fb6" if label.startswith("prune") else ("#d1495b" if "int8" in label else "k")
+        for ax, y in points:
+            ax.plot([x], [y], marker="o", color=color)
+            ax.annotate(label, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    for ax, bound, what in ((left, -1.0, "class accuracy change, points"), (right, 10.0, "Fréchet distance change, %")):
+        ax.axhline(bound, color="grey", linestyle="--", linewidth=1)
+        ax.axvline(1.4, color="#3b6fb6", linestyle=":", linewidth=1)
+        ax.axvline(1.6, color="#d1495b", linestyle=":", linewidth=1)
+        ax.set_xlabel("speed-up over the dense fp32 ort bundle (batch 1)")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.25)
+    figure.suptitle(
+        f"{title}\nquality: default model (shipped classifier); speed: preset; dashed: the quality bound, "
+        "dotted: the 1.4× / 1.6× targets",
+        fontsize=9,
+    )
+    return figure

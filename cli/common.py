@@ -184,14 +184,15 @@ def open_torch_backend(bundle: Path | None, checkpoint: Path | None, trust_check
     from imagefolder.default_model import load_default_or_checkpoint
     from imagefolder.runtime.backends.torch_backend import TorchBackend
 
-    candidates = None
+    candidates, prune = None, None
     if bundle is not None:
         from imagefolder.core.bundle import load_bundle
 
-        manifest = load_bundle(bundle).manifest
+        loaded = load_bundle(bundle)
+        manifest, prune = loaded.manifest, loaded.prune  # the reference of a pruned bundle prunes alike
         candidates = manifest["sampler_candidates"]
         if checkpoint is None and manifest.get("source", {}).get("checkpoint") not in (None, "default"):
             checkpoint = Path(manifest["source"]["checkpoint"])
     config, tokenizer, generator, _ = load_default_or_checkpoint(checkpoint, trust_checkpoint)
     candidates = candidates or default_candidates(config.generator.codebook_size)
-    return TorchBackend(tokenizer, generator, candidates)
+    return TorchBackend(tokenizer, generator, candidates, prune=prune)

@@ -49,15 +49,36 @@ def main(verbose: int) -> None:
     show_default=True,
     help="Generator weights: fp (the dtype), int8 per output channel, int4 in blocks of 64 (weight-only).",
 )
-def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candidates, weights) -> None:
+@click.option(
+    "--compute",
+    type=click.Choice(["float", "int8", "int8-tensor"]),
+    default="float",
+    show_default=True,
+    help="How the generator multiplies: float, or int8 weights times activations quantized at run time, per row "
+    "(int8) or per tensor (int8-tensor). Integer bundles are for ONNX Runtime's CPU provider only (not TensorRT).",
+)
+@click.option(
+    "--prune",
+    "prune_spec",
+    metavar="SCALE:RATIO,...",
+    help="Training-free token pruning: e.g. 8:0.5,9:0.6 runs the trunk on 50 %% of scale 8's positions and 60 %% "
+    "of scale 9's, restoring the rest from the previous scale (the manifest records it; docs/architecture.md).",
+)
+def onnx(
+    checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candidates, weights, compute, prune_spec
+) -> None:
     """Export encoder, decoder, ar_prefill, ar_step, sampler and fold graphs plus manifest.json."""
+    from imagefolder.core.pruning import parse_prune
     from imagefolder.default_model import load_default_or_checkpoint
+    from imagefolder.export.integer import check_compute
     from imagefolder.export.onnx_export import export_bundle
     from imagefolder.export.quantize import check_weights, default_opset
 
     opset = default_opset(weights, dtype) if opset is None else opset
     check_weights(weights, dtype, opset)  # before the model loads
+    check_compute(compute, weights, dtype)
     config, tokenizer, generator, source = load_default_or_checkpoint(checkpoint, trust_checkpoint)
+    prune = parse_prune(prune_spec, config.generator.scales) if prune_spec is not None else {}
     out = export_bundle(
         out_dir,
         tokenizer,
@@ -69,8 +90,12 @@ def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candida
         candidates=candidates,
         source=source,
         weights=weights,
+        compute=compute,
+        prune=prune,
     )
-    click.echo(f"wrote bundle {out} ({config.name}, {dtype}, {weights} weights, opset {opset})")
+    arithmetic = "" if compute == "float" else f", {compute} compute for ONNX Runtime's CPU provider"
+    arithmetic += f", pruned {prune_spec}" if prune else ""
+    click.echo(f"wrote bundle {out} ({config.name}, {dtype}, {weights} weights{arithmetic}, opset {opset})")
 
 
 @main.command()
@@ -95,8 +120,31 @@ def onnx(checkpoint, trust_checkpoint, out_dir, dtype, opset, batch_max, candida
     help="trt: mark every ONNX tensor as an output and save, for each failing graph, what bisects it "
     "(inputs, ONNX Runtime's outputs, the polygraphy command) into this folder.",
 )
-def check(bundle, backend, checkpoint, trust_checkpoint, debug_dir) -> None:
+@click.option(
+    "--quality",
+    is_flag=True,
+    help="Instead of the graphs: generate the same images on BUNDLE and on --against (a dense bundle of the same "
+    "model) and print token agreement per scale, PSNR and, for the default model, the classifier's metrics.",
+)
+@click.option(
+    "--against",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="--quality: the dense bundle to compare with.",
+)
+@click.option("--images", default=100, show_default=True, type=click.IntRange(10), help="--quality: images.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="--quality: the seed.")
+def check(bundle, backend, checkpoint, trust_checkpoint, debug_dir, quality, against, images, seed) -> None:
     """Run every graph against its reference and print max abs / relative error per output."""
+    if quality or against is not None:
+        if not (quality and against is not None):
+            raise click.UsageError(
+                "--quality and --against go together: imagefolder-export check --quality B --against D"
+            )
+        from imagefolder.core.schedule import SamplingParams
+        from imagefolder.export.quality import compare_quality
+
+        click.echo(compare_quality(bundle, against, images, SamplingParams(seed=seed)).table())
+        return
     if backend == "trt":
         from imagefolder.core.bundle import load_bundle
         from imagefolder.export.trt_capability import operator_reports

@@ -358,6 +358,13 @@ def profile(
             click.echo(f"wrote the engine inspector's layer dumps: {', '.join(map(str, engine.inspect(out_dir)))}")
     finally:
         engine.close()
+    if source is not None:
+        from imagefolder.core.pruning import describe
+
+        for report in result.reports:
+            report["prune"] = source.manifest.get("prune", {}).get("spec", "")
+            report["compute"] = source.compute
+        click.echo(f"bundle {source.path}: {describe(source.manifest)}; {source.compute} compute")
     click.echo(result.table())
     if json_out is not None:
         result.write_json(json_out)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from imagefolder.core.compare import CheckReport
+from imagefolder.core.pruning import describe
 from imagefolder.core.specs import ORT_CPU_DTYPES
 from imagefolder.errors import BundleError
 from imagefolder.export.onnx_export import ExampleInputs, check_parity, graph_modules
@@ -40,16 +41,16 @@ def check_bundle(
     config, tokenizer, generator, _ = load_default_or_checkpoint(checkpoint, trust_checkpoint)
     if json.loads(json.dumps(config.to_dict()))["generator"] != manifest["model"]["generator"]:
         raise BundleError("the checkpoint's model differs from the bundle's; pass the checkpoint it came from")
-    modules = graph_modules(tokenizer, generator, bundle.dtype, bundle.candidates)
+    modules = graph_modules(tokenizer, generator, bundle.dtype, bundle.candidates, bundle.prune)
     examples = ExampleInputs(tokenizer, generator, manifest["model"], bundle.candidates, seed=1)
-    report = CheckReport(operators=operator_reports(bundle))
+    report = CheckReport(operators=operator_reports(bundle), notes=[describe(manifest)] if bundle.prune else [])
     for name, spec in bundle.specs.items():
         if bundle.dtype not in ORT_CPU_DTYPES and not spec.float32_compute:
             continue  # ONNX Runtime's CPU provider has no bf16 kernels
         session = ort.InferenceSession(str(bundle.graph_path(name)), providers=["CPUExecutionProvider"])
         _, reference = modules[name]
-        weights = bundle.graph_weights(name)
+        weights, compute = bundle.graph_weights(name), bundle.graph_compute(name)
         for si in spec.served_scales(bundle.num_scales):
             inputs = examples.for_graph(spec, batch, si)
-            report.add(name, si, check_parity(session, reference, inputs, spec, bundle.dtype, weights))
+            report.add(name, si, check_parity(session, reference, inputs, spec, bundle.dtype, weights, compute))
     return report

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from imagefolder.models.generator import Generator
+from imagefolder.models.pruning import ScaleStep
 from imagefolder.models.tokenizer import Tokenizer
 from imagefolder.resample import area_matrix, bicubic_matrix
 
@@ -81,6 +82,27 @@ class StepGraph(nn.Module):
             x_folded, positions, cond_start, cond_blocks, cond_head, layers[:depth], layers[depth:]
         )
         return logits, _as(keys, sd), _as(values, sd)
+
+
+class ScaleStepGraph(nn.Module):
+    """The step graph of one scale of a pruned bundle (``ar_step_s{si}``): ``StepGraph``'s inputs, then
+    ``prev_hidden`` where the scale is pruned; ``StepGraph``'s outputs, then ``hidden``. See ``models/pruning.py``."""
+
+    def __init__(self, step: ScaleStep, compute_dtype: torch.dtype, state_dtype: torch.dtype):
+        super().__init__()
+        self.step, self.compute_dtype, self.state_dtype = step, compute_dtype, state_dtype
+
+    def forward(self, x_folded, positions, cond_start, cond_blocks, cond_head, *rest):
+        cd, sd, depth = self.compute_dtype, self.state_dtype, self.step.generator.cfg.depth
+        x_folded, cond_start, cond_blocks, cond_head = (
+            _as(t, cd) for t in (x_folded, cond_start, cond_blocks, cond_head)
+        )
+        layers = [_as(t, cd) for t in rest[: 2 * depth]]
+        prev_hidden = _as(rest[2 * depth], cd) if len(rest) > 2 * depth else None
+        logits, keys, values, hidden = self.step(
+            x_folded, positions, cond_start, cond_blocks, cond_head, layers[:depth], layers[depth:], prev_hidden
+        )
+        return logits, _as(keys, sd), _as(values, sd), _as(hidden, sd)
 
 
 class FusableTanhGelu(nn.Module):

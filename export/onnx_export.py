@@ -40,6 +40,7 @@ from imagefolder.core.bundle import (
     write_json_atomic,
 )
 from imagefolder.core.compare import compare_outputs
+from imagefolder.core.pruning import check_prune, manifest_record, scale_graph_name, scale_graphs
 from imagefolder.core.sampler import default_candidates
 from imagefolder.core.schedule import cfg_rows
 from imagefolder.core.specs import (
@@ -59,15 +60,18 @@ from imagefolder.export.graphs import (
     EncoderGraph,
     FoldGraph,
     PrefillGraph,
+    ScaleStepGraph,
     StepGraph,
     with_fusable_gelu,
 )
+from imagefolder.export.integer import PROVIDER, check_compute, integer_matmuls
 from imagefolder.export.onnx_files import TORCHSCRIPT_MAX_OPSET, raise_opset
 from imagefolder.export.opcheck import check_operators
 from imagefolder.export.quantize import QUANTIZED_GRAPHS, check_weights, default_opset, quantize_graph
 from imagefolder.export.weights import WEIGHTS_FILE, pack_weights, weight_report
 from imagefolder.io import atomic_write, folder_lock, staged_folder
 from imagefolder.models.generator import Generator, KVCache
+from imagefolder.models.pruning import ScaleStep
 from imagefolder.models.sampler import SamplerGraph
 from imagefolder.models.tokenizer import Tokenizer
 
@@ -213,10 +217,13 @@ class ExampleInputs:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_parity(session, reference, inputs: tuple, spec: GraphSpec, dtype: str, weights: str = "fp") -> dict:
+def check_parity(
+    session, reference, inputs: tuple, spec: GraphSpec, dtype: str, weights: str = "fp", compute: str = "float"
+) -> dict:
     """Run one graph on ONNX Runtime and its fp32 PyTorch reference on the same inputs; ``compare_outputs``.
 
-    ``weights`` is how the graph's weights are stored (``core.specs.WEIGHT_SCHEMES``), for the tolerance.
+    ``weights`` is how the graph's weights are stored (``core.specs.WEIGHT_SCHEMES``) and ``compute`` how it
+    multiplies (``core.specs.COMPUTE_MODES``), for the tolerance.
     """
     sdt = state_dtype(dtype)
     feeds = {t.name: x.numpy().astype(t.resolved_dtype(sdt)) for t, x in zip(spec.inputs, inputs, strict=True)}
@@ -227,7 +234,7 @@ def check_parity(session, reference, inputs: tuple, spec: GraphSpec, dtype: str,
     expected = {
         t.name: (e.float() if e.is_floating_point() else e).numpy() for t, e in zip(spec.outputs, expected, strict=True)
     }
-    return compare_outputs(spec, actual, expected, dtype, reference="torch", weights=weights)
+    return compare_outputs(spec, actual, expected, dtype, reference="torch", weights=weights, compute=compute)
 
 
 def raise_on_failure(graph: str, report: dict) -> None:
@@ -257,8 +264,11 @@ def _versions() -> dict[str, str]:
     }
 
 
-def graph_modules(tokenizer: Tokenizer, generator: Generator, dtype: str, candidates: int) -> dict[str, tuple]:
-    """For each graph: (the module exported in the bundle dtype, its fp32 PyTorch reference)."""
+def graph_modules(
+    tokenizer: Tokenizer, generator: Generator, dtype: str, candidates: int, prune: dict[int, float] | None = None
+) -> dict[str, tuple]:
+    """For each graph: (the module exported in the bundle dtype, its fp32 PyTorch reference); with ``prune``,
+    the step graph of every scale that needs its own (``core/pruning.py``)."""
     cd, sd = TORCH_DTYPES[dtype], getattr(torch, state_dtype(dtype))
     tokenizer, generator = tokenizer.eval(), generator.eval()
     tok_c = copy.deepcopy(tokenizer).to(cd)
@@ -271,6 +281,13 @@ def graph_modules(tokenizer: Tokenizer, generator: Generator, dtype: str, candid
         "ar_step": (StepGraph(gen_c, cd, sd), StepGraph(generator, torch.float32, torch.float32)),
         "sampler": (SamplerGraph(candidates, *sampler_sizes), SamplerGraph(candidates, *sampler_sizes)),
         "fold": (FoldGraph(tokenizer), FoldGraph(tokenizer)),
+        **{
+            scale_graph_name(si): (
+                ScaleStepGraph(ScaleStep(gen_c, si, ratio), cd, sd),
+                ScaleStepGraph(ScaleStep(generator, si, ratio), torch.float32, torch.float32),
+            )
+            for si, ratio in scale_graphs(prune or {}).items()
+        },
     }
 
 
@@ -297,6 +314,8 @@ def export_bundle(
     source: dict | None = None,
     progress: bool = True,
     weights: str = "fp",
+    compute: str = "float",
+    prune: dict[int, float] | None = None,
 ) -> Path:
     """Export all graphs of a model into the bundle folder ``out_dir``.
 
@@ -313,12 +332,18 @@ def export_bundle(
         source: provenance recorded in the manifest (checkpoint path and sha256).
         weights: fp, int8 (per output channel) or int4 (blocks): how the generator graphs' big
             MatMul/Gemm weights are stored (``export/quantize.py``).
+        compute: float, or int8 / int8-tensor: the generator graphs' int8 weights multiplied in integers on
+            ONNX Runtime's CPU provider (``export/integer.py``; needs ``weights`` int8 and ``dtype`` fp32). The
+            manifest then names that provider, and TensorRT refuses the bundle.
+        prune: scale → share of its positions the trunk runs on (``core/pruning.py``; ``core.pruning.parse_prune``
+            reads the command line's form); those scales, and the one before each, get step graphs of their own.
     Returns:
         The bundle folder.
     Raises:
-        InputError: a bad dtype, batch_max, candidates or weights, or weights the opset cannot
-            express (the message names the opset needed). OutputError: ``out_dir`` is something else
-        than a bundle, or another export writes into it now. ExportError: a graph is not faithful.
+        InputError: a bad dtype, batch_max, candidates or weights, weights the opset cannot express (the
+            message names the opset needed), or a compute mode the installed ONNX Runtime lacks.
+        OutputError: ``out_dir`` is something else than a bundle, or another export writes into it now.
+        ExportError: a graph is not faithful.
     """
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -326,13 +351,28 @@ def export_bundle(
         raise InputError(f"batch_max must be ≥ 1, got {batch_max}")
     opset = default_opset(weights, dtype) if opset is None else opset
     check_weights(weights, dtype, opset)
+    check_compute(compute, weights, dtype)
+    prune = dict(sorted((prune or {}).items()))
+    check_prune(prune, config.generator.scales)
     candidates = default_candidates(config.generator.codebook_size, candidates)
     out = Path(out_dir)
     with folder_lock(out):
         check_replaceable(out)
         with staged_folder(out) as stage:
             _write_bundle(
-                stage, tokenizer, generator, config, dtype, opset, batch_max, candidates, source, progress, weights
+                stage,
+                tokenizer,
+                generator,
+                config,
+                dtype,
+                opset,
+                batch_max,
+                candidates,
+                source,
+                progress,
+                weights,
+                compute,
+                prune,
             )
     return out
 
@@ -349,6 +389,8 @@ def _write_bundle(
     source: dict | None,
     progress: bool,
     weights: str,
+    compute: str,
+    prune: dict[int, float],
 ) -> None:
     """Export every graph into ``out``, store their weights once (``weights.bin``), check each against
     PyTorch as it is on disk, and write the manifest last."""
@@ -357,11 +399,13 @@ def _write_bundle(
 
     model = config.to_dict()
     sdt = state_dtype(dtype)
-    specs = graph_specs(model)
-    modules = graph_modules(tokenizer, generator, dtype, candidates)
+    specs = graph_specs(model, prune)
+    modules = graph_modules(tokenizer, generator, dtype, candidates, prune)
     examples = ExampleInputs(tokenizer, generator, model, candidates)
     num_scales = len(config.generator.scales)
     what = dtype if weights == "fp" else f"{dtype}, {weights} weights"
+    what += "" if compute == "float" else f", {compute} compute"
+    what += f", pruned {','.join(f'{si}:{r:g}' for si, r in prune.items())}" if prune else ""
     bar = tqdm(total=2 * len(modules), desc=f"export {config.name} ({what})", unit="step", disable=not progress)
     stored: dict[str, dict] = {}  # each graph's weight record: "fp", or what quantize_graph did
     for name, (module, _) in modules.items():
@@ -373,8 +417,10 @@ def _write_bundle(
         inputs = tuple(x.to(sd) if t.dtype == STATE else x for t, x in zip(spec.inputs, inputs, strict=True))
         path = out / f"{name}.onnx"
         export_graph(module, spec, inputs, path, opset, sdt)
-        quantized = weights != "fp" and name in QUANTIZED_GRAPHS
+        quantized = weights != "fp" and (name in QUANTIZED_GRAPHS or spec.scales == "one")  # scale steps too
         stored[name] = quantize_graph(path, weights) if quantized else {"scheme": "fp"}
+        if quantized and compute != "float":
+            stored[name].update(integer_matmuls(path, compute))
         bar.update()
     pack_weights([out / f"{name}.onnx" for name in modules], out)
     graphs: dict[str, dict[str, Any]] = {}
@@ -386,7 +432,10 @@ def _write_bundle(
         if dtype in ORT_CPU_DTYPES:
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             inputs = examples.for_graph(spec, PARITY_BATCH, check_si)
-            parity = check_parity(session, reference, inputs, spec, dtype, stored[name]["scheme"])
+            record = stored[name]
+            parity = check_parity(
+                session, reference, inputs, spec, dtype, record["scheme"], record.get("compute", "float")
+            )
             raise_on_failure(name, parity)
         else:
             onnx.checker.check_model(str(path))
@@ -401,7 +450,7 @@ def _write_bundle(
             "outputs": [t.to_dict(sdt) for t in spec.outputs],
             "doc": spec.doc,
             "parity": {"batch": PARITY_BATCH, "scale_index": check_si, "outputs": parity},
-            "operators": check_operators(path).to_dict(),
+            "operators": check_operators(path, "any" if compute == "float" else PROVIDER).to_dict(),
             "weights": stored[name],
         }
         files[path.name] = file_digest(path)
@@ -419,6 +468,9 @@ def _write_bundle(
         "dtype": dtype,
         "state_dtype": sdt,
         "weights": weights,
+        "compute": compute,
+        "provider": "any" if compute == "float" else PROVIDER,
+        **({"prune": manifest_record(prune, config.generator.scales)} if prune else {}),
         "opset": opset,
         "batch_max": batch_max,
         "sampler_candidates": candidates,

@@ -15,6 +15,9 @@ only from opset 21, whose changes over 20 add types to existing operators and bl
 except GroupNormalization (new scale/bias layout, which TensorRT 10.7 still parses as opset 18;
 NVIDIA/TensorRT#4336), which is flagged. TensorRT's parser refuses no model for a newer opset (no
 upper bound in onnx-tensorrt's ``ModelImporter``; the issue above parsed opset-21 graphs).
+A bundle made for one execution provider (integer compute, ``export/integer.py``) is not a TensorRT
+bundle: its report names that provider and lists the integer operators instead of judging them against
+TensorRT's parser (the export ran every graph on that provider in its parity check).
 Imports onnx only (no torch, no TensorRT), so it runs anywhere.
 """
 
@@ -30,6 +33,9 @@ TRT_MAX_OPSET = 20  # TensorRT 10.x parses opsets 9-20 (10.14+ go further; 10.3 
 TRT_MIN_OPSET = 9
 INT4_OPSET = 21  # the opset of INT4 weights: accepted with a note (see the module docstring)
 QUANTIZED_TYPES = {3: "INT8", 22: "INT4"}  # TensorProto types TensorRT dequantizes (FP8/FP4 unused here)
+TENSORRT_TARGET = "static list of TensorRT 10.3's parser"
+# Operators that multiply in integers (export/integer.py): ONNX Runtime CPU kernels, none of them TensorRT's.
+INTEGER_OPERATORS = ("MatMulInteger", "DynamicQuantizeMatMul")
 
 SUPPORTED = frozenset(
     {
@@ -203,6 +209,7 @@ class OperatorReport:
     unsupported: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what passes but is worth knowing; never fails the check
+    target: str = TENSORRT_TARGET  # what the graph was checked for
 
     @property
     def ok(self) -> bool:
@@ -216,12 +223,13 @@ class OperatorReport:
             "unsupported": self.unsupported,
             "problems": self.problems,
             "notes": self.notes,
+            "target": self.target,
         }
 
     def summary(self) -> str:
         status = "ok" if self.ok else "NOT SUPPORTED"
         nodes = f"opset {self.opset}, {sum(self.counts.values())} nodes, {len(self.counts)} operator types"
-        lines = [f"static list of TensorRT 10.3's parser: {nodes}: {status}"]
+        lines = [f"{self.target}: {nodes}: {status}"]
         lines += [f"  unsupported operator: {op}" for op in self.unsupported]
         lines += [f"  {problem}" for problem in self.problems]
         lines += [f"  note: {note}" for note in self.notes]
@@ -256,14 +264,26 @@ def _constants(graph, folder: str) -> dict:
     return values
 
 
-def check_operators(path: str | os.PathLike) -> OperatorReport:
-    """Check an ONNX file against TensorRT 10.3's parser support (operators, opset, restrictions)."""
+def check_operators(path: str | os.PathLike, provider: str = "any") -> OperatorReport:
+    """Check an ONNX file against TensorRT 10.3's parser support (operators, opset, restrictions).
+
+    ``provider``: the bundle's (``Bundle.provider``); a graph made for one ONNX Runtime provider is listed,
+    with its integer operators, and not judged against TensorRT.
+    """
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     graph = model.graph
     counts = Counter(node.op_type for node in graph.node)
+    if provider != "any":
+        integer = [f"{op} ×{counts[op]}" for op in INTEGER_OPERATORS if op in counts]
+        return OperatorReport(
+            opset=opset,
+            counts=dict(sorted(counts.items())),
+            notes=[f"integer products: {', '.join(integer)}"] if integer else [],
+            target=f"ONNX Runtime's {provider} (integer compute; not a TensorRT graph)",
+        )
     report = OperatorReport(opset=opset, counts=dict(sorted(counts.items())))
     report.unsupported = sorted(op for op in counts if op not in SUPPORTED)
     if opset == INT4_OPSET:
@@ -343,4 +363,4 @@ def _dequantize_problems(node, constants: dict, types: dict[str, int]) -> list[s
 
 def operator_reports(bundle) -> dict[str, OperatorReport]:
     """The operator-support report of every graph of a loaded ``core.bundle.Bundle``."""
-    return {name: check_operators(bundle.graph_path(name)) for name in bundle.specs}
+    return {name: check_operators(bundle.graph_path(name), bundle.provider) for name in bundle.specs}

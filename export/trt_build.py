@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagefolder.core import cuda
+from imagefolder.core import cuda, pruning
 from imagefolder.core.bundle import load_bundle
 from imagefolder.core.engines import (
     BUILD_FORMAT,
@@ -36,7 +36,7 @@ from imagefolder.core.engines import (
     read_build_record,
     trt_major,
 )
-from imagefolder.core.specs import GRAPH_NAMES, bindings, graph_specs, resolve_shape
+from imagefolder.core.specs import bindings, graph_specs, resolve_shape
 from imagefolder.errors import EngineError, InputError
 from imagefolder.io import atomic_write_bytes, atomic_write_text, folder_lock
 
@@ -116,9 +116,9 @@ def plan_profiles(manifest: dict, batches: list[int]) -> dict[str, list[ProfileS
         if b < 1 or (batch_max is not None and b > batch_max):
             raise InputError(f"batch {b} is outside 1..{batch_max} (the bundle's batch_max)")
     scales = list(manifest["model"]["generator"]["scales"])
-    specs = graph_specs(manifest["model"])
+    specs = graph_specs(manifest["model"], pruning.from_manifest(manifest))
     plan: dict[str, list[ProfileSpec]] = {}
-    for graph in GRAPH_NAMES:
+    for graph in specs:  # GRAPH_NAMES, then a pruned bundle's scale step graphs (one profile per batch each)
         if graph not in manifest["graphs"]:
             continue
         inputs = manifest["graphs"][graph]["inputs"]
@@ -312,11 +312,13 @@ def build_engines(
         the engines folder ``BUNDLE/engines`` (its ``build.json`` holds the build record).
 
     Raises:
+        BundleError: the bundle is for another execution provider (integer compute).
         TensorRTUnavailable: tensorrt cannot be imported.
         EngineBuildError: a graph fails to parse or build (the message names the failing nodes).
     """
-    trt = import_tensorrt()
     bundle = load_bundle(bundle_dir, verify=True)  # hashes every graph: engines are built from what was exported
+    bundle.require_tensorrt()
+    trt = import_tensorrt()
     bundle_dir, manifest = bundle.path, bundle.manifest
     if isinstance(hardware_compat, bool):
         hardware_compat = "ampere_plus" if hardware_compat else "none"

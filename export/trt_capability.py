@@ -57,6 +57,8 @@ def parser_report(path: str | os.PathLike) -> ParserReport:
 
 def operator_reports(bundle) -> dict[str, OperatorSummary]:
     """Every graph's operator support: TensorRT's parser where TensorRT imports, the static listing elsewhere."""
+    if bundle.provider != "any":  # not a TensorRT bundle: its operators are listed for its own provider
+        return dict(static_reports(bundle))
     try:
         import_tensorrt()
     except TensorRTUnavailable:

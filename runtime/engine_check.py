@@ -28,6 +28,7 @@ from imagefolder.core import gpu_stack
 from imagefolder.core.bundle import Bundle, load_bundle
 from imagefolder.core.compare import TOLERANCES, CheckReport, compare_outputs
 from imagefolder.core.polygraphy_log import following_our_logging
+from imagefolder.core.pruning import describe
 from imagefolder.core.specs import ORT_CPU_DTYPES, GraphSpec, example_inputs
 
 
@@ -73,7 +74,7 @@ def check_engines(
 
     bundle = load_bundle(bundle_dir)
     rng = np.random.default_rng(seed)
-    report = CheckReport()
+    report = CheckReport(notes=[describe(bundle.manifest)] if bundle.prune else [])
     with TrtBackend(bundle, use_cuda_graphs=False) as backend, following_our_logging():
         precision = judged_precision(bundle.dtype, backend.record)
         built = sorted({p["batch"] for g in backend.record["graphs"].values() for p in g["profiles"]})

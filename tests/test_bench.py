@@ -144,8 +144,8 @@ def test_quantized_bundles_are_picked_up_once_the_export_writes_them(monkeypatch
     assert bundles.weight_formats() == ("int8", "int4")
 
 
-def test_compare_bundles_times_every_stage_and_tells_apart_other_tokens(tmp_path):
-    from bench.compare_bundles import compare, table
+def test_the_compare_job_times_every_stage_and_tells_apart_other_tokens(tmp_path):
+    from bench.jobs.compare import compare, table
     from imagefolder.export.onnx_export import export_bundle
     from tests.models import randomized
 
@@ -160,37 +160,50 @@ def test_compare_bundles_times_every_stage_and_tells_apart_other_tokens(tmp_path
     assert rows[0].count("|") == 7 and any(row.startswith("| end to end |") for row in rows)
 
 
-def test_cache_inputs_times_both_graph_forms_on_equal_logits(monkeypatch, capsys):
-    from bench import cache_inputs
-
-    monkeypatch.setattr("sys.argv", ["cache_inputs", "--preset", "tiny", "--runs", "1"])
-    cache_inputs.main()  # exits naming the step when the two forms' logits differ
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| step[")]
-    assert len(rows) == len(tiny().generator.scales)
-    assert all(float(cell) > 0 for row in rows for cell in row.strip("|").split("|")[1:])
-
-
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["compare_bundles", "NOT_A_BUNDLE", "NOT_A_BUNDLE"], "Error: NOT_A_BUNDLE: no manifest.json"),
-        (["compare_bundles", "a", "b", "--runs", "0"], "--runs and --batch must be ≥ 1"),
-        (["cache_inputs", "--batch", "0"], "--batch and --runs must be ≥ 1"),
-        (["cache_inputs", "--preset", "d99"], "invalid choice: 'd99'"),
+        (["--only", "compare", "--bundles", "NOT_A_BUNDLE,NOT_A_BUNDLE"], "Error: NOT_A_BUNDLE: no manifest.json"),
+        (["--only", "compare", "--bundles", "a"], "--only compare and --bundles A,B"),
+        (["--only", "compare"], "--only compare and --bundles A,B"),
+        (["--only", "roofline", "--bundles", "a,b"], "--only compare and --bundles A,B"),
+        (["--only", "pruning", "--pruning-images", "5"], "--pruning-images ≥ 10"),
+        (["--only", "pruning", "--pruning-ratios", "0.5,1.5"], "--pruning-ratios"),
     ],
 )
-def test_the_side_by_side_scripts_refuse_bad_input_in_one_line(monkeypatch, capsys, tmp_path, argv, message):
-    from bench import cache_inputs, compare_bundles
+def test_the_runner_refuses_bad_input_in_one_line(tmp_path, argv, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--preset", "tiny", "--workdir", str(tmp_path / "work"), *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())  # nothing exported
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sys.argv", argv)
-    script = {"compare_bundles": compare_bundles, "cache_inputs": cache_inputs}[argv[0]]
-    with pytest.raises(SystemExit) as exit_info:
-        script.main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []  # nothing written
+
+def test_the_pruning_job_prunes_the_last_two_scales_and_recommends_within_the_bounds():
+    from bench.jobs.pruning import recommend, variants
+
+    options = variants((1, 2, 3, 4, 6), (0.75, 0.5), 0.75)
+    assert "int8 compute + prune 0.5" not in variants((1, 2, 3, 4, 6), (0.5,), None)
+    assert options["prune 0.5"] == {"prune": {3: 0.5, 4: 0.5}} and options["dense"] == {}
+    assert options["int8 compute + prune 0.75"] == {"weights": "int8", "compute": "int8", "prune": {3: 0.75, 4: 0.75}}
+    speed = {"dense": 1.0, "prune 0.75": 1.2, "prune 0.5": 1.5, "int8 compute": 1.7, "int8 compute + prune 0.5": 2.2}
+    quality = {  # (accuracy, Fréchet distance): prune 0.5 and the combination lose 3 points
+        "dense": (0.95, 2.0),
+        "prune 0.75": (0.945, 2.1),
+        "prune 0.5": (0.92, 2.1),
+        "int8 compute": (0.95, 2.15),
+        "int8 compute + prune 0.5": (0.92, 2.3),
+    }
+    best, verdict = recommend(
+        {k: {"speed_up": v} for k, v in speed.items()},
+        {k: {"class_accuracy": a, "frechet_distance": f} for k, (a, f) in quality.items()},
+    )
+    assert best == "int8 compute"
+    assert "prune 0.75 gives 1.20× within the bounds; the ≥ 1.4× target is not met" in verdict
+    assert "int8 compute + prune 0.5: 2.20× (target ≥ 1.6×), outside the quality bounds" in verdict
 
 
 def test_the_contention_line_keeps_the_digits_that_matter_or_says_why_there_is_none():

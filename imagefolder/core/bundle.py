@@ -7,7 +7,9 @@ dtype policy, every graph's I/O, and the sha256 of every file except the manifes
 with a message that says what to do. It needs no torch; the ONNX I/O check runs when ``onnx`` is
 installed (TensorRT-only targets may not have it). Optional fields, read with a default so that
 older schema-2 bundles stay valid: ``weights`` ("fp"; "int8"/"int4" for quantized generator
-weights) and each graph's ``weights`` record (scheme, stored bytes).
+weights), each graph's ``weights`` record (scheme, stored bytes, and ``compute`` where it multiplies in
+integers), ``compute`` ("float"; ``core.specs.COMPUTE_MODES``) and ``provider`` ("any"; the one execution
+provider an integer-compute bundle runs on, which ``require_tensorrt`` checks).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagefolder.core import pruning
 from imagefolder.core.schedule import scale_spans
 from imagefolder.core.specs import (
+    COMPUTE_MODES,
     DTYPES,
     GRAPH_NAMES,
     SCHEMA_VERSION,
@@ -87,6 +91,38 @@ class Bundle:
     def graph_weights(self, graph: str) -> str:
         """How one graph's weights are stored: fp, or the bundle's ``weights`` where it quantized them."""
         return self.manifest["graphs"][graph].get("weights", {}).get("scheme", "fp")
+
+    @property
+    def compute(self) -> str:
+        """How the generator graphs multiply: float, or an integer mode of ``core.specs.COMPUTE_MODES``."""
+        return self.manifest.get("compute", "float")
+
+    def graph_compute(self, graph: str) -> str:
+        """How one graph multiplies: float, or the bundle's ``compute`` where its products are integer."""
+        return self.manifest["graphs"][graph].get("weights", {}).get("compute", "float")
+
+    @property
+    def prune(self) -> dict[int, float]:
+        """Scale → share of its positions kept (``core/pruning.py``); {} for a dense bundle."""
+        return pruning.from_manifest(self.manifest)
+
+    def step_graph(self, scale_index: int) -> str:
+        """The step graph that runs ``scale_index``: its own in a pruned bundle, else ``ar_step``."""
+        name = pruning.scale_graph_name(scale_index)
+        return name if name in self.specs else "ar_step"
+
+    @property
+    def provider(self) -> str:
+        """The execution provider the bundle is for: "any", or the one whose kernels its graphs need."""
+        return self.manifest.get("provider", "any")
+
+    def require_tensorrt(self) -> None:
+        """Refuse a bundle TensorRT cannot build: one made for another provider (integer compute)."""
+        if self.provider != "any":
+            raise BundleError(
+                f"{self.path} is for ONNX Runtime's {self.provider} (--compute {self.compute}: integer MatMuls "
+                "TensorRT cannot parse); run it with --backend ort, or export without --compute for TensorRT"
+            )
 
     @property
     def state_dtype(self) -> str:
@@ -429,11 +465,26 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
             f"{manifest_path}: weights {manifest['weights']!r} is not one of this imagefolder's formats "
             f"({', '.join(WEIGHT_SCHEMES)}); upgrade imagefolder or re-export the bundle"
         )
+    if manifest.get("compute", "float") not in COMPUTE_MODES:
+        raise BundleError(
+            f"{manifest_path}: compute {manifest['compute']!r} is not one of this imagefolder's modes "
+            f"({', '.join(COMPUTE_MODES)}); upgrade imagefolder or re-export the bundle"
+        )
     try:
-        specs = graph_specs(manifest["model"])
+        prune = pruning.from_manifest(manifest)
+        pruning.check_prune(prune, manifest["model"]["generator"]["scales"])
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"{manifest_path}: malformed prune record ({err}); re-export the bundle") from err
+    try:
+        specs = graph_specs(manifest["model"], prune)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
         raise BundleError(f"{manifest_path}: malformed model configuration ({err!r}); re-export the bundle") from err
-    for g in GRAPH_NAMES:
+    for g in specs:
+        if g not in GRAPH_NAMES:  # a scale step graph of a pruned bundle: checked as the others were above
+            try:
+                _check_schema(manifest["graphs"].get(g), _GRAPH, f"manifest.graphs.{g}")
+            except BundleError as err:
+                raise BundleError(f"{manifest_path}: {err}; re-export the bundle") from None
         want = [[t.to_dict(manifest["state_dtype"]) for t in ts] for ts in (specs[g].inputs, specs[g].outputs)]
         if _manifest_io(manifest["graphs"][g]) != want:
             raise BundleError(

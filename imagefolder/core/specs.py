@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from imagefolder.core.pruning import kept_count, scale_graph_name, scale_graphs
 from imagefolder.core.schedule import cfg_rows, guidance, num_positions, positions, scale_spans
 
 # 3: one uniform per token; the prefill computes only the conditioning; ar_step serves scale 0.
@@ -34,10 +35,15 @@ ORT_CPU_DTYPES = ("fp32", "fp16")  # bundle dtypes ONNX Runtime's CPU provider h
 # How big weights are stored: "fp" in the bundle dtype; "int8" per output channel; "int4" in blocks
 # (export/quantize.py). Recorded in the manifest's optional "weights" field, "fp" when absent.
 WEIGHT_SCHEMES = ("fp", "int8", "int4")
+# How the generator graphs multiply: "float" (the dtype, weights dequantized first: every provider), or in
+# integers on ONNX Runtime's CPU provider (export/integer.py): "int8" with per-row activation scales,
+# "int8-tensor" with one activation scale per tensor. Recorded in the manifest's optional "compute" field.
+COMPUTE_MODES = ("float", "int8", "int8-tensor")
 
-# Which scales a graph serves: once per batch, whatever the scale ("batch"), every scale ("all"), or
-# every scale but the last ("before_last": the fold, whose output feeds the next scale).
-SCALE_USES = ("batch", "all", "before_last")
+# Which scales a graph serves: once per batch, whatever the scale ("batch"), every scale ("all"), every
+# scale but the last ("before_last": the fold, whose output feeds the next scale), or one ("one": the step
+# graph of one scale of a pruned bundle, core/pruning.py; its ``scale_index``).
+SCALE_USES = ("batch", "all", "before_last", "one")
 
 # What a tensor holds; ``example_inputs`` draws inputs by role and ``compare`` picks tolerances by it.
 ROLES = (
@@ -82,6 +88,7 @@ class GraphSpec:
     doc: str
     scales: str = "batch"  # one of SCALE_USES
     float32_compute: bool = False  # computes in float32 whatever the bundle dtype (ONNX Runtime can check bf16 ones)
+    scale_index: int | None = None  # the scale a "one" graph serves
 
     @property
     def input_names(self) -> list[str]:
@@ -101,6 +108,8 @@ class GraphSpec:
         """The scales this graph runs at (None: once per batch, whatever the scale)."""
         if self.scales == "batch":
             return [None]
+        if self.scales == "one":
+            return [self.scale_index]
         return list(range(max(num_scales - 1, 1) if self.scales == "before_last" else num_scales))
 
 
@@ -142,8 +151,43 @@ def cache_input_names(depth: int) -> tuple[list[str], list[str]]:
     return [f"past_keys_{layer}" for layer in range(depth)], [f"past_values_{layer}" for layer in range(depth)]
 
 
-def graph_specs(model_config: dict) -> dict[str, GraphSpec]:
-    """The specs of all graphs for one model (``ModelConfig.to_dict()``)."""
+def graph_specs(model_config: dict, prune: dict[int, float] | None = None) -> dict[str, GraphSpec]:
+    """The specs of all graphs for one model (``ModelConfig.to_dict()``), and of the scale step graphs of
+    a pruned bundle (``prune``: scale → share kept, ``core/pruning.py``)."""
+    specs = _graph_specs(model_config)
+    for si, ratio in scale_graphs(prune or {}).items():
+        spec = scale_step_spec(specs["ar_step"], model_config, si, ratio)
+        specs[spec.name] = spec
+    return specs
+
+
+def scale_step_spec(step: GraphSpec, model_config: dict, si: int, ratio: float | None) -> GraphSpec:
+    """The step graph of one scale of a pruned bundle: ``ar_step``'s I/O at that scale's sizes, plus the
+    trunk output ``hidden`` (N, q, C) and, where the scale is pruned, the previous scale's as ``prev_hidden``."""
+    d = model_dims(model_config)
+    scales = list(model_config["generator"]["scales"])
+    q = scales[si] ** 2
+    sizes = {"q": q}
+
+    def at_scale(t: TensorSpec) -> TensorSpec:
+        return TensorSpec(t.name, t.dtype, tuple(sizes.get(dim, dim) for dim in t.shape), t.role)  # type: ignore[arg-type]
+
+    inputs = tuple(at_scale(t) for t in step.inputs)
+    if ratio is not None:
+        inputs += (TensorSpec("prev_hidden", STATE, ("N", scales[si - 1] ** 2, d["C"])),)
+    outputs = tuple(at_scale(t) for t in step.outputs) + (TensorSpec("hidden", STATE, ("N", q, d["C"])),)
+    what = "dense" if ratio is None else f"keeps {kept_count(ratio, q)} of {q} positions ({ratio:g})"
+    return GraphSpec(
+        scale_graph_name(si),
+        inputs,
+        outputs,
+        f"ar_step at scale {si}, {what}, with its trunk output (core/pruning.py)",
+        scales="one",
+        scale_index=si,
+    )
+
+
+def _graph_specs(model_config: dict) -> dict[str, GraphSpec]:
     d = model_dims(model_config)
     img = ("B", 3, d["H_img"], d["H_img"])
     layer_cache = ("N", d["Hd"], d["P"], d["D"])

@@ -316,14 +316,32 @@ class Generator(nn.Module):
         Returns:
             logits (N, q, 2V), and this scale's keys and values (L, N, H, q, D).
         """
+        x = self.embed(x_folded, positions, cond_start)
+        x, keys, values = self.attend(x, positions, cond_blocks, past_keys, past_values)
+        return self.logits(x, cond_head), keys, values
+
+    def embed(self, x_folded: torch.Tensor, positions: torch.Tensor, cond_start: torch.Tensor) -> torch.Tensor:
+        """The trunk's input (N, q, C) of one scale: its folded input (scale 0: the start token) + position + level."""
         pos = self.pos_1LC[0].index_select(0, positions)  # (q, C)
         lvl = self.lvl_embed(self.lvl_1L[0].index_select(0, positions))  # (q, C)
         first = positions[:1] == 0  # scale 0: the start token instead of a folded input (a Where, no If)
-        x = torch.where(first, cond_start, self.word_embed(x_folded)) + pos + lvl  # (N, q, C)
+        return torch.where(first, cond_start, self.word_embed(x_folded)) + pos + lvl  # (N, q, C)
+
+    def attend(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cond_blocks: torch.Tensor,
+        past_keys: torch.Tensor | Sequence[torch.Tensor],
+        past_values: torch.Tensor | Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The trunk on x (N, q, C) of one scale, attending to the cache entries before ``positions[0]``.
+
+        Returns the trunk output (N, q, C) and this call's keys and values (L, N, H, q, D).
+        """
         filled = torch.arange(past_keys[0].shape[2], device=positions.device) < positions[:1]  # (P,)
         past_bias = torch.zeros(filled.shape, dtype=x.dtype, device=x.device).masked_fill(~filled, float("-inf"))
-        x, keys, values = self._trunk(x, cond_blocks, past=(past_keys, past_values, past_bias))
-        return self.logits(x, cond_head), keys, values
+        return self._trunk(x, cond_blocks, past=(past_keys, past_values, past_bias))
 
     # -- training: teacher forcing over all scales ----------------------------------------------
 

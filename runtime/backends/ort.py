@@ -182,6 +182,11 @@ class OrtSession:
         self._scale_index = [np.array([si], np.int64) for si in range(len(self._spans))]
         self._bindings: dict[tuple[str, int], ort.IOBinding] = {}
         self._sent = self._received = 0
+        # A pruned bundle runs some scales on step graphs of their own, which pass the trunk output (N, q, C)
+        # from one scale to the next: two buffers, since a graph must not read and write the same memory.
+        self._step_graphs = [bundle.step_graph(si) for si in range(len(self._spans))]
+        width = int(bundle.model["generator"]["width"])
+        self._hidden = tuple(np.empty(2 * batch * self._spans[-1][1] * width, state) for _ in range(2))
 
     @property
     def device_timer(self) -> None:
@@ -211,18 +216,24 @@ class OrtSession:
         view = self._view
         if graph == "ar_prefill":
             return {"labels": self._labels}, dict(self._cond)
-        if graph == "ar_step":
-            return {
+        if graph == self._step_graphs[si]:  # ar_step, or this scale's own step graph
+            inputs = {
                 "x_folded": view(self._folded, s["x_folded"]),
                 "positions": self._positions[si],
                 **self._cond,
                 **dict(zip(self._cache_names[0], self._cache_keys, strict=True)),
                 **dict(zip(self._cache_names[1], self._cache_values, strict=True)),
-            }, {
+            }
+            outputs = {
                 "logits": view(self._logits, s["logits"]),
                 "keys": view(self._new_keys, s["keys"]),
                 "values": view(self._new_values, s["values"]),
             }
+            if "prev_hidden" in s:
+                inputs["prev_hidden"] = view(self._hidden[(si - 1) % 2], s["prev_hidden"])
+            if "hidden" in s:
+                outputs["hidden"] = view(self._hidden[si % 2], s["hidden"])
+            return inputs, outputs
         if graph == "sampler":
             offset = self.batch * self._spans[si][0] * s["uniforms"][2]
             return {
@@ -287,9 +298,10 @@ class OrtSession:
 
     def step(self, scale_index: int) -> None:
         """Run the generator on the input of ``scale_index`` and write its keys/values into the cache."""
-        self._run("ar_step", scale_index)
+        graph = self._step_graphs[scale_index]
+        self._run(graph, scale_index)
         start, q = self._spans[scale_index]
-        shape = self._shapes("ar_step", scale_index)["keys"]  # (L, N, H, q, D)
+        shape = self._shapes(graph, scale_index)["keys"]  # (L, N, H, q, D)
         self._cache_keys[:, :, :, start : start + q] = self._view(self._new_keys, shape)
         self._cache_values[:, :, :, start : start + q] = self._view(self._new_values, shape)
 

@@ -20,9 +20,11 @@ import logging
 import numpy as np
 import torch
 
+from imagefolder.core.pruning import check_prune, scale_graphs
 from imagefolder.core.schedule import cfg_rows, positions
 from imagefolder.errors import InputError
 from imagefolder.models.generator import Generator, KVCache
+from imagefolder.models.pruning import ScaleStep
 from imagefolder.models.sampler import SamplerGraph
 from imagefolder.models.tokenizer import Tokenizer
 from imagefolder.runtime.backends.base import BatchRequest, Stage, no_stage, run_stages
@@ -94,7 +96,7 @@ class TorchSession:
         self.host_images = torch.empty(batch, 3, size, size, pin_memory=on_cuda)
         self.host_indices = torch.empty(batch, cfg.num_branches, cfg.positions, dtype=torch.int32, pin_memory=on_cuda)
         empty = torch.empty(0, device=device)  # replaced by prefill and step
-        self.logits = self.cond_start = self.cond_blocks = self.cond_head = empty
+        self.logits = self.cond_start = self.cond_blocks = self.cond_head = self.hidden = empty
         self._sent = self._received = 0
 
     @property
@@ -166,7 +168,7 @@ class TorchSession:
 
     @torch.no_grad()
     def step(self, scale_index: int) -> None:
-        self.logits, keys, values = self.backend.generator.step(
+        inputs = (
             self.x_next.to(self.backend.dtype),
             self.positions[scale_index],
             self.cond_start,
@@ -175,6 +177,11 @@ class TorchSession:
             self.cache.keys,
             self.cache.values,
         )
+        scale_step = self.backend.scale_steps.get(scale_index)
+        if scale_step is None:
+            self.logits, keys, values = self.backend.generator.step(*inputs)
+        else:  # a pruned bundle's scale (or the one before it): the trunk output passes to the next scale
+            self.logits, keys, values, self.hidden = scale_step(*inputs, self.hidden if scale_step.ratio else None)
         self.cache.append(keys, values)
 
     @torch.no_grad()
@@ -220,6 +227,8 @@ class TorchBackend:
         device: torch device; dtype: compute dtype of the models (float32, float16, bfloat16).
         batch_max: the largest session.
         use_cuda_graphs: on CUDA, sessions capture their whole generation and replay it (``GraphSession``).
+        prune: scale → share of its positions kept (a pruned bundle's ``Bundle.prune``, ``core/pruning.py``):
+            those scales run ``models.pruning.ScaleStep`` as the bundle's scale step graphs do.
     """
 
     name = "torch"
@@ -233,6 +242,7 @@ class TorchBackend:
         dtype: torch.dtype = torch.float32,
         batch_max: int = 64,
         use_cuda_graphs: bool = True,
+        prune: dict[int, float] | None = None,
     ):
         self.device, self.dtype, self.batch_max = torch.device(device), dtype, batch_max
         self.use_cuda_graphs = use_cuda_graphs
@@ -244,6 +254,11 @@ class TorchBackend:
         self.scales = generator.cfg.scales
         self.image_size = tokenizer.cfg.image_size
         self.codebook_size = generator.cfg.codebook_size
+        check_prune(prune or {}, self.scales)
+        self.prune = dict(prune or {})
+        self.scale_steps = {
+            si: ScaleStep(self.generator, si, ratio).to(self.device) for si, ratio in scale_graphs(self.prune).items()
+        }
 
     def session(self, batch: int) -> TorchSession:
         if not 1 <= batch <= self.batch_max:

@@ -57,6 +57,7 @@ class TrtBackend(BundleFacts):
         graphs: list[str] | None = None,
     ):
         self.bundle = _bundle(bundle)
+        self.bundle.require_tensorrt()
         self.trt = trt = import_tensorrt()
         self.use_cuda_graphs = use_cuda_graphs and not layer_profile
         self.layer_profile = layer_profile

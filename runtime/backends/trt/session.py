@@ -182,6 +182,11 @@ class TrtSession:
         self.new_values = self._shared([("ar_step", "values", si) for si in scales])
         # The folded input of the next step; zeros for scale 0, which reads the start token instead.
         self.x_next = self._shared([("fold", "x_next", si) for si in folds] + [("ar_step", "x_folded", 0)])
+        # A pruned bundle's scale step graphs pass their trunk output (N, q, C) to the next scale: two buffers,
+        # since an engine must not read and write the same memory.
+        self.step_graphs = [self.backend.bundle.step_graph(si) for si in scales]
+        own_steps = [(g, "hidden", si) for si, g in enumerate(self.step_graphs) if g != "ar_step"]
+        self.hidden = [self._shared(own_steps) for _ in range(2)] if own_steps else []
         cuda.DeviceArray((self.x_next.nbytes,), np.uint8, self.x_next).zero(stream)
         self.f_hat = [own("fold", "f_hat") for _ in range(2)]
         self.tokens = [own("sampler", "tokens", si) for si in scales]
@@ -205,9 +210,10 @@ class TrtSession:
             self.scale_index[si].upload(index, stream)
         self.bindings = self._bindings(scales, folds)
         # This session's own execution contexts, one per profile it uses, each bound once to its buffers.
-        graphs = {"prefill": "ar_prefill", "step": "ar_step", "sample": "sampler", "fold": "fold", "decode": "decoder"}
+        graphs = {"prefill": "ar_prefill", "sample": "sampler", "fold": "fold", "decode": "decoder"}
         for key, addresses in self.bindings.items():
-            context = self.backend.context(graphs[key[0]], self.batch, key[1], own=True)
+            graph = self.step_graphs[key[1]] if key[0] == "step" and key[1] is not None else graphs[key[0]]
+            context = self.backend.context(graph, self.batch, key[1], own=True)
             context.bind(addresses)
             self.contexts[key] = context
         self.graph_key = tuple((key, tuple(sorted(a.items()))) for key, a in self.bindings.items()) + (
@@ -233,6 +239,11 @@ class TrtSession:
                 "keys": self.new_keys.ptr,
                 "values": self.new_values.ptr,
             }
+            step_spec = self.backend.bundle.specs[self.step_graphs[si]]
+            if "prev_hidden" in step_spec.input_names:
+                out["step", si]["prev_hidden"] = self.hidden[(si - 1) % 2].ptr
+            if "hidden" in step_spec.output_names:
+                out["step", si]["hidden"] = self.hidden[si % 2].ptr
             out["sample", si] = {
                 "logits": self.logits_buffer.ptr,
                 "guidance": self._segment(f"guidance[{si}]"),

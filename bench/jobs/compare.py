@@ -1,24 +1,26 @@
-"""Bundles of one model side by side on ONNX Runtime: every stage's time, interleaved, and their tokens.
+"""Job ``compare``: bundles of one model side by side on ONNX Runtime, every stage's time and their tokens.
+
+    python -m bench --only compare --bundles build/bench/imagefolder-d17-fp32,/tmp/d17-new --runs 6
 
 For a change to the exported graphs (a new export against the old one, or two export options), the
-question is whether each stage got faster and whether the images stayed the same. Each bundle gets
-its own ``OrtBackend``; they generate in turn (A, B, A, B, ...), 0.2 s apart, so a shared machine's
-drift hits them alike; every stage is timed by ``StepProfiler`` (host wall time, p50 over the runs
-after the warm-up). Greedy and official (seeded) sampling tokens are compared with the first bundle's.
-
-    python bench/compare_bundles.py build/bench/imagefolder-d17-fp32 /tmp/d17-new --runs 6
+question is whether each stage got faster and whether the images stayed the same. Each bundle gets its own
+``OrtBackend``; they generate in turn (A, B, A, B, ...), 0.2 s apart, so a shared machine's drift hits them
+alike; every stage is timed by ``StepProfiler`` (host wall time, p50 over the runs after the warm-up).
+Greedy and official (seeded) sampling tokens are compared with the first bundle's. Runs only when asked
+for with ``--bundles`` (it measures the user's bundles, not the preset's).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.context import Context
+from bench.report import JobResult
+from imagefolder.core.bundle import load_bundle
 from imagefolder.core.schedule import SamplingParams
-from imagefolder.errors import ImagefolderError
 from imagefolder.runtime.backends.ort import OrtBackend
 from imagefolder.runtime.loop import generate
 from imagefolder.runtime.profiler import StepProfiler
@@ -60,24 +62,15 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bundles", type=Path, nargs="+", help="two or more bundles of the same model")
-    parser.add_argument("--runs", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=1)
-    args = parser.parse_args()
-    if len(args.bundles) < 2:
-        parser.error("give at least two bundles")
-    if args.runs < 1 or args.warmup < 0 or args.batch < 1:
-        parser.error("--runs and --batch must be ≥ 1, --warmup ≥ 0")
-    try:
-        result = compare(args.bundles, args.runs, args.warmup, args.batch)
-    except ImagefolderError as err:  # a path that is no bundle, an old schema, a batch above its maximum
-        parser.exit(2, f"Error: {err}\n")
-    print(f"batch {result['batch']}, host wall time p50 over {result['runs']} interleaved runs\n")
-    print(table(result))
+def prepare(ctx: Context) -> None:
+    for path in ctx.options.bundles:
+        load_bundle(path)  # a path that is no bundle, or of an older schema: refused before anything runs
 
 
-if __name__ == "__main__":
-    main()
+def run(ctx: Context) -> JobResult:
+    result = compare(ctx.options.bundles, ctx.options.runs, ctx.options.warmup)
+    note = (
+        f"batch {result['batch']}, host wall time p50 over {result['runs']} interleaved runs; the machine may have "
+        "been shared while this ran: read the ratios"
+    )
+    return JobResult("compare", "Bundles side by side", result, [table(result)], [note])
