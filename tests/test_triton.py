@@ -88,6 +88,7 @@ def test_repository_layout_and_schema(bundle, tmp_path, pb2):
     assert group.kind == pb2.ModelInstanceGroup.KIND_GPU and group.count == 1
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     assert parameters == {
+        "backend": "trt",
         "bundle": "bundle",
         "batches": "8",
         "cfg": "2.0",
