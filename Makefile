@@ -12,7 +12,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[export,ort,train,dev]'
+	$(BIN)/pip install -q -e '.[export,ort,train,dev,serve]'
+	# The real-server tests' tritonserver: the wheel declares numpy<2, under which its stub dies serving us,
+	# so it comes without its dependencies (docs/triton.md, serve on a CPU machine).
+	$(BIN)/pip install -q --no-deps 'nvidia-pytriton==0.7.0'
+	# perf_analyzer for `python -m bench --only serve`: the last build for glibc 2.35 ships in tritonclient
+	# 2.51's wheel (PyPI's perf-analyzer wheels need glibc 2.38); in a folder of its own, so the client stays new.
+	$(BIN)/pip install -q --no-deps --target $(VENV)/perf-analyzer 'tritonclient==2.51.0'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -20,8 +26,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m imagefolder.cli.demo
 
+# loadgroup: the tests of one real Triton server (xdist_group) run on one worker, in file order
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -175,12 +175,13 @@ def _trt_batches(bundle_dir: Path, batches: list[int] | None) -> tuple[dict, lis
 
 def _ort_batches(bundle_dir: Path, batches: list[int] | None) -> list[int]:
     """The batches to serve on ONNX Runtime's CPU provider; refuses a bundle it cannot run."""
-    bundle = load_bundle(bundle_dir)  # hashes and graph I/O: a damaged bundle is refused here, not at load
-    if bundle.dtype not in ORT_CPU_DTYPES:
+    dtype = load_bundle(bundle_dir, verify=False).dtype
+    if dtype not in ORT_CPU_DTYPES:
         raise BundleError(
-            f"{bundle_dir}: a {bundle.dtype} bundle does not run on ONNX Runtime's CPU provider "
+            f"{bundle_dir}: a {dtype} bundle does not run on ONNX Runtime's CPU provider "
             f"(it runs {', '.join(ORT_CPU_DTYPES)}); serve it with --backend trt or re-export with --dtype fp32"
         )
+    bundle = load_bundle(bundle_dir)  # hashes and graph I/O: a damaged bundle is refused here, not at load
     served = sorted(set(batches or range(1, min(bundle.batch_max, ORT_BATCH_LIMIT) + 1)))
     if served[0] < 1 or served[-1] > bundle.batch_max:
         raise InputError(

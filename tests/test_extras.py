@@ -82,3 +82,19 @@ def test_polygraphy_is_the_same_in_every_extra_and_pinned_for_the_tests():
     for extra in [*CUDA_EXTRAS, "jetson"]:
         spec = requirements(extra)["polygraphy"].specifier
         assert pinned in spec and Version(f"{pinned.major}.{pinned.minor + 1}") not in spec, extra
+
+
+def test_the_serve_extra_keeps_numpy_2_and_the_makefile_brings_the_server_without_its_pins():
+    """nvidia-pytriton 0.7.0 declares numpy<2, and its 2.51 stub dies serving our model under numpy 1: the
+    extra must not list it (pip would downgrade numpy), and `make setup` installs it with --no-deps, the
+    version the runtime names in its install hint (and docs/triton.md shows)."""
+    from imagefolder.runtime.triton_server import INSTALL, SERVER_WHEEL
+
+    reqs = requirements("serve")
+    assert "nvidia-pytriton" not in reqs and "perf-analyzer" not in reqs  # see pyproject's comment
+    assert reqs["tritonclient"].extras == {"http", "grpc"} and allowed_majors(reqs["tritonclient"], range(1, 5)) == {2}
+    assert Version("1.26.4") not in reqs["numpy"].specifier and Version("2.4.6") in reqs["numpy"].specifier
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"pip install -q --no-deps '{SERVER_WHEEL}'" in makefile and ",serve]" in makefile
+    docs = (ROOT / "docs" / "triton.md").read_text()
+    assert INSTALL in docs and f"pip install --no-deps '{SERVER_WHEEL}'" == INSTALL
