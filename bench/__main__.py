@@ -12,6 +12,10 @@ Jobs, in this order (``--only`` picks some; each calibrates or measures what it 
     overhead   the runtime's own time per image: end to end minus the time inside the graphs
     folding    two tokens per position (286 positions at d17) against one (572): per step, per image
     dtypes     fp32 and fp16 bundles, int8 and int4 generator weights: speed and quality
+    serve      a real Triton server (ort repository) under perf_analyzer at concurrency 1-8, against
+               in-process generation at the batch sizes it formed; only with --only (needs `make setup`)
+
+    python -m bench --only serve --out docs/bench/serve   # the default model and d17 (docs/benchmarks.md)
 
 Models and bundles are made first (exported once into ``--workdir``, then reused); measurements run
 interleaved and are sized to the budget (``--budget``, default 20 minutes for d17, one for tiny);
@@ -35,7 +39,7 @@ from bench import figures, machine, report
 from bench.budget import Budget
 from bench.calibrate import GEMM_SOURCE
 from bench.context import BATCHES, Context, Options
-from bench.jobs import batch, calibrate, dtypes, folding, overhead, roofline
+from bench.jobs import batch, calibrate, dtypes, folding, overhead, roofline, serve
 from imagefolder.configs import PRESETS
 from imagefolder.runtime.plots import FLOOR_KIND, FLOOR_VERSION, save_png
 
@@ -47,7 +51,9 @@ JOBS: dict[str, ModuleType] = {
     "overhead": overhead,
     "folding": folding,
     "dtypes": dtypes,
+    "serve": serve,
 }
+DEFAULT_JOBS = [name for name in JOBS if name != "serve"]  # serve needs the server: asked for by name
 DEFAULT_PRESET = "imagefolder-d17"
 BUDGET_S = {"tiny": 60.0}  # every other preset: 20 minutes
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +64,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
-    parser.add_argument("--only", default=",".join(JOBS), help=f"comma-separated jobs of: {', '.join(JOBS)}")
+    parser.add_argument(
+        "--only",
+        default=",".join(DEFAULT_JOBS),
+        help=f"comma-separated jobs of: {', '.join(JOBS)} (default: all but serve)",
+    )
     parser.add_argument("--budget", type=float, help="seconds for the whole run (default: 1200; 60 for tiny)")
     parser.add_argument("--runs", type=int, default=10, help="the most measured runs of any measurement")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up runs before each measurement")
@@ -72,6 +82,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench", help="where bundles are kept")
     parser.add_argument("--out", type=Path, help="results folder (default build/bench/PRESET, docs/bench)")
     parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md's generated section")
+    parser.add_argument(
+        "--serve-models", default="", help="the serve job's models, comma-separated (default: default,PRESET)"
+    )
     args = parser.parse_args(argv)
     args.jobs = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in args.jobs if name not in JOBS]
@@ -104,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or machine.physical_cores()
     torch.set_num_threads(threads)
     onnxruntime.set_default_logger_severity(3)  # errors only: fp16 graphs log a warning per unfoldable constant
-    options = Options(args.preset, args.runs, args.warmup, threads, args.threads, args.workdir, args.quality_images)
+    serve_models = tuple(name.strip() for name in args.serve_models.split(",") if name.strip())
+    options = Options(
+        args.preset, args.runs, args.warmup, threads, args.threads, args.workdir, args.quality_images, serve_models
+    )
     ctx = Context(options, budget)
     print(f"## {args.preset}: {', '.join(args.jobs)}\n\n{machine.summary(info)}\n", flush=True)
     budget.say("preparing: models, bundles, graphs (exported once into --workdir, then reused)")
@@ -140,6 +156,8 @@ def write(out: Path, args: argparse.Namespace, ctx: Context, info: dict, results
         written.append(save_png(figures.roofline(raw["roofline"], raw["calibrate"], title), out / "roofline.png"))
     if "batch" in raw:
         written.append(save_png(figures.batch_scaling(raw["batch"], title), out / "batch-scaling.png"))
+    if "serve" in raw:
+        written.append(save_png(figures.serve_throughput(raw["serve"], title), out / "serve-throughput.png"))
     section = report.document(header(args, ctx, info, drift, out), results)
     if args.write_docs:
         written.append(report.replace_section(ROOT / "docs" / "benchmarks.md", section))
@@ -160,7 +178,7 @@ def header(args: argparse.Namespace, ctx: Context, info: dict, drift: dict | Non
             f"Floor drift over the run (re-measured at the end ÷ at the start): memory ×{drift['memory']:.2f}, "
             f"GEMM ×{drift['gemm']:.2f}"
         )
-    pictures = [name for name in ("roofline.png", "batch-scaling.png") if (out / name).exists()]
+    pictures = [name for name in ("roofline.png", "batch-scaling.png", "serve-throughput.png") if (out / name).exists()]
     if args.write_docs and pictures:
         lines.append(" ".join(f"![{name[:-4]}](bench/{name})" for name in pictures))
     return "\n\n".join(lines)

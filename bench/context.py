@@ -33,6 +33,7 @@ class Options:
     ort_threads: int | None  # ONNX Runtime's intra-op threads; None: its default
     workdir: Path
     quality_images: int  # images per dtype for the default model's class accuracy
+    serve_models: tuple[str, ...] = ()  # the serve job's models; () for the default model and the preset
 
 
 @dataclass
