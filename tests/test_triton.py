@@ -344,3 +344,22 @@ def test_the_export_refuses_what_the_backend_cannot_run(repository, tmp_path):
         assert result.exit_code != 0 and result.output.count("\n") == 1, result.output
         assert result.output.startswith("Error: ") and reason in result.output, result.output
         assert not out.exists()  # nothing half-written
+
+
+def test_serve_without_the_server_says_how_to_install_it_in_one_line(monkeypatch, tmp_path):
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from imagefolder.cli.main import main
+    from imagefolder.runtime import triton_server
+
+    if triton_server.unsupported_platform():
+        pytest.skip(triton_server.unsupported_platform())
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else real(name, *a))
+    result = CliRunner().invoke(main, ["serve", str(tmp_path)])
+    assert result.exit_code != 0 and result.output == (
+        "Error: tritonserver (nvidia-pytriton) is not installed to serve a repository: "
+        "pip install --no-deps 'nvidia-pytriton==0.7.0'; docs/triton.md, serve on a CPU machine\n"
+    )
