@@ -8,17 +8,18 @@ TORCH := torch==2.13.0
 
 .PHONY: setup demo test lint bench clean
 
+# Beside the extras: the real-server tests' tritonserver, the nvidia-pytriton wheel, comes without its
+# dependencies (it declares numpy<2, under which its stub dies serving us: docs/triton.md, serve on a CPU
+# machine); perf_analyzer for `python -m bench --only serve` is the last build for glibc 2.35, in tritonclient
+# 2.51's wheel (PyPI's perf-analyzer wheels need glibc 2.38), put in a folder of its own so the client stays new.
+
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[export,ort,train,dev,serve]'
-	# The real-server tests' tritonserver: the wheel declares numpy<2, under which its stub dies serving us,
-	# so it comes without its dependencies (docs/triton.md, serve on a CPU machine).
 	$(BIN)/pip install -q --no-deps 'nvidia-pytriton==0.7.0'
-	# perf_analyzer for `python -m bench --only serve`: the last build for glibc 2.35 ships in tritonclient
-	# 2.51's wheel (PyPI's perf-analyzer wheels need glibc 2.38); in a folder of its own, so the client stays new.
-	$(BIN)/pip install -q --no-deps --target $(VENV)/perf-analyzer 'tritonclient==2.51.0'
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/perf-analyzer 'tritonclient==2.51.0'
 	touch $(STAMP)
 
 setup: $(STAMP)
