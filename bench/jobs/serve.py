@@ -2,13 +2,14 @@
 
 For each model (the default model and the run's preset, random weights), the job exports the bundle's
 Triton repository (``--backend ort``, one ``KIND_CPU`` instance with every core, sessions for batches
-1–8), starts the ``tritonserver`` of the ``nvidia-pytriton`` wheel on loopback ports, and runs
+1–8; d17: 1, 2, 4, 8), starts the ``tritonserver`` of the ``nvidia-pytriton`` wheel on loopback ports, and runs
 ``perf_analyzer`` (gRPC, one-image requests with the official settings) at concurrency 1, 2, 4 and 8:
 throughput and p50/p99 latency. Triton's statistics give the batch sizes its dynamic batcher formed (how
 many executions of each size); right after each concurrency the same bundle generates in this process
-(``OrtBackend`` with the same threads, one session per batch size) at those batch sizes, so the server's
-overhead is the ratio of its time per image to the in-process time per image of the same batches,
-measured side by side: overhead = (1 / throughput) ÷ (Σ executions_b · t_b / Σ executions_b · b).
+(``OrtBackend`` with the same threads) on the sessions the model ran for those batch sizes, so the server's
+overhead is the ratio of its time per image to the in-process time per image of the same work, measured
+side by side: overhead = (1 / throughput) ÷ (Σ executions_b · T_b / Σ executions_b · b), where T_b is the
+time of the sessions ``session_sizes(b, served)``.
 
 Run only when asked (``--only serve``): it needs the ``serve`` set-up of ``make setup`` (the server wheel
 and perf_analyzer, docs/triton.md).
@@ -133,14 +134,18 @@ def in_process_seconds(bundle_dir: Path, batches: list[int], min_runs: int, min_
     return out
 
 
-def serve_model(ctx: Context, name: str, windows: dict[int, dict], in_process: tuple[int, float]) -> dict:
-    """The whole measurement of one model: its repository, a server, perf_analyzer at every concurrency."""
+def serve_model(
+    ctx: Context, name: str, served: list[int], windows: dict[int, dict], in_process: tuple[int, float]
+) -> dict:
+    """The whole measurement of one model: its repository (sessions for the ``served`` batch sizes), a server,
+    perf_analyzer at every concurrency, and in-process generation on the sessions the server ran."""
     from imagefolder.export.triton import export_triton_repository
+    from imagefolder.runtime.loop import session_sizes
 
     bundle_dir = ctx.bundle(name).path
     work = ctx.options.workdir / "serve" / name
     work.mkdir(parents=True, exist_ok=True)
-    export_triton_repository(bundle_dir, work / "repo", backend="ort")
+    export_triton_repository(bundle_dir, work / "repo", batches=served, backend="ort")
     data = work / "request.json"
     data.write_text(json.dumps({"data": [REQUEST]}))
     binary, env = perf_analyzer(ctx.options.workdir)
@@ -154,8 +159,11 @@ def serve_model(ctx: Context, name: str, windows: dict[int, dict], in_process: t
             )
             after = batch_stats(server)
             formed = {b: n - before.get(b, 0) for b, n in after.items() if n > before.get(b, 0)}
-            alone = in_process_seconds(bundle_dir, sorted(formed), *in_process)
-            in_process_per_image = sum(n * alone[b] for b, n in formed.items()) / sum(n * b for b, n in formed.items())
+            # An execution of b images runs the sessions the model packs them into (padded where b is not served).
+            runs = {b: session_sizes(b, served) for b in formed}
+            alone = in_process_seconds(bundle_dir, sorted({s for sizes in runs.values() for s in sizes}), *in_process)
+            in_process_s = sum(n * sum(alone[s] for s in runs[b]) for b, n in formed.items())
+            in_process_per_image = in_process_s / sum(n * b for b, n in formed.items())
             measured.update(
                 batches=formed,
                 in_process_s=alone,
@@ -183,9 +191,11 @@ def run(ctx: Context) -> JobResult:
     raw, rows = {}, []
     for name in models(ctx):
         small = name in ("default", "tiny")
-        # d17 takes seconds an image: windows of requests (two batches' worth), fewer in-process runs
+        # d17 takes seconds an image: windows of requests (two batches' worth), sessions of 1, 2, 4 and 8 (the
+        # KV caches of all eight sizes would take gigabytes), one in-process run a size after the warm-up
+        served = list(range(1, 9)) if small else [1, 2, 4, 8]
         windows = {c: {"ms": 3000} if small else {"requests": 2 * c} for c in CONCURRENCY}
-        raw[name] = serve_model(ctx, name, windows, (5, 2.0) if small else (2, 0.0))
+        raw[name] = serve_model(ctx, name, served, windows, (5, 2.0) if small else (1, 0.0))
         for concurrency, m in raw[name].items():
             batches = ", ".join(f"{b}×{n}" for b, n in sorted(m["batches"].items()))
             rows.append(
@@ -213,8 +223,8 @@ def run(ctx: Context) -> JobResult:
     notes = [
         "perf_analyzer (tritonclient 2.51's build) over gRPC, one-image requests with the official settings, "
         "closed loop at each concurrency; one KIND_CPU instance with every core; dynamic batching, 2 ms delay",
-        "in-process: OrtBackend with the same threads, one session per batch size, p50 of one generation of each "
-        "batch size the server formed, weighted by its executions; overhead = server time per image ÷ that",
+        "in-process: OrtBackend with the same threads, p50 of one generation on each session the model ran for "
+        "the batch sizes the server formed, weighted by their executions; overhead = server time per image ÷ that",
     ]
     return JobResult(
         "serve", "Serving on Triton (ort instances) against in-process generation", raw, [table(headers, rows)], notes
