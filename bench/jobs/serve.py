@@ -100,7 +100,8 @@ def run_perf_analyzer(
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
-        raise RuntimeError(f"perf_analyzer failed at concurrency {concurrency}: {result.stdout[-1500:]}")
+        output = (result.stdout + result.stderr)[-1500:]
+        raise RuntimeError(f"perf_analyzer failed ({result.returncode}) at concurrency {concurrency}: {output}")
     with out.open() as file:
         (row,) = list(csv.DictReader(file))
     return {
