@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch is pinned: this exact CPU build lies on the build machines' disk; a newer one pulls a CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-mutations lint bench clean
 
 # Beside the extras: the real-server tests' tritonserver, the nvidia-pytriton wheel, comes without its
 # dependencies (it declares numpy<2, under which its stub dies serving us: docs/triton.md, serve on a CPU
@@ -30,6 +30,11 @@ demo: $(STAMP)
 # loadgroup: the tests of one real Triton server (xdist_group) run on one worker, in file order
 test: lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
+
+# Realistic one-line mistakes in the TensorRT path, each run against the tests that must catch it (tests/mutations.py;
+# about 5 minutes on 2 cores, so not part of `make test`).
+test-mutations: $(STAMP)
+	$(BIN)/python -m tests.mutations
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

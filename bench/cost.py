@@ -161,7 +161,8 @@ def sample_cost(config: ModelConfig, batch: int, q: int, candidates: int) -> Sta
     rows, vocab, nb = batch * q * g.num_branches, g.codebook_size, g.num_branches
     gemms = (*_cumsum_gemms(rows, candidates), *_cumsum_gemms(rows, vocab))
     weights = 4 * (_cumsum_constants(candidates) + _cumsum_constants(vocab))
-    inputs = 4 * (2 * batch * q * nb * vocab) + batch * (4 + INDEX + 4) + 4 * batch * q * nb
+    # logits, the per-image settings, and per token a uniform (4 B), a reference token and its force flag (1 B)
+    inputs = 4 * (2 * batch * q * nb * vocab) + batch * (4 + INDEX + 4) + (4 + TOKEN + 1) * batch * q * nb
     return StageCost(gemms, weights, inputs)
 
 

@@ -56,7 +56,8 @@ def export(module: nn.Module, inputs: dict[str, np.ndarray], path: Path) -> ort.
     names = list(inputs)
     dynamic = {n: {0: "B"} for n in names}
     dynamic["logits"] = {0: "N", 1: "q"}
-    dynamic[names[-1]] = {0: "B", 1: "q"}
+    for per_token in {"noise", "uniforms", "reference_tokens", "force_mask"} & set(names):
+        dynamic[per_token] = {0: "B", 1: "q"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -83,8 +84,10 @@ def feeds(schema: int, batch: int, q: int, vocab: int, rng: np.random.Generator)
     }
     if schema == 2:
         out["noise"] = rng.random((batch, q, 2, vocab), dtype=np.float32)
-    else:
+    else:  # schema 3's inputs, and schema 5's reference tokens with nothing forced (the same work)
         out["uniforms"] = rng.random((batch, q, 2), dtype=np.float32)
+        out["reference_tokens"] = np.zeros((batch, q, 2), np.int32)
+        out["force_mask"] = np.zeros((batch, q, 2), bool)
     return out
 
 

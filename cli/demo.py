@@ -3,7 +3,8 @@
 1. export the shipped default model to an ONNX bundle (``demo-out/bundle``);
 2. generate one image per class on ONNX Runtime (``demo-out/samples.png``);
 3. generate the same with the PyTorch reference and check the tokens are identical;
-4. profile the loop on ONNX Runtime and print the per-step table (JSON and a Chrome trace beside it).
+4. one row of variations: a reference shape, then images that keep its detail tokens (``demo-out/variations.png``);
+5. profile the loop on ONNX Runtime and print the per-step table (JSON and a Chrome trace beside it).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from imagefolder.core.bundle import load_bundle
+    from imagefolder.core.conditioning import force_mask
     from imagefolder.core.images import save_grid
     from imagefolder.core.schedule import SamplingParams
+    from imagefolder.data import HELDOUT_SEED, ShapesDataset
     from imagefolder.default_model import load_default_or_checkpoint
     from imagefolder.export.onnx_export import export_bundle
     from imagefolder.runtime.backends.ort import OrtBackend
@@ -56,6 +59,18 @@ def main(argv: list[str] | None = None) -> None:
             f"({result.indices.size} indices), max image difference "
             f"{np.abs(result.images - torch_result.images).max():.1e}"
         )
+
+        reference = ShapesDataset(config.tokenizer.image_size, seed=HELDOUT_SEED)[3][0].numpy()[None]
+        label = 3  # the reference's class
+        variations = generate(
+            ort_backend,
+            [label] * 4,
+            params,
+            force=force_mask(bundle.scales, keep="detail"),
+            reference_images=reference,
+        )
+        row = save_grid(args.out / "variations.png", np.concatenate([reference, variations.images]), columns=5)
+        print(f"wrote {row}: a reference (class {label}), then 4 variations keeping its detail tokens (--keep detail)")
 
         profile = profile_generation(ort_backend, [1, 4], params, runs=5, warmup=1)
     print(profile.table())

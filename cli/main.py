@@ -12,6 +12,7 @@ import click
 import numpy as np
 
 from imagefolder.cli.common import BACKENDS, CommandGroup, open_backend, ort_providers, parse_ints, setup_logging
+from imagefolder.cli.reference import ReferenceOptions, reference_options
 from imagefolder.core.schedule import SamplingParams
 from imagefolder.errors import InputError, MissingDependency
 
@@ -109,6 +110,7 @@ def main(verbose: int) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the sampled indices (B, 2, P) as .npy.",
 )
+@reference_options
 def generate(
     bundle,
     backend,
@@ -124,9 +126,18 @@ def generate(
     providers,
     output,
     indices_out,
+    **conditioning,
 ) -> None:
-    """Generate images of the given classes; several classes make a grid."""
+    """Generate images of the given classes; several classes make a grid.
+
+    With --reference IMG (or --reference-indices) the generation is conditioned: the reference's tokens
+    chosen by --keep, --keep-scales and --mask are teacher-forced and the rest sampled (variations,
+    in-painting, out-painting).
+    """
     labels = parse_ints(classes, "class id")
+    reference = ReferenceOptions.read(**conditioning)
+    if reference is not None and sampling == "official":
+        raise InputError("--sampling official has no conditioned generation; drop it to use a reference")
     if sampling == "official":
         images, indices = _generate_official(
             bundle, backend, checkpoint, trust_checkpoint, labels, cfg, top_k, top_p, seed
@@ -139,7 +150,17 @@ def generate(
             bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs, providers=ort_providers(providers)
         )
         try:
-            result = run_generation(engine, labels, params)
+            if reference is None:
+                result = run_generation(engine, labels, params)
+            else:
+                result = run_generation(
+                    engine,
+                    labels,
+                    params,
+                    reference=reference.indices,
+                    force=reference.force(engine.scales),
+                    reference_images=reference.reference_images(engine),
+                )
         finally:
             engine.close()
         images, indices = result.images, result.indices
@@ -188,7 +209,13 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     show_default=True,
     help="Grid: each input above its reconstruction.",
 )
-def reconstruct(bundle, backend, checkpoint, trust_checkpoint, images, output) -> None:
+@click.option(
+    "--indices",
+    "indices_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the encoder's indices (B, 2, P) as .npy (a reference for `generate --reference-indices`).",
+)
+def reconstruct(bundle, backend, checkpoint, trust_checkpoint, images, output, indices_out) -> None:
     """Encode images to indices and decode them back; prints PSNR per image.
 
     Each image is centre-cropped and resized to the model's size; PSNR compares the reconstruction
@@ -200,10 +227,13 @@ def reconstruct(bundle, backend, checkpoint, trust_checkpoint, images, output) -
     engine = open_backend(bundle, backend, checkpoint, trust_checkpoint)
     try:
         batch = to_batch(pictures, engine.image_size)
-        recon = engine.decode(engine.encode(batch))
+        indices = engine.encode(batch)
+        recon = engine.decode(indices)
     finally:
         engine.close()
     save_grid(output, np.concatenate([batch, recon]), columns=len(batch))
+    if indices_out is not None:
+        _save_npy(indices_out, indices)
     for path, value in zip(images, psnr(batch, recon), strict=True):
         click.echo(f"{path}: PSNR {value:.2f} dB")
     click.echo(f"wrote {output}")
@@ -248,6 +278,7 @@ def reconstruct(bundle, backend, checkpoint, trust_checkpoint, images, output) -
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A floor file written by `python -m bench` (floor.json): draws each bar's floor on the --plot figure.",
 )
+@reference_options
 def profile(
     bundle,
     backend,
@@ -266,11 +297,13 @@ def profile(
     trace_out,
     plot_out,
     floor_file,
+    **conditioning,
 ) -> None:
     """Per-step latency of the generation loop: p50/p90/p99, time to first scale, images/s.
 
     On TensorRT, two reports per batch size: eager (device time of every stage from CUDA events) and
     CUDA graph (device time of the whole generation around its one launch, and launches per generation).
+    With --reference IMG every run first encodes the reference (the encode stage) and is conditioned on it.
     """
     from imagefolder.runtime import plots
     from imagefolder.runtime.profiler import profile_generation
@@ -280,6 +313,9 @@ def profile(
     if plot_out is not None:
         plots.require_matplotlib()
     sizes = parse_ints(batches, "batch size")
+    reference = ReferenceOptions.read(**conditioning)
+    if reference is not None and reference.picture is None:
+        raise InputError("profile encodes a reference image in every run: give --reference IMG, not indices")
     params = SamplingParams(cfg=cfg, top_k=top_k, top_p=top_p, seed=0)
     engine = open_backend(
         bundle, backend, checkpoint, trust_checkpoint, not no_cuda_graphs, layers, ort_providers(providers)
@@ -295,7 +331,14 @@ def profile(
             model, dtype = (source.name, source.dtype) if source is not None else (None, None)
             floors = plots.read_floor(floor_file, sizes, len(scales), model, dtype)
         result = profile_generation(
-            engine, sizes, params, runs=runs, warmup=warmup, progress=lambda text: click.echo(text, err=True)
+            engine,
+            sizes,
+            params,
+            runs=runs,
+            warmup=warmup,
+            progress=lambda text: click.echo(text, err=True),
+            reference_image=None if reference is None else reference.reference_images(engine),
+            force=None if reference is None else reference.force(engine.scales),
         )
         if layers:
             from imagefolder.runtime.backends.trt import TrtBackend

@@ -98,8 +98,13 @@ def to_pbtxt(message: dict, indent: int = 0) -> str:
 # Model config
 
 
-def _input(name: str, data_type: str, optional: bool = False) -> dict:
-    return {"name": name, "data_type": Enum(data_type), "dims": [1], **({"optional": True} if optional else {})}
+def _input(name: str, data_type: str, optional: bool = False, dims: list[int] | None = None) -> dict:
+    return {
+        "name": name,
+        "data_type": Enum(data_type),
+        "dims": dims or [1],
+        **({"optional": True} if optional else {}),
+    }
 
 
 def generate_config(
@@ -115,7 +120,8 @@ def generate_config(
 
     One row per image in every tensor (Triton's batch dimension): a request of n images sends
     ``class_labels`` (n, 1) and, optionally, per-image ``seed``, ``cfg``, ``top_k``, ``top_p`` (n, 1);
-    the row of image i in its request is i (its uniforms are ``image_uniforms(seed_i, i)``). Parameters
+    the row of image i in its request is i (its uniforms are ``image_uniforms(seed_i, i)``); a conditioned
+    request adds ``reference_indices`` (n, 2, P) and ``force_mask`` (n, P, 2) (both or neither). Parameters
     carry the backend, the bundle's place, the batch sizes to serve and the sampling defaults, as strings.
     ``instances`` instances of ``INSTANCE_KINDS[backend]`` (trt: per GPU).
     """
@@ -133,6 +139,8 @@ def generate_config(
             _input("cfg", "TYPE_FP32", optional=True),
             _input("top_k", "TYPE_INT64", optional=True),
             _input("top_p", "TYPE_FP32", optional=True),
+            _input("reference_indices", "TYPE_INT32", optional=True, dims=[gen["num_branches"], positions]),
+            _input("force_mask", "TYPE_BOOL", optional=True, dims=[positions, gen["num_branches"]]),
         ],
         "output": [
             {"name": "image", "data_type": Enum("TYPE_FP32"), "dims": [3, size, size]},

@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 # Graphs placed on the DLA when a DLA core is requested. The generator (attention, TopK) is no DLA
 # candidate; the convolutional tokenizer graphs may partly be (unsupported layers fall back to the GPU).
 DLA_GRAPHS = ("encoder", "decoder")
+# Graphs built without TF32 whatever ``tf32`` says. The sampler's cumulative sums are matrix products with
+# triangular matrices (core/sampler.py): read with TF32's 10-bit mantissa, the cumulative mass moves by about
+# 1e-3 and a uniform near a boundary picks another token (found on the fakes' TF32 model: sampled tokens at
+# the official width, tests/test_trt_numerics.py). The graph is small; TF32 would gain nothing there.
+EXACT_FP32_GRAPHS = ("sampler",)
 HARDWARE_COMPAT = ("none", "ampere_plus", "same_cc")
 
 # TensorRT names that exist only in some supported major versions: "Class.MEMBER" → majors that have it.
@@ -229,7 +234,7 @@ def _configure(
         trt_config.hardware_compatibility_level = _versioned(trt, "HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY")
     if version_compat:
         trt_config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    if not tf32:
+    if not tf32 or graph in EXACT_FP32_GRAPHS:
         # TensorRT runs fp32 matmuls/convs in TF32 by default; off gives fp32 parity with ONNX Runtime.
         trt_config.clear_flag(trt.BuilderFlag.TF32)
     return trt_config, trt_cache
@@ -300,7 +305,8 @@ def build_engines(
             the old ones in ``build.json``; records of other graphs are kept only if built by this
             same TensorRT on this same GPU.
         detailed: ``ProfilingVerbosity.DETAILED`` (layer parameters and tactics in the engine inspector).
-        tf32: allow TF32 for fp32 layers (TensorRT's default); False for exact fp32 parity checks.
+        tf32: allow TF32 for fp32 layers (TensorRT's default; never in ``EXACT_FP32_GRAPHS``); False for exact
+            fp32 parity checks.
 
     Returns:
         the engines folder ``BUNDLE/engines`` (its ``build.json`` holds the build record).

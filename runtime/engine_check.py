@@ -75,6 +75,7 @@ def check_engines(
     rng = np.random.default_rng(seed)
     report = CheckReport()
     with TrtBackend(bundle, use_cuda_graphs=False) as backend, following_our_logging():
+        precision = judged_precision(bundle.dtype, backend.record)
         built = sorted({p["batch"] for g in backend.record["graphs"].values() for p in g["profiles"]})
         batch = batch or built[0]
         for graph in backend.record["graphs"]:
@@ -85,12 +86,18 @@ def check_engines(
             for si in spec.served_scales(bundle.num_scales):
                 feeds = example_inputs(spec, bundle.model, batch, si, rng, bundle.state_dtype, bundle.candidates)
                 results = Comparator.run([TrtGraphRunner(backend, graph, batch, si), ort_runner], data_loader=[feeds])
-                judge = OutputJudge(spec, bundle.dtype, bundle.graph_weights(graph))
+                judge = OutputJudge(spec, precision, bundle.graph_weights(graph))
                 Comparator.compare_accuracy(results, compare_func=judge)
                 report.add(graph, si, judge.rows)
                 if debug_dir is not None and not all(row["ok"] for row in judge.rows.values()):
                     report.notes.append(_save_for_bisection(bundle, graph, batch, si, feeds, results, Path(debug_dir)))
     return report
+
+
+def judged_precision(dtype: str, record: dict) -> str:
+    """The row of ``TOLERANCES["ort"]`` engines of a ``dtype`` bundle are judged by: fp32 engines built with
+    TF32 (TensorRT's default, recorded in ``engines/build.json``) by the "tf32" row."""
+    return "tf32" if dtype == "fp32" and record.get("flags", {}).get("tf32", True) else dtype
 
 
 def _ort_session(bundle: Bundle, graph: str, debug_dir: str | Path | None):

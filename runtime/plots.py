@@ -38,6 +38,7 @@ FLOOR_KIND, FLOOR_VERSION = "imagefolder-floor", 1
 DPI = 100
 WIDTH_IN, PANEL_HEIGHT_IN = 12.0, 4.5  # a profile figure is 1200 px wide and 450 px high per report
 COLORS = {
+    "encode": "#d4a5a5",
     "prefill": "#bdbdbd",
     "step": "#3b6fb6",
     "sample": "#e69f00",
@@ -134,11 +135,12 @@ def profile_figure(
 
 
 def _bar_groups(report: dict, scales: tuple[int, ...]) -> list[tuple[str, list[str]]]:
-    """(tick label, stage labels stacked in its bar): the prefill, each scale, the decode; or, for a run
-    that replayed a CUDA graph, its one stage."""
+    """(tick label, stage labels stacked in its bar): the reference's encode (conditioned runs), the prefill,
+    each scale, the decode; or, for a run that replayed a CUDA graph, the encode and its one stage."""
+    encode = [("encode", ["encode"])] if any(s["label"] == "encode" for s in report["stages"]) else []
     if report.get("mode") == "graph":
-        return [("generation\n(one CUDA graph)", ["generation"])]
-    groups = [("prefill", ["prefill"])]
+        return encode + [("generation\n(one CUDA graph)", ["generation"])]
+    groups = encode + [("prefill", ["prefill"])]
     for si, pn in enumerate(scales):
         kinds = ("step", "sample", "fold") if si < len(scales) - 1 else ("step", "sample")
         groups.append((f"{si}\n{pn}×{pn}", [f"{kind}[{si}]" for kind in kinds]))
@@ -155,6 +157,7 @@ def _profile_panel(ax, report: dict, scales: tuple[int, ...], floor: dict[str, f
     stages = {s["label"]: s[f"{clock}_ms"] for s in report["stages"]}
     if floor is not None and "generation" in stages:
         floor = {"generation": sum(floor.values())}
+    first_floor = True
     groups = _bar_groups(report, scales)
     legend: set[str] = set()
     top = 0.0
@@ -171,9 +174,10 @@ def _profile_panel(ax, report: dict, scales: tuple[int, ...], floor: dict[str, f
             top = max(top, bottom + p90)
             bottom += p50
         top = max(top, bottom)
-        if floor is not None:
+        if floor is not None and all(label in floor for label in labels):  # a floor file has no encode stage
             floor_ms = sum(floor[label] for label in labels)
-            ax.plot([x - 0.42, x + 0.42], [floor_ms] * 2, color="black", lw=2.5, label=None if x else "floor")
+            ax.plot([x - 0.42, x + 0.42], [floor_ms] * 2, color="black", lw=2.5, label="floor" if first_floor else None)
+            first_floor = False
             ax.annotate(
                 f"{bottom / floor_ms:.1f}×",
                 (x, max(bottom, floor_ms)),

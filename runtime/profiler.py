@@ -4,7 +4,8 @@ A ``StepProfiler`` records runs (one ``generate`` call each). The first ``warmup
 costs (session creation, lazy allocation, kernel selection): they are recorded and reported
 apart, never mixed into the statistics. An eager run's stages are ``prefill``, ``step[si]``,
 ``sample[si]``, ``fold[si]`` (si below the last) and ``decode``; a run that replays a CUDA graph has
-one stage, ``generation`` (the launch), since a graph has no stages to time apart. Host time is
+one stage, ``generation`` (the launch), since a graph has no stages to time apart; a conditioned run
+starts with ``encode`` (the reference image through the encoder graph). Host time is
 ``time.perf_counter_ns`` around the backend call, so for an asynchronous backend it is the enqueue
 time; device time comes from the session's ``DeviceTimer`` (CUDA events on the inference stream),
 collected once at the end of each run. Runs also record the launches the host enqueued (copies,
@@ -333,6 +334,8 @@ def profile_generation(
     runs: int = 10,
     warmup: int = 2,
     progress: Callable[[str], None] | None = None,
+    reference_image=None,
+    force=None,
 ) -> ProfileResult:
     """Time ``warmup + runs`` generations per batch size on one reused session each.
 
@@ -347,6 +350,9 @@ def profile_generation(
         runs: measured runs per batch size and mode (≥ 1).
         warmup: eager runs before them, excluded from the statistics.
         progress: called with a line of text before each batch size and mode.
+        reference_image: conditioned generation: a reference (1, 3, H, H) in [-1, 1] that every image of a
+            run encodes (the ``encode`` stage, before the generation) and is conditioned on with ``force``
+            (P, 2) (``core.conditioning.force_mask``).
     """
     from imagefolder.runtime.loop import generate  # the loop imports this module
 
@@ -364,7 +370,15 @@ def profile_generation(
                     progress(f"batch {batch}, {mode}: {first} warm-up + {runs} runs")
                 profiler = StepProfiler(warmup=first)
                 for _ in range(first + runs):
-                    generate(backend, labels, params, profiler=profiler, session=session)
+                    generate(
+                        backend,
+                        labels,
+                        params,
+                        profiler=profiler,
+                        session=session,
+                        force=force,
+                        reference_images=None if reference_image is None else reference_image.repeat(batch, axis=0),
+                    )
                 reports.append(profiler.report())
                 traces.append(profiler.chrome_trace())
     return ProfileResult(reports, traces)

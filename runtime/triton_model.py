@@ -35,10 +35,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from imagefolder.core.schedule import SamplingParams, check_labels
+from imagefolder.core.conditioning import check_reference_indices
+from imagefolder.core.schedule import SamplingParams, check_labels, num_positions
 from imagefolder.errors import ImagefolderError, InputError
 from imagefolder.runtime.backends.base import Backend, Session
-from imagefolder.runtime.loop import ImageRequest, run_batch, session_sizes
+from imagefolder.runtime.loop import ImageRequest, Reference, run_batch, session_sizes
 
 if TYPE_CHECKING:
     from imagefolder.runtime.backends.ort import OrtBackend
@@ -94,6 +95,12 @@ def _served_batches(parameters: dict, backend: Backend) -> list[int]:
     return list(record["batches"])
 
 
+def _tensor(request, name: str) -> np.ndarray | None:
+    """Input ``name`` of ``request`` whole (a copy, through DLPack), or None if the request leaves it out."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else np.array(np.from_dlpack(tensor), copy=True)
+
+
 class TritonPythonModel:
     """The model Triton's Python backend instantiates once per instance: ``initialize``, ``execute``, ``finalize``."""
 
@@ -138,6 +145,7 @@ class TritonPythonModel:
         except InputError as err:
             raise InputError(f"{LABELS}: {err}") from None
         given = {name: _rows(request, name, len(labels)) for name in SETTINGS}
+        references = self._references(request, len(labels))
         images = []
         for row, label in enumerate(labels):
             settings = {
@@ -148,8 +156,26 @@ class TritonPythonModel:
                 params = SamplingParams(**settings)
             except InputError as err:
                 raise InputError(f"row {row}: {err}") from None
-            images.append(ImageRequest(int(label), params, row))
+            images.append(ImageRequest(int(label), params, row, references[row]))
         return images
+
+    def _references(self, request, count: int) -> list[Reference | None]:
+        """The optional ``reference_indices`` (n, 2, P) and ``force_mask`` (n, P, 2) of a request, per image."""
+        indices, mask = _tensor(request, "reference_indices"), _tensor(request, "force_mask")
+        if indices is None and mask is None:
+            return [None] * count
+        if mask is not None and mask.dtype == np.uint8:  # Triton checked it is BOOL; DLPack may say uint8
+            mask = mask.view(np.bool_)
+        if indices is None or mask is None:
+            raise InputError("reference_indices and force_mask go together: give both or neither")
+        positions = num_positions(self.backend.scales)
+        indices = check_reference_indices(indices, positions, self.backend.codebook_size)
+        if indices.shape[0] != count or mask.shape != (count, positions, 2) or mask.dtype != np.bool_:
+            raise InputError(
+                f"reference_indices {indices.shape} and force_mask {mask.shape} {mask.dtype} must be "
+                f"({count}, 2, {positions}) and ({count}, {positions}, 2) bool, one row per image"
+            )
+        return [Reference(indices[row], mask[row]) for row in range(count)]
 
     def execute(self, requests: list) -> list:
         """One response per request, in order: its images and indices, or an error of its own."""

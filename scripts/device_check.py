@@ -307,10 +307,17 @@ def main(argv: list[str] | None = None) -> int:
         environment["torch"] = torch.__version__
         if args.device == "cuda":
             environment["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError as err:
-        environment["torch"] = f"missing: {err}"
-    results = check_cuda() if args.device == "cuda" else []
-    results += check_torch(args.preset, args.device, batches, dtypes, args.runs)
+    except Exception as err:  # no torch, no GPU: the checks below say so in the report
+        environment["torch"] = f"unavailable: {type(err).__name__}: {err}"
+    parts = [("torch", lambda: check_torch(args.preset, args.device, batches, dtypes, args.runs))]
+    if args.device == "cuda":
+        parts.insert(0, ("cuda", check_cuda))
+    results: list[dict] = []
+    for part, run in parts:  # whatever fails, the report is written and names it
+        try:
+            results += run()
+        except Exception as err:
+            results.append({"check": part, "ok": False, "detail": f"{type(err).__name__}: {err}"})
     report = {
         "environment": environment,
         "peak": {"tflops": PEAK_TFLOPS, "tbps": PEAK_TBPS},

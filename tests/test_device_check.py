@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,22 @@ def test_the_flop_arithmetic_counts_what_torch_computes(device_check):
     cost = device_check.generation_cost(backend.tokenizer, backend.generator, 2, 4)
     # Linears and attention are the work; resampling matrices, convs and the sampler add about 1 % at tiny.
     assert cost["flops"] == pytest.approx(counter.get_total_flops(), rel=0.03)
+
+
+def test_the_report_is_written_whatever_fails(device_check, tmp_path, monkeypatch):
+    """No torch (an ImportError at the first line of the torch part) and no cuda-python: both parts fail, each is
+    an error entry of the report, and the script still writes it and exits 1."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    monkeypatch.setitem(sys.modules, "cuda", None)
+    monkeypatch.setattr(device_check_cuda(), "_cudart", None)
+    assert device_check.main(["--device", "cuda", "--out", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "device-check.json").read_text())
+    assert [(r["check"], r["ok"]) for r in report["results"]] == [("cuda", False), ("torch", False)]
+    assert "cuda-python" in report["results"][0]["detail"] and "torch" in report["results"][1]["detail"]
+    assert report["environment"]["torch"].startswith("unavailable: ModuleNotFoundError")
+
+
+def device_check_cuda():
+    from imagefolder.core import cuda
+
+    return cuda

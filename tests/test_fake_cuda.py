@@ -382,3 +382,90 @@ def test_modifying_pinned_memory_before_its_copy_was_synchronised_is_a_race(rt):
     pageable[:] = 0  # pageable memory was staged before cudaMemcpyAsync returned
     ok(rt.cudaStreamSynchronize(s))
     assert len(rt._fake.faults) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Asynchrony: queued work runs when the host waits for it, in stream order; streams meet only through events
+
+
+def pinned_array(rt, nbytes):
+    ptr = ok(rt.cudaMallocHost(nbytes))
+    return ptr, np.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr), np.uint8)
+
+
+def test_queued_work_runs_at_synchronisation_and_an_early_read_sees_the_previous_contents(rt):
+    s, dev = stream(rt), ok(rt.cudaMalloc(64))
+    src, host_in = pinned_array(rt, 64)
+    dst, host_out = pinned_array(rt, 64)
+    host_in[:], host_out[:] = 9, 1
+    ok(rt.cudaMemcpyAsync(dev, src, 64, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, s))
+    ok(rt.cudaMemsetAsync(dev, 4, 8, s))  # after the upload, in stream order
+    ok(rt.cudaMemcpyAsync(dst, dev, 64, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, s))
+    assert (host_out == 1).all()  # read before the stream was synchronised: the previous image
+    assert rt._fake.unfinished_pinned_writes() == [(dst, 64)]
+    ok(rt.cudaStreamSynchronize(s))
+    assert list(host_out[:10]) == [4] * 8 + [9, 9] and not rt._fake.unfinished_pinned_writes()
+
+
+def test_a_host_write_into_pinned_memory_a_queued_copy_overwrites_is_a_race(rt):
+    s, dev = stream(rt), ok(rt.cudaMalloc(64))
+    dst, host_out = pinned_array(rt, 64)
+    ok(rt.cudaMemsetAsync(dev, 3, 64, s))
+    ok(rt.cudaMemcpyAsync(dst, dev, 64, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, s))
+    host_out[:] = 7
+    ok(rt.cudaStreamSynchronize(s))
+    assert (host_out == 3).all() and "had not completed" in rt._fake.faults[-1]
+
+
+def test_two_streams_are_ordered_only_through_an_event(rt):
+    a, b, dev, out = stream(rt), stream(rt), ok(rt.cudaMalloc(16)), ok(rt.cudaMalloc(16))
+    dtod = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+    ok(rt.cudaMemsetAsync(dev, 0, 16, a))
+    ok(rt.cudaStreamSynchronize(a))
+    ok(rt.cudaMemsetAsync(dev, 5, 16, a))
+    ok(rt.cudaMemcpyAsync(out, dev, 16, dtod, b))  # no event: b does not wait for a
+    ok(rt.cudaStreamSynchronize(b))
+    assert (download(rt, out, np.zeros(16, np.uint8), b) == 0).all()
+    event = ok(rt.cudaEventCreate())
+    ok(rt.cudaMemsetAsync(dev, 6, 16, a))
+    ok(rt.cudaEventRecord(event, a))
+    ok(rt.cudaStreamWaitEvent(b, event, 0))
+    ok(rt.cudaMemcpyAsync(out, dev, 16, dtod, b))
+    assert (download(rt, out, np.zeros(16, np.uint8), b) == 6).all()  # b waited for a's memset
+    assert rt._fake.streams[int(a)].queue == []
+
+
+def test_event_times_exist_only_once_the_device_reached_the_records(rt):
+    s, dev = stream(rt), ok(rt.cudaMalloc(1 << 20))
+    start, end = ok(rt.cudaEventCreate()), ok(rt.cudaEventCreate())
+    ok(rt.cudaEventRecord(start, s))
+    ok(rt.cudaMemsetAsync(dev, 0, 1 << 20, s))
+    ok(rt.cudaEventRecord(end, s))
+    assert rt.cudaEventElapsedTime(start, end)[0] == E.cudaErrorNotReady
+    ok(rt.cudaEventSynchronize(end))
+    assert ok(rt.cudaEventElapsedTime(start, end)) > 0
+
+
+def test_a_fault_surfaces_at_the_synchronisation_that_runs_the_work(rt):
+    s, dev = stream(rt), ok(rt.cudaMalloc(16))
+    ok(rt.cudaMemsetAsync(dev, 0, 16, s))
+    ok(rt.cudaFree(dev))  # cudaFree waits for the device: the memset ran before the free
+    assert rt._fake.sticky is None
+    ok(rt.cudaStreamSynchronize(s))
+
+
+@pytest.mark.parametrize("direction", ["htod", "dtoh"])
+def test_pageable_host_memory_cannot_be_captured(rt, direction):
+    """CUDA stages pageable memory through a driver buffer at the call (a synchronous step no graph can replay);
+    PyTorch refuses such copies at capture for the same reason (pytorch/pytorch#172156). Pinned memory is fine."""
+    s, dev = stream(rt), ok(rt.cudaMalloc(64))
+    pageable = np.zeros(64, np.uint8)
+    pinned, _ = pinned_array(rt, 64)
+    kind = getattr(rt.cudaMemcpyKind, "cudaMemcpyHostToDevice" if direction == "htod" else "cudaMemcpyDeviceToHost")
+    dst, src = (dev, pageable.ctypes.data) if direction == "htod" else (pageable.ctypes.data, dev)
+    begin(rt, s)
+    ok(rt.cudaMemcpyAsync(*((dev, pinned) if direction == "htod" else (pinned, dev)), 64, kind, s))
+    assert rt.cudaMemcpyAsync(dst, src, 64, kind, s) == (E.cudaErrorStreamCaptureUnsupported,)
+    assert status(rt, s) == "Invalidated"
+    assert rt.cudaStreamEndCapture(s) == (E.cudaErrorStreamCaptureInvalidated, None)
+    assert "pageable host memory during stream capture" in rt._fake.faults[-1]

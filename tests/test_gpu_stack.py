@@ -149,3 +149,19 @@ def test_the_gpu_tests_fail_rather_than_skip_on_a_driver_too_old(tmp_path):
     assert result.returncode not in (0, 5), output[-3000:]  # 5: no tests collected
     assert "cudaErrorInsufficientDriver" in output and "driver is older than" in output, output[-3000:]
     assert "skipped" not in output and " passed" not in output, output[-3000:]
+
+
+@pytest.mark.parametrize(
+    "driver, compute, trt_version, cuda_major, problem",
+    [
+        ("535.183.01", "8.0", "11.4.0", 12, None),
+        ("530.30.02", "8.0", "11.4.0", 12, "older than R535, which TensorRT 11.4.0 (tensorrt-cu12) needs"),
+        ("530.30.02", "8.0", "11.4.0", None, "older than R535"),  # no wheel metadata: PyPI's CUDA 12 build
+        ("575.51.03", "9.0", "11.4.0", 13, "older than R580, which TensorRT 11.4.0 (tensorrt-cu13) needs"),
+        ("525.60.13", "7.0", "10.3.0", 12, None),  # TensorRT 10 on a CUDA 12 driver; no Turing floor recorded
+        ("550.54.15", "7.0", "11.4.0", 12, "compute capability 7.0) is older than Turing (7.5)"),
+    ],
+)
+def test_the_driver_and_gpu_floors_of_the_installed_tensorrt(driver, compute, trt_version, cuda_major, problem):
+    found = gpu_stack.driver_problem(driver, compute, trt_version, cuda_major)
+    assert found is None if problem is None else problem in found

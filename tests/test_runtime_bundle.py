@@ -16,7 +16,12 @@ from imagefolder.core.schedule import num_positions
 from imagefolder.core.specs import GRAPH_NAMES, SCHEMA_VERSION, graph_specs
 
 CANDIDATES = 16
-ONNX_TYPES = {"float32": TensorProto.FLOAT, "int32": TensorProto.INT32, "int64": TensorProto.INT64}
+ONNX_TYPES = {
+    "float32": TensorProto.FLOAT,
+    "int32": TensorProto.INT32,
+    "int64": TensorProto.INT64,
+    "bool": TensorProto.BOOL,
+}
 
 
 def _onnx_graph(spec, rename: dict[str, str] | None = None) -> bytes:
@@ -136,14 +141,16 @@ def test_same_size_modification_is_caught(bundle_dir):
         load_bundle(bundle_dir)
 
 
-def test_a_schema_3_bundle_is_refused_with_the_command_that_re_exports_it(bundle_dir):
-    """Schema 3 took the cache stacked; schema 4 takes a layer per input: the old graphs cannot be bound."""
+@pytest.mark.parametrize("old", [3, 4])
+def test_an_older_schema_bundle_is_refused_with_the_command_that_re_exports_it(bundle_dir, old):
+    """Schema 3 took the cache stacked (4 takes a layer per input); schema 4's sampler takes no reference tokens
+    or force mask (5 does): the old graphs cannot be bound."""
     manifest = _manifest(bundle_dir)
-    manifest["schema_version"] = 3
+    manifest["schema_version"] = old
     _write_manifest(bundle_dir, manifest)
     with pytest.raises(BundleError) as err:
         load_bundle(bundle_dir)
-    assert f"bundle schema 3 is older than this imagefolder (supports {SCHEMA_VERSION})" in str(err.value)
+    assert f"bundle schema {old} is older than this imagefolder (supports {SCHEMA_VERSION})" in str(err.value)
     assert f"`imagefolder-export onnx --out {bundle_dir}`" in str(err.value)
 
 

@@ -125,6 +125,8 @@ def bundle_dir(tmp_path_factory):
                 torch.tensor([5, 7]),
                 torch.tensor([0.9, 0.8]),
                 torch.rand(B, q, 2),
+                torch.randint(0, V2 // 2, (B, q, 2), dtype=torch.int32),
+                torch.rand(B, q, 2) < 0.5,
             ),
         ),
         "fold": (
@@ -143,8 +145,9 @@ def bundle_dir(tmp_path_factory):
     return make_bundle(tmp / "bundle", files)
 
 
-def _reference(bundle_dir, labels, params: SamplingParams) -> np.ndarray:
-    """The loop with plain ``run`` calls, fresh arrays and the numpy sampler."""
+def _reference(bundle_dir, labels, params: SamplingParams, reference=None, force=None) -> np.ndarray:
+    """The loop with plain ``run`` calls, fresh arrays and the numpy sampler; ``reference`` (B, 2, P) and
+    ``force`` (B, P, 2) teacher-force tokens."""
     run = {
         g: ort.InferenceSession(str(bundle_dir / f"{g}.onnx"), providers=["CPUExecutionProvider"]).run
         for g in ("ar_prefill", "ar_step", "fold")
@@ -156,6 +159,8 @@ def _reference(bundle_dir, labels, params: SamplingParams) -> np.ndarray:
     key_names, value_names = cache_input_names(L)
     f_hat, indices = np.zeros((B, Z2, K, K), np.float32), np.zeros((B, 2, P), np.int32)
     uniforms = np.stack([image_uniforms(params.seed, i, P, 2) for i in range(B)])
+    reference = np.zeros((B, 2, P), np.int32) if reference is None else reference
+    force = np.zeros((B, P, 2), bool) if force is None else force
     x = np.zeros((2 * B, 1, Z2), np.float32)
     for si, (start, q) in enumerate(spans):
         positions = np.arange(start, start + q)
@@ -171,7 +176,17 @@ def _reference(bundle_dir, labels, params: SamplingParams) -> np.ndarray:
         logits, keys, values = run["ar_step"](None, feeds)
         cache_k[:, :, :, positions], cache_v[:, :, :, positions] = keys, values
         t = guidance(params.cfg, si, len(spans))
-        tokens = sample_tokens(logits, t, params.top_k, params.top_p, uniforms[:, start : start + q], CANDIDATES)
+        scale = slice(start, start + q)
+        tokens = sample_tokens(
+            logits,
+            t,
+            params.top_k,
+            params.top_p,
+            uniforms[:, scale],
+            CANDIDATES,
+            reference=reference[:, :, scale].transpose(0, 2, 1),
+            force=force[:, scale],
+        )
         indices[:, :, start : start + q] = tokens.transpose(0, 2, 1)
         if si + 1 < len(spans):
             nxt = spans[si + 1]
@@ -205,12 +220,38 @@ def test_generate_matches_the_reference_loop(bundle_dir):
             np.testing.assert_array_equal(again.indices, result.indices)
     report = prof.report()
     assert report["runs"] == 2 and len(report["stages"]) == 1 + 2 * 5 + 4 + 1  # prefill, step+sample ×5, fold ×4
-    assert report["bytes_to_device_per_image"] == 66 * 2 * 4 + 8 + 5 * 4 + 8 + 4  # uniforms, label, cfg, k, p
+    # uniforms, label, cfg, k, p, reference tokens, force mask
+    assert report["bytes_to_device_per_image"] == 66 * 2 * 4 + 8 + 5 * 4 + 8 + 4 + 66 * 2 * 4 + 66 * 2
     other = generate(backend, labels, SamplingParams(cfg=2.0, top_k=8, top_p=0.9, seed=4))
     assert not np.array_equal(other.indices, result.indices)
     for batch in (1, 3):  # every batch size up to batch_max through the same graphs
         labels = np.arange(batch)
         np.testing.assert_array_equal(generate(backend, labels, params).indices, _reference(bundle_dir, labels, params))
+
+
+def test_conditioned_generation_matches_the_reference_loop(bundle_dir):
+    """Mixed conditioned and unconditioned images in one batch: each equals the plain loop with its own reference
+    and mask, forced tokens hold the reference, and the unconditioned image is what it is alone."""
+    backend = OrtBackend(load_bundle(bundle_dir), threads=1)
+    params = SamplingParams(cfg=2.0, top_k=8, top_p=0.9, seed=3)
+    labels = np.array([3, 7, 1])
+    rng = np.random.default_rng(0)
+    reference = rng.integers(0, V2 // 2, (3, 2, P)).astype(np.int32)
+    force = rng.random((3, P, 2)) < 0.5
+    force[1] = False  # image 1 is unconditioned
+    result = generate(backend, labels, params, reference=reference, force=force)
+    np.testing.assert_array_equal(result.indices, _reference(bundle_dir, labels, params, reference, force))
+    forced = force.transpose(0, 2, 1)
+    np.testing.assert_array_equal(result.indices[forced], reference[forced])
+    plain = generate(backend, labels, params).indices
+    np.testing.assert_array_equal(result.indices[1], plain[1])
+    assert not np.array_equal(result.indices[0], plain[0])
+    with pytest.raises(InputError, match="range from"):
+        generate(backend, labels, params, reference=reference + V2, force=force)
+    with pytest.raises(InputError, match="force mask"):
+        generate(backend, labels, params, reference=reference)
+    with pytest.raises(InputError, match="2 reference indices for 3 images"):
+        generate(backend, labels, params, reference=reference[:2], force=force)
 
 
 def test_errors_are_clear(bundle_dir):

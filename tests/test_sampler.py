@@ -19,7 +19,7 @@ from imagefolder.core.schedule import guidance
 from imagefolder.generate import filter_top_k_top_p
 from imagefolder.models.sampler import BlockedCumsum, SamplerGraph
 
-NAMES = ("logits", "guidance", "top_k", "top_p", "uniforms")
+NAMES = ("logits", "guidance", "top_k", "top_p", "uniforms", "reference_tokens", "force_mask")
 V = 48
 FORBIDDEN = {"CumSum", "Loop", "Sort", "Multinomial", "If", "RandomUniform", "RandomUniformLike", "Scan"}
 
@@ -44,6 +44,8 @@ def _export(tmp: Path, candidates: int) -> ort.InferenceSession:
                 "top_k": {0: "B"},
                 "top_p": {0: "B"},
                 "uniforms": {0: "B", 1: "q"},
+                "reference_tokens": {0: "B", 1: "q"},
+                "force_mask": {0: "B", 1: "q"},
                 "tokens": {0: "B", 1: "q"},
             },
         )
@@ -58,8 +60,9 @@ def graphs(tmp_path_factory) -> dict[int, ort.InferenceSession]:
     return {kc: _export(tmp, kc) for kc in (16, V)}
 
 
-def _inputs(rng, batch, q, top_k, top_p, t, logits=None) -> dict[str, np.ndarray]:
-    """Inputs with one setting for every image (scalars) or one per image (sequences)."""
+def _inputs(rng, batch, q, top_k, top_p, t, logits=None, forced=0.0) -> dict[str, np.ndarray]:
+    """Inputs with one setting for every image (scalars) or one per image (sequences); a fraction ``forced``
+    of the tokens teacher-forced to random reference tokens."""
     if logits is None:
         logits = (rng.standard_normal((2 * batch, q, 2 * V)) * 2).astype(np.float32)
     return {
@@ -68,11 +71,20 @@ def _inputs(rng, batch, q, top_k, top_p, t, logits=None) -> dict[str, np.ndarray
         "top_k": np.broadcast_to(np.asarray(top_k, np.int64), (batch,)).copy(),
         "top_p": np.broadcast_to(np.asarray(top_p, np.float32), (batch,)).copy(),
         "uniforms": rng.random((batch, q, 2), dtype=np.float32),
+        "reference_tokens": rng.integers(0, V, (batch, q, 2)).astype(np.int32),
+        "force_mask": rng.random((batch, q, 2)) < forced,
     }
 
 
+def _reference(feeds: dict[str, np.ndarray], candidates: int) -> np.ndarray:
+    """The numpy reference on the graph's inputs."""
+    return sample_tokens(
+        *(feeds[n] for n in NAMES[:5]), candidates, reference=feeds["reference_tokens"], force=feeds["force_mask"]
+    )
+
+
 def _all_three(session, feeds, candidates, with_torch=True) -> np.ndarray:
-    ref = sample_tokens(*(feeds[n] for n in NAMES), candidates)
+    ref = _reference(feeds, candidates)
     got = session.run(None, feeds)[0]
     assert got.dtype == np.int32 and got.shape == ref.shape
     np.testing.assert_array_equal(got, ref)
@@ -101,7 +113,7 @@ def test_numpy_torch_onnx_agree(graphs, candidates, top_k, top_p, t):
     rng = np.random.default_rng(hash((candidates, str(top_k), str(top_p), str(t))) % 2**32)
     sizes = ((3, 1), (3, 4), (3, 9)) if isinstance(top_k, tuple) else ((1, 1), (2, 4), (3, 9))
     for batch, q in sizes:  # dynamic B and q through the same graph
-        _all_three(graphs[candidates], _inputs(rng, batch, q, top_k, top_p, t), candidates)
+        _all_three(graphs[candidates], _inputs(rng, batch, q, top_k, top_p, t, forced=0.3), candidates)
 
 
 @pytest.mark.parametrize("candidates", [16, V])
@@ -122,20 +134,49 @@ def test_greedy_cases_pick_the_cfg_argmax():
     feeds = _inputs(rng, 3, 4, 1, 0.95, 2.5)
     mixed = 3.5 * feeds["logits"][:3] - 2.5 * feeds["logits"][3:]
     expected = mixed.reshape(3, 4, 2, V).argmax(-1)
-    np.testing.assert_array_equal(sample_tokens(*(feeds[n] for n in NAMES), 16), expected)
+    np.testing.assert_array_equal(_reference(feeds, 16), expected)
     feeds["top_k"][:] = 750
     feeds["top_p"][:] = 1e-6  # only rank 0 has mass before it below top_p
-    np.testing.assert_array_equal(sample_tokens(*(feeds[n] for n in NAMES), 16), expected)
+    np.testing.assert_array_equal(_reference(feeds, 16), expected)
     feeds["uniforms"][:] = U_MAX  # the largest uniform still lands on the one kept token
-    np.testing.assert_array_equal(sample_tokens(*(feeds[n] for n in NAMES), 16), expected)
+    np.testing.assert_array_equal(_reference(feeds, 16), expected)
 
 
 def test_guidance_zero_ignores_unconditional_rows():
     rng = np.random.default_rng(3)
     feeds = _inputs(rng, 2, 3, 750, 0.95, 0.0)
-    before = sample_tokens(*(feeds[n] for n in NAMES), 16)
+    before = _reference(feeds, 16)
     feeds["logits"][2:] = rng.standard_normal(feeds["logits"][2:].shape).astype(np.float32) * 10
-    np.testing.assert_array_equal(sample_tokens(*(feeds[n] for n in NAMES), 16), before)
+    np.testing.assert_array_equal(_reference(feeds, 16), before)
+
+
+@pytest.mark.parametrize("candidates", [16, V])
+def test_forced_tokens_are_the_reference_and_the_rest_are_the_draw(graphs, candidates):
+    """Where the mask is set the token is the reference's; elsewhere it is what the unforced draw gives; an empty
+    mask gives the unconditioned tokens; numpy, torch and ONNX agree on all of it."""
+    rng = np.random.default_rng(11)
+    feeds = _inputs(rng, 3, 9, 20, 0.9, 2.0, forced=0.4)
+    forced = _all_three(graphs[candidates], feeds, candidates)
+    free = _all_three(graphs[candidates], {**feeds, "force_mask": np.zeros_like(feeds["force_mask"])}, candidates)
+    mask = feeds["force_mask"]
+    assert 0 < mask.sum() < mask.size
+    np.testing.assert_array_equal(forced[mask], feeds["reference_tokens"][mask])
+    np.testing.assert_array_equal(forced[~mask], free[~mask])
+    assert (free[mask] != feeds["reference_tokens"][mask]).any()  # the forcing changed something
+    unconditioned = sample_tokens(*(feeds[n] for n in NAMES[:5]), candidates)
+    np.testing.assert_array_equal(free, unconditioned)
+    everything = {**feeds, "force_mask": np.ones_like(mask)}
+    np.testing.assert_array_equal(_all_three(graphs[candidates], everything, candidates), feeds["reference_tokens"])
+
+
+def test_the_selection_is_a_where_in_the_graph(tmp_path):
+    """The last node picks between reference and draw: a Where on the bool mask input, no If."""
+    _export(tmp_path, 16)
+    model = onnx.load(str(tmp_path / "sampler_16.onnx"))
+    inputs = {value.name: value.type.tensor_type.elem_type for value in model.graph.input}
+    assert inputs["force_mask"] == onnx.TensorProto.BOOL and inputs["reference_tokens"] == onnx.TensorProto.INT32
+    last = next(node for node in model.graph.node if "tokens" in node.output)
+    assert last.op_type == "Where" and "force_mask" in last.input
 
 
 def _official_probabilities(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
@@ -204,9 +245,9 @@ def test_rejects_bad_shapes():
     feeds = _inputs(rng, 2, 3, 5, 0.9, 1.0)
     feeds["uniforms"] = rng.random((2, 3, 2, V), dtype=np.float32)  # one per vocabulary entry: schema 2
     with pytest.raises(ValueError, match="sampler shapes"):
-        sample_tokens(*(feeds[n] for n in NAMES), 16)
+        _reference(feeds, 16)
     with pytest.raises(ValueError, match="sampler shapes"):
-        sample_tokens(*(_inputs(rng, 2, 3, 5, 0.9, 1.0)[n] for n in NAMES), V + 1)
+        _reference(_inputs(rng, 2, 3, 5, 0.9, 1.0), V + 1)
     with pytest.raises(ValueError, match="candidates"):
         SamplerGraph(0, V)
 

@@ -78,9 +78,19 @@ def test_repository_layout_and_schema(bundle, tmp_path, pb2):
     folder = out / MODEL
     config = parse(pb2, (folder / "config.pbtxt").read_text())
     assert config.name == MODEL and config.backend == "python" and config.max_batch_size == 64
-    assert [i.name for i in config.input] == ["class_labels", "seed", "cfg", "top_k", "top_p"]
-    assert [i.optional for i in config.input] == [False, True, True, True, True]
-    assert all(list(i.dims) == [1] for i in config.input)  # one row per image, after Triton's batch dimension
+    assert [i.name for i in config.input] == [
+        "class_labels",
+        "seed",
+        "cfg",
+        "top_k",
+        "top_p",
+        "reference_indices",
+        "force_mask",
+    ]
+    assert [i.optional for i in config.input] == [False, True, True, True, True, True, True]
+    positions = sum(pn * pn for pn in tiny().generator.scales)
+    # one row per image, after Triton's batch dimension
+    assert [list(i.dims) for i in config.input] == [[1]] * 5 + [[2, positions], [positions, 2]]
     assert [o.name for o in config.output] == ["image", "indices"]
     assert list(config.output[1].dims) == [2, sum(p * p for p in tiny().generator.scales)]
     assert list(config.dynamic_batching.preferred_batch_size) == [8]
@@ -233,6 +243,29 @@ def test_bad_requests_get_an_error_and_the_others_succeed(server, alone):
     check(results[4], alone, [7], seed=2)
     with pytest.raises(Exception, match="batch sizes"):  # Triton itself refuses rows of unequal count
         server.infer([bad_rows])
+
+
+def test_conditioned_requests_get_what_ort_gives_and_the_others_are_unchanged(server, repository, alone):
+    """reference_indices and force_mask are optional: a request with them gets ONNX Runtime's conditioned tokens
+    (the forced ones the reference's), a request without them in the same batch what it gets alone, and a
+    request with only one of them an error of its own."""
+    from imagefolder.runtime.backends.ort import OrtBackend
+    from imagefolder.runtime.loop import generate
+
+    gen = tiny().generator
+    rng = np.random.default_rng(3)
+    reference = rng.integers(0, gen.codebook_size, (2, 2, gen.positions)).astype(np.int32)
+    force = rng.random((2, gen.positions, 2)) < 0.5
+    conditioned = {**request([1, 2], seed=5), "reference_indices": reference, "force_mask": force}
+    half = {**request([4], seed=5), "force_mask": force[:1]}
+    for _ in range(2):
+        results = server.infer([conditioned, request([3], seed=6), half])
+        want = generate(OrtBackend(repository[1]), [1, 2], SamplingParams(seed=5), reference=reference, force=force)
+        np.testing.assert_array_equal(results[0]["indices"], want.indices)
+        forced = force.transpose(0, 2, 1)
+        np.testing.assert_array_equal(results[0]["indices"][forced], reference[forced])
+        check(results[1], alone, [3], seed=6)
+        assert isinstance(results[2], TritonError) and "give both or neither" in results[2].message()
 
 
 def test_the_model_refuses_to_load_without_engines(repository, pb2, tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from imagefolder.core.schedule import SamplingParams
 from imagefolder.runtime.triton_server import TritonServer, free_port
 from tests.triton_real import (
     MODEL,
@@ -218,3 +219,26 @@ def test_bad_requests_get_an_error_naming_the_input_and_the_others_succeed(serve
         client.close()
     image, indices = infer_http(http_client, [6], seed=3)  # and it still serves
     reference.check(image, indices, [6], seed=3)
+
+
+def test_conditioned_rows_get_what_they_get_alone_and_others_are_unchanged(served, http_client, reference):
+    """Schema 5's optional inputs on the real server: a row forced to a reference's first scales keeps those
+    tokens and matches in-process generation with the same reference; a row with an empty mask gets its
+    unconditioned tokens."""
+    from imagefolder.runtime.loop import ImageRequest, Reference, run_batch
+
+    _, ref_indices = reference.get(2, 0, seed=11)  # the reference: an image generated in-process
+    positions = ref_indices.shape[1]
+    first_scales = 1 + 4 + 9  # scales 1, 2 and 3 of the default model
+    mask = np.zeros((2, positions, 2), np.bool_)
+    mask[0, :first_scales] = True
+    references = np.stack([ref_indices, ref_indices])
+    image, indices = infer_http(http_client, [5, 7], seed=3, reference_indices=references, force_mask=mask)
+    np.testing.assert_array_equal(indices[0][:, :first_scales], ref_indices[:, :first_scales])
+    conditioned = ImageRequest(5, SamplingParams(seed=3), 0, Reference(ref_indices, mask[0]))
+    alone = run_batch(reference.session, reference.backend.scales, [conditioned])
+    np.testing.assert_array_equal(indices[0], alone.indices[0])
+    np.testing.assert_allclose(image[0], alone.images[0], atol=1e-5)
+    want_image, want_indices = reference.get(7, 1, seed=3)  # row 1, nothing forced: its unconditioned tokens
+    np.testing.assert_array_equal(indices[1], want_indices)
+    np.testing.assert_allclose(image[1], want_image, atol=1e-5)

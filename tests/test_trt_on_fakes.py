@@ -3,7 +3,8 @@
 ``build_engines`` on an exported tiny bundle, ``TrtBackend`` generating eagerly and with its whole generation
 replayed as one CUDA graph (tokens identical to ``OrtBackend`` for the same seed, since the fake runs the same
 graphs on ONNX Runtime; launches counted by the fake device), a capture the fake refuses, ``imagefolder-export
-check --backend trt``, the profiler, and plans refused on another GPU or TensorRT. Every test ends with no
+check --backend trt``, the profiler, plans refused on another GPU or TensorRT, and conditioned generation
+(reference tokens and force masks in the captured upload). Every test ends with no
 TensorRT error logged and no device fault unless it provokes one: a broken rule anywhere fails it. What the
 fakes cannot show (speed, TF32/fp16 rounding, real kernels) is tests/test_trt_gpu.py's job on a real GPU.
 """
@@ -88,11 +89,11 @@ def expected(ort_backend):
     return get
 
 
-def generate(backend, labels, session=None, **params):
+def generate(backend, labels, session=None, reference=None, force=None, **params):
     from imagefolder.core.schedule import SamplingParams
     from imagefolder.runtime.loop import generate as run
 
-    return run(backend, labels, SamplingParams(**params), session=session)
+    return run(backend, labels, SamplingParams(**params), session=session, reference=reference, force=force)
 
 
 def test_engines_plans_and_record(built, gpu):
@@ -135,7 +136,7 @@ def test_generation_is_token_identical_to_onnx_runtime(built, gpu, expected, bat
     with TrtBackend(built[0], use_cuda_graphs=use_cuda_graphs) as backend:
         stream = backend.stream.ptr
         session = backend.session(batch)
-        counted = []
+        counted, results = [], []
         for params, labels in RUNS[batch]:
             before, launches = launched(gpu, stream), session.launches
             result = generate(backend, labels, session=session, **params)
@@ -147,6 +148,9 @@ def test_generation_is_token_identical_to_onnx_runtime(built, gpu, expected, bat
                 ran.get(k, 0) for k in COUNTED
             )  # the product counts as the device
             counted.append(ran)
+            results.append((result, want))
+        for result, want in results:  # each result is the caller's own: no later generation overwrote it
+            np.testing.assert_array_equal(result.indices, want.indices)
     eager, second, *later = counted
     assert eager["kernels"] == 1 + 5 + 5 + 4 + 1 and "captured" not in eager  # prefill, step/sample ×5, fold ×4, decode
     if use_cuda_graphs:
@@ -347,24 +351,6 @@ def test_an_unbuilt_batch_is_refused(built, gpu):
     assert not gpu.cuda.live_allocations()  # the half-made session and the backend freed everything
 
 
-def test_the_real_gpu_tests_pass_on_the_fakes(tmp_path):
-    """tests/test_trt_gpu.py is skipped wherever TensorRT is missing; run it here on the fakes so it cannot go
-    stale unnoticed (it once expected a KeyError the product no longer raises)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    code = (
-        "import sys; from tests.fakes import installed; fakes = installed(); fakes.__enter__(); import pytest; "
-        f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '--basetemp', {str(tmp_path / 'run')!r}, "
-        "'tests/test_trt_gpu.py']))"
-    )
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
-
-
 @pytest.mark.parametrize("cache", ["from the other TensorRT", "damaged"])
 def test_a_foreign_or_damaged_timing_cache_is_replaced(built, tmp_path, cache, caplog):
     from imagefolder.export.trt_build import build_engines
@@ -459,3 +445,59 @@ def test_cache_layers_of_an_unaligned_size_are_padded_and_still_give_onnx_runtim
                         generate(backend, [3], session=session, **params).indices, expected.indices
                     )
         assert not gpu.trt_errors() and not gpu.cuda.faults
+
+
+def _conditions(batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference indices (B, 2, P) and force masks (B, P, 2) for a batch: image 0 keeps the detail branch,
+    image 1 (if any) is unconditioned, the others keep random tokens."""
+    from imagefolder.configs import tiny
+    from imagefolder.core.conditioning import force_mask
+
+    gen = tiny().generator
+    rng = np.random.default_rng(batch)
+    reference = rng.integers(0, gen.codebook_size, (batch, 2, gen.positions)).astype(np.int32)
+    force = rng.random((batch, gen.positions, 2)) < 0.5
+    force[0] = force_mask(gen.scales, keep="detail")
+    if batch > 1:
+        force[1] = False
+    return reference, force
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("use_cuda_graphs", [True, False])
+def test_conditioned_generation_is_token_identical_to_onnx_runtime_and_torch(
+    built, gpu, ort_backend, exported, batch, use_cuda_graphs
+):
+    """Conditioned requests (reference tokens and masks differing per image and per generation) on TensorRT, eager
+    and replayed as one CUDA graph, give ONNX Runtime's and the torch reference's tokens, forced ones included,
+    with one launch per replayed generation: the reference inputs travel in the captured upload."""
+    from imagefolder.configs import tiny
+    from imagefolder.core.bundle import load_bundle
+    from imagefolder.runtime.backends.torch_backend import TorchBackend
+    from imagefolder.runtime.backends.trt import TrtBackend
+    from tests.models import randomized
+
+    tokenizer, generator = randomized(tiny())
+    torch_backend = TorchBackend(tokenizer, generator, load_bundle(exported).candidates)
+    labels = LABELS[batch]
+    with TrtBackend(built[0], use_cuda_graphs=use_cuda_graphs) as backend:
+        session = backend.session(batch)
+        for turn, params in enumerate([SAMPLED, GREEDY, SAMPLED | {"seed": 11}, SAMPLED]):
+            reference, force = _conditions(batch + turn)[0][:batch], _conditions(batch)[1]
+            if turn == 3:
+                force = np.zeros_like(force)  # nothing forced: the unconditioned tokens
+            launches = session.launches
+            got = generate(backend, labels, session=session, reference=reference, force=force, **params)
+            want = generate(ort_backend, labels, reference=reference, force=force, **params)
+            np.testing.assert_array_equal(got.indices, want.indices)
+            np.testing.assert_allclose(got.images, want.images, atol=1e-6)
+            np.testing.assert_array_equal(
+                generate(torch_backend, labels, reference=reference, force=force, **params).indices, got.indices
+            )
+            forced = force.transpose(0, 2, 1)
+            np.testing.assert_array_equal(got.indices[forced], reference[forced])
+            if turn == 3:
+                np.testing.assert_array_equal(got.indices, generate(ort_backend, labels, **params).indices)
+            if use_cuda_graphs and turn >= 2:
+                assert session.launches - launches == 1
+        assert (session.graph is not None) == use_cuda_graphs

@@ -29,6 +29,7 @@ MODEL = "imagefolder_generate"
 SCRIPTS = Path(sys.executable).parent
 KINDS = {"class_labels": ("INT64", np.int64), "seed": ("INT64", np.int64), "cfg": ("FP32", np.float32)}
 KINDS |= {"top_k": ("INT64", np.int64), "top_p": ("FP32", np.float32)}
+KINDS |= {"reference_indices": ("INT32", np.int32), "force_mask": ("BOOL", np.bool_)}  # schema 5: per image
 READY_DEADLINE_S = 180  # a model load on a busy 2-core machine
 
 
@@ -64,7 +65,10 @@ def inputs_of(client_module, labels, **settings) -> list:
     out = []
     for name, values in tensors.items():
         datatype, dtype = KINDS[name]
-        array = np.asarray(np.broadcast_to(values, (len(labels),)), dtype=dtype).reshape(-1, 1)
+        if np.ndim(values) == 3:  # (n, ...) tensors of conditioned generation, as given
+            array = np.ascontiguousarray(values, dtype=dtype)
+        else:
+            array = np.asarray(np.broadcast_to(values, (len(labels),)), dtype=dtype).reshape(-1, 1)
         tensor = client_module.InferInput(name, list(array.shape), datatype)
         tensor.set_data_from_numpy(array)
         out.append(tensor)

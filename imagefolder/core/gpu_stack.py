@@ -103,3 +103,66 @@ def require(module: str, package: str, purpose: str = ""):
         return importlib.import_module(module)
     except ImportError as err:
         raise missing(package, err, purpose) from err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Driver floors: what the installed TensorRT needs of the driver and the GPU (docs/gpu-first-run.md, §1)
+
+# (TensorRT major, CUDA major of its build) → the oldest Linux driver branch it runs on. NVIDIA's TensorRT 11
+# prerequisites: "r580+ ... for the CUDA 13.x packages and wheels. The lower r535+ on Linux ... applies to the
+# CUDA 12.x packages and wheels"; TensorRT 10's CUDA 12 builds run on every CUDA 12 driver (R525+).
+DRIVER_FLOORS = {(11, 12): 535, (11, 13): 580, (10, 12): 525, (10, 13): 580}
+# TensorRT 11 needs a Turing or newer GPU ("NVIDIA GPU (Turing architecture or later)").
+COMPUTE_FLOORS = {11: (7, 5)}
+
+
+def tensorrt_cuda_major() -> int | None:
+    """The CUDA major the installed TensorRT wheel was built for (tensorrt-cu12 / -cu13); None if unknown."""
+    for major in (13, 12):
+        for distribution in (f"tensorrt-cu{major}", f"tensorrt_cu{major}_bindings", f"tensorrt_cu{major}_libs"):
+            try:
+                importlib.metadata.version(distribution)
+                return major
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return None
+
+
+def driver_problem(driver: str, compute_capability: str | None, trt_version: str, cuda_major: int | None) -> str | None:
+    """One line saying why this driver or GPU cannot run this TensorRT, or None when they fit.
+
+    ``driver`` is nvidia-smi's ``driver_version`` (e.g. "535.183.01"); ``cuda_major`` the CUDA major of the
+    TensorRT build (None, when no wheel metadata says: a CUDA 12 build, PyPI's ``tensorrt-cu12``).
+    """
+    trt_major = int(str(trt_version).split(".")[0])
+    cuda = cuda_major or 12
+    floor = DRIVER_FLOORS.get((trt_major, cuda))
+    branch = int(str(driver).split(".")[0])
+    package = f"tensorrt-cu{cuda}"
+    if floor is not None and branch < floor:
+        older = " (or pip install 'tensorrt-cu12<11', which runs on R525+)" if trt_major >= 11 and cuda == 12 else ""
+        return (
+            f"driver {driver} is older than R{floor}, which TensorRT {trt_version} ({package}) needs: "
+            f"update the driver{older}"
+        )
+    lowest = COMPUTE_FLOORS.get(trt_major)
+    if lowest is not None and compute_capability:
+        have = tuple(int(x) for x in str(compute_capability).split(".")[:2])
+        if have < lowest:
+            return (
+                f"this GPU (compute capability {compute_capability}) is older than Turing (7.5), which TensorRT "
+                f"{trt_version} needs: pip install 'tensorrt-cu12<11' for TensorRT 10"
+            )
+    return None
+
+
+def onnxruntime_distributions() -> list[str]:
+    """The ONNX Runtime distributions installed: more than one share the ``onnxruntime`` module and clash."""
+    found = []
+    for distribution in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            importlib.metadata.version(distribution)
+            found.append(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found

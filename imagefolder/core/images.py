@@ -226,6 +226,24 @@ def _to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
 
 
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask file (any image ``read_image`` reads) → (side, side) bool, True where it is white (keep).
+
+    The picture is centre-cropped to a square as a reference is (``to_batch``), but not resized: the
+    scale grids are laid over it exactly (``core.conditioning.cell_fractions``). A pixel is white when
+    its grey level (Pillow's ITU-R 601 luma) is at least half of full scale.
+    """
+    picture = read_image(path)
+    grey = (
+        np.asarray(picture, dtype=np.float32)
+        if picture.mode == "F"
+        else np.asarray(picture.convert("L"), dtype=np.float32) / 255.0
+    )
+    side = min(grey.shape)
+    top, left = (grey.shape[0] - side) // 2, (grey.shape[1] - side) // 2
+    return grey[top : top + side, left : left + side] >= 0.5
+
+
 def load_images(paths: list[str | os.PathLike], size: int) -> np.ndarray:
     """Read image files (``read_image``) into one (B, 3, size, size) float32 batch in [-1, 1] (``to_batch``)."""
     return to_batch([read_image(path) for path in paths], size)

@@ -11,7 +11,10 @@ position, one branch) and **one uniform u per token**:
    it is < top_p (rank 0 always; everything when top_p ≥ 1, so rounding never drops a candidate);
 5. the draw, by inverse CDF over the kept candidates **in token-id order**: the kept probabilities
    are scattered back to their vocabulary positions, summed cumulatively in token-id order, and the
-   token is the first kept one whose cumulative mass exceeds u · (kept mass).
+   token is the first kept one whose cumulative mass exceeds u · (kept mass);
+6. teacher forcing (conditioned generation, schema 5): where the force mask is set, the token is the
+   reference's instead of the drawn one (a Where: the draw still runs, so a forced and an unforced
+   token cost the same and nothing in the graph branches).
 
 This is the official distribution (top-k, then top-p, then a draw proportional to the probabilities
 of what is kept; tested against it with a chi-square test), with a property the official
@@ -95,6 +98,8 @@ def sample_tokens(
     top_p: float | np.ndarray,
     uniforms: np.ndarray,
     candidates: int,
+    reference: np.ndarray | None = None,
+    force: np.ndarray | None = None,
 ) -> np.ndarray:
     """Sample one token per branch and position, exactly as the ``sampler`` graph does.
 
@@ -105,6 +110,8 @@ def sample_tokens(
         top_p: nucleus mass in (0, 1] (1 keeps every top-k candidate), per image (B,) or one for all.
         uniforms: (B, q, nb) in [0, 1): one per token.
         candidates: Kc, the TopK size of the graph (≤ V).
+        reference: (B, q, nb) reference tokens, returned where ``force`` is set (default: none).
+        force: (B, q, nb) bool, where the reference token replaces the drawn one (default: nowhere).
     Returns:
         tokens (B, q, nb) int32.
     """
@@ -146,4 +153,9 @@ def sample_tokens(
     total = np.where(kept_tokens, cdf, np.float32(0.0)).max(axis=-1, keepdims=True)
     target = np.clip(uniforms.reshape(-1, 1), 0.0, U_MAX) * total
     tokens = np.argmax(kept_tokens & (cdf > target), axis=-1)  # the first kept token past u · total
-    return tokens.reshape(batch, q, nb).astype(np.int32)
+    drawn = tokens.reshape(batch, q, nb).astype(np.int32)
+    if force is None:
+        return drawn
+    if reference is None or np.shape(reference) != drawn.shape or np.shape(force) != drawn.shape:
+        raise ValueError(f"reference and force must both have the tokens' shape {drawn.shape}")
+    return np.where(np.asarray(force, dtype=bool), np.asarray(reference, dtype=np.int32), drawn)

@@ -22,12 +22,13 @@ from imagefolder.core.schedule import cfg_rows, guidance, num_positions, positio
 
 # 3: one uniform per token; the prefill computes only the conditioning; ar_step serves scale 0.
 # 4: ar_step takes its cache as one (N, Hd, P, D) input per layer (no copy of the cache inside the graph).
-SCHEMA_VERSION = 4
+# 5: the sampler takes the scale's reference tokens and force mask and returns the reference token where forced.
+SCHEMA_VERSION = 5
 
 GRAPH_NAMES = ("encoder", "decoder", "ar_prefill", "ar_step", "sampler", "fold")
 
 # dtype names used in specs and the manifest; "state" is resolved to the bundle's state dtype.
-FLOAT32, INT32, INT64, STATE = "float32", "int32", "int64", "state"
+FLOAT32, INT32, INT64, BOOL, STATE = "float32", "int32", "int64", "bool", "state"
 DTYPES = ("fp32", "fp16", "bf16")
 ORT_CPU_DTYPES = ("fp32", "fp16")  # bundle dtypes ONNX Runtime's CPU provider has kernels for
 # How big weights are stored: "fp" in the bundle dtype; "int8" per output channel; "int4" in blocks
@@ -51,6 +52,8 @@ ROLES = (
     "top_k",
     "top_p",
     "uniform",
+    "reference",
+    "force_mask",
     "logits",
     "state",
 )
@@ -59,7 +62,7 @@ ROLES = (
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: str  # float32 | int32 | int64 | state
+    dtype: str  # float32 | int32 | int64 | bool | state
     shape: tuple[int | str, ...]
     role: str = "state"
 
@@ -196,9 +199,12 @@ def graph_specs(model_config: dict) -> dict[str, GraphSpec]:
                 TensorSpec("top_k", INT64, ("B",), "top_k"),
                 TensorSpec("top_p", FLOAT32, ("B",), "top_p"),
                 TensorSpec("uniforms", FLOAT32, ("B", "q", d["nb"]), "uniform"),
+                TensorSpec("reference_tokens", INT32, ("B", "q", d["nb"]), "reference"),
+                TensorSpec("force_mask", BOOL, ("B", "q", d["nb"]), "force_mask"),
             ),
             (TensorSpec("tokens", INT32, ("B", "q", d["nb"]), "tokens"),),
-            "CFG mix, per-branch top-k/top-p, a draw by inverse CDF in token-id order with one uniform per token",
+            "CFG mix, per-branch top-k/top-p, a draw by inverse CDF in token-id order with one uniform per token; "
+            "where force_mask is set, the reference token instead (conditioned generation)",
             scales="all",
             float32_compute=True,
         ),
@@ -268,7 +274,7 @@ def example_inputs(
         role = tensor.role
         if role == "labels":
             value = cfg_rows(rng.integers(0, gen["num_classes"], batch), gen["num_classes"])
-        elif role in ("tokens", "indices"):
+        elif role in ("tokens", "indices", "reference"):
             value = rng.integers(0, gen["codebook_size"], shape)
         elif role == "positions":
             value = positions(scales, si)
@@ -280,6 +286,8 @@ def example_inputs(
             value = rng.random(shape) * 2 - 1
         elif role == "uniform":
             value = rng.random(shape)
+        elif role == "force_mask":  # about half the tokens forced: both paths of the selection are exercised
+            value = rng.random(shape) < 0.5
         elif role == "guidance":  # a different setting per image: the graphs take them per image
             value = guidance(3.0, max(si, 1), num_scales) * rng.uniform(0.5, 1.5, shape)
         elif role == "top_k":

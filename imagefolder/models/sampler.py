@@ -5,7 +5,9 @@ step by step with operators TensorRT 10.3 parses at opset 17: TopK with the cons
 ``candidates`` (below TensorRT's limit of 3840), Softmax, MatMul with constant triangular matrices
 for the cumulative sums (``BlockedCumsum``), ScatterElements, Where, ReduceMax, ArgMax. No CumSum
 (TensorRT 10.3 turns it into a loop), no Multinomial, Sort, Loop or If. The uniforms are an input,
-one per token, so the graph is deterministic and the runtime owns the random stream.
+one per token, so the graph is deterministic and the runtime owns the random stream. The reference
+tokens and the force mask are inputs too (schema 5): one Where picks the reference token where the
+mask is set, so conditioned and unconditioned images share one graph, one batch and one CUDA graph.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ class BlockedCumsum(nn.Module):
 
 
 class SamplerGraph(nn.Module):
-    """(logits, guidance, top_k, top_p, uniforms) → tokens; see ``imagefolder/core/sampler.py`` for the algorithm.
+    """(logits, guidance, top_k, top_p, uniforms, reference_tokens, force_mask) → tokens.
+
+    See ``imagefolder/core/sampler.py`` for the algorithm.
 
     Args:
         candidates: Kc, the tokens per branch kept by TopK before top-k/top-p (≤ V).
@@ -70,9 +74,11 @@ class SamplerGraph(nn.Module):
         top_k: torch.Tensor,
         top_p: torch.Tensor,
         uniforms: torch.Tensor,
+        reference_tokens: torch.Tensor,
+        force_mask: torch.Tensor,
     ) -> torch.Tensor:
         # logits (N, q, nb·V) fp32; per image: guidance (B,) fp32, top_k (B,) int64, top_p (B,) fp32;
-        # uniforms (B, q, nb)
+        # uniforms (B, q, nb); reference_tokens (B, q, nb) int32; force_mask (B, q, nb) bool
         split = logits.unflatten(-1, (self.num_branches, self.codebook_size))  # (N, q, nb, V)
         cond, uncond = split.chunk(2, dim=0)  # (B, q, nb, V) each
         guidance, top_k, top_p = (x.reshape(-1, 1, 1, 1) for x in (guidance, top_k, top_p))  # broadcast per image
@@ -91,4 +97,5 @@ class SamplerGraph(nn.Module):
         total = torch.where(kept_tokens, cdf, 0.0).amax(dim=-1, keepdim=True)
         target = uniforms.clamp(0.0, float(U_MAX)).unsqueeze(-1) * total
         hit = kept_tokens & (cdf > target)
-        return torch.argmax(hit.float(), dim=-1).to(torch.int32)  # the first kept token past u · total
+        drawn = torch.argmax(hit.float(), dim=-1).to(torch.int32)  # the first kept token past u · total
+        return torch.where(force_mask, reference_tokens.to(torch.int32), drawn)  # teacher forcing

@@ -5,7 +5,9 @@ owns all per-generation state in the backend's memory (the KV cache, the conditi
 logits, f̂, the next folded input, the sampled tokens). ``Session.generate(request)`` takes every
 per-image input of a generation at once (the labels, one uniform per token, the sampling parameters
 of every scale), runs the scales on what the session holds, and returns only images and indices:
-on a GPU, logits never cross to the host and the host sends a few KB per image.
+on a GPU, logits never cross to the host and the host sends a few KB per image. A request may teacher-force
+any of its tokens (conditioned generation): the reference indices and the force mask go in with the rest,
+and the sampler returns the reference token wherever the mask is set.
 
 Inside ``generate`` the device work of one generation is a fixed sequence of stages, written once
 here (``run_stages``) and used by every backend; a session that replays a CUDA graph captured that
@@ -42,6 +44,8 @@ class BatchRequest:
         uniforms: (B, P, branches) float32 in [0, 1): one per token (``core.sampler.image_uniforms``).
         guidance: (SN, B) float32: the CFG weight of every scale and image.
         top_k: (B,) int64; top_p: (B,) float32.
+        reference: (B, branches, P) int32: each image's reference indices (zeros where it has none).
+        force: (B, P, branches) bool: where the reference token replaces the draw (all False: unconditioned).
     """
 
     labels: np.ndarray
@@ -49,11 +53,19 @@ class BatchRequest:
     guidance: np.ndarray
     top_k: np.ndarray
     top_p: np.ndarray
+    reference: np.ndarray
+    force: np.ndarray
 
     @property
     def nbytes(self) -> int:
         """Bytes of the request: what a session sends to its device per generation."""
-        return sum(a.nbytes for a in (self.labels, self.uniforms, self.guidance, self.top_k, self.top_p))
+        arrays = (self.labels, self.uniforms, self.guidance, self.top_k, self.top_p, self.reference, self.force)
+        return sum(a.nbytes for a in arrays)
+
+    def scale_block(self, start: int, q: int) -> tuple[np.ndarray, np.ndarray]:
+        """The sampler's ``reference_tokens`` (B, q, branches) int32 and ``force_mask`` (B, q, branches) bool of
+        the scale whose positions are ``start .. start + q``."""
+        return self.reference[:, :, start : start + q].transpose(0, 2, 1), self.force[:, start : start + q]
 
 
 class DeviceTimer(Protocol):

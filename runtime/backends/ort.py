@@ -167,6 +167,9 @@ class OrtSession:
         self._tokens = np.empty(math.prod(widest_sample["tokens"]), np.int32)
         # The uniforms of all scales, scale after scale, each a contiguous (B, q, branches) block.
         self._uniforms = np.empty(batch * positions_total * bundle.num_branches, np.float32)
+        # The reference tokens and force mask, laid out as the uniforms (conditioned generation).
+        self._reference = np.zeros(self._uniforms.size, np.int32)
+        self._force = np.zeros(self._uniforms.size, bool)
         self._guidance = np.empty((len(self._spans), batch), np.float32)
         self._top_k = np.empty(batch, np.int64)
         self._top_p = np.empty(batch, np.float32)
@@ -219,13 +222,15 @@ class OrtSession:
                 "values": view(self._new_values, s["values"]),
             }
         if graph == "sampler":
-            start = self._spans[si][0]
+            offset = self.batch * self._spans[si][0] * s["uniforms"][2]
             return {
                 "logits": view(self._logits, s["logits"]),
                 "guidance": self._guidance[si],
                 "top_k": self._top_k,
                 "top_p": self._top_p,
-                "uniforms": view(self._uniforms, s["uniforms"], self.batch * start * s["uniforms"][2]),
+                "uniforms": view(self._uniforms, s["uniforms"], offset),
+                "reference_tokens": view(self._reference, s["reference_tokens"], offset),
+                "force_mask": view(self._force, s["force_mask"], offset),
             }, {"tokens": view(self._tokens, s["tokens"])}
         if graph == "fold":
             return {
@@ -260,7 +265,10 @@ class OrtSession:
         offset = 0
         for start, q in self._spans:  # scale-major: each scale's (B, q, branches) block contiguous
             block = request.uniforms[:, start : start + q]
+            reference, force = request.scale_block(start, q)
             self._uniforms[offset : offset + block.size] = block.reshape(-1)
+            self._reference[offset : offset + block.size] = reference.reshape(-1)
+            self._force[offset : offset + block.size] = force.reshape(-1)
             offset += block.size
         self._guidance[:], self._top_k[:], self._top_p[:] = request.guidance, request.top_k, request.top_p
         self._sent += request.nbytes

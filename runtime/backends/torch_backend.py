@@ -85,6 +85,8 @@ class TorchSession:
             "guidance": ((self.num_scales, batch), torch.float32),
             "top_k": ((batch,), torch.int64),
             "top_p": ((batch,), torch.float32),
+            "reference": ((batch, cfg.positions, cfg.num_branches), torch.int32),
+            "force": ((batch, cfg.positions, cfg.num_branches), torch.bool),
         }
         self.host_request = {n: torch.empty(s, dtype=d, pin_memory=on_cuda) for n, (s, d) in request.items()}
         self.request = {n: torch.empty(s, dtype=d, device=device) for n, (s, d) in request.items()}
@@ -118,6 +120,8 @@ class TorchSession:
             "guidance": request.guidance,
             "top_k": request.top_k,
             "top_p": request.top_p,
+            "reference": request.reference.transpose(0, 2, 1),
+            "force": request.force,
         }
         for name, value in values.items():  # the previous generation ended synchronised: nothing reads these now
             self.host_request[name].numpy()[...] = value
@@ -177,8 +181,15 @@ class TorchSession:
     def sample(self, scale_index: int) -> None:
         start, q = self.cfg.scale_offsets[scale_index], self.cfg.scales[scale_index] ** 2
         r = self.request
+        scale = slice(start, start + q)
         tokens = self.backend.sampler(
-            self.logits.float(), r["guidance"][scale_index], r["top_k"], r["top_p"], r["uniforms"][:, start : start + q]
+            self.logits.float(),
+            r["guidance"][scale_index],
+            r["top_k"],
+            r["top_p"],
+            r["uniforms"][:, scale],
+            r["reference"][:, scale],
+            r["force"][:, scale],
         )
         self.tokens.append(tokens)
 

@@ -83,13 +83,15 @@ def installed(
     num_dla_cores: int = 0,
     total_memory: int = 8 << 30,
     driver_error: str | None = None,
+    tf32_rounding: bool = False,
 ) -> Iterator[FakeGpu]:
     """Fake ``tensorrt`` and cuda-python in ``sys.modules`` for the block, on one simulated GPU
-    (or, with ``driver_error`` such as "cudaErrorInsufficientDriver", on none that any call reaches)."""
+    (or, with ``driver_error`` such as "cudaErrorInsufficientDriver", on none that any call reaches).
+    ``tf32_rounding``: engines built with the TF32 flag round their products as tensor cores do (numerics.py)."""
     cuda = FakeCuda(gpu_name, compute_capability, total_memory)
     if driver_error is not None:
         cuda.sticky = getattr(cudaError_t, driver_error)  # every call returns it first, as a broken context does
-    trt = make_module(trt_version, cuda, num_dla_cores)
+    trt = make_module(trt_version, cuda, num_dla_cores, tf32_rounding)
     runtime = cuda.module("cuda.bindings.runtime")
     package = types.ModuleType("cuda")
     bindings = types.ModuleType("cuda.bindings")

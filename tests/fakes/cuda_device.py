@@ -3,8 +3,9 @@
 ``Device`` holds the state and the machinery every call shares: allocations (256-byte aligned, in an
 address range no host pointer uses, numpy-backed, never reused, device memory uninitialised: all-ones
 bytes, NaN as floats), bounds-checked views of device and
-pinned memory, streams with their capture state, eager execution of enqueued work (documented in
-``cudart.py``), the sticky-fault rule, the pinned-memory race check and the per-stream counters. The
+pinned memory, streams with their capture state and their queues of work not yet run (asynchrony,
+documented in ``cudart.py``), the sticky-fault rule, the pinned-memory race checks and the per-stream
+counters. The
 cuda-python names, enums and handle types live here too, so both modules share one definition;
 ``cudart.FakeCuda`` adds the API calls.
 """
@@ -155,6 +156,8 @@ class Stream:
     capture: Capture | None = None
     seq: int = 0  # operations enqueued so far
     done: int = 0  # operations the host has synchronised
+    ran: int = 0  # operations the device has run (≤ seq): the rest wait in ``queue``
+    queue: list = field(default_factory=list)  # (sequence number, Op) not run yet, in stream order
 
 
 @dataclass
@@ -163,7 +166,7 @@ class Event:
     live: bool = True
     stream: int | None = None  # stream of the last record
     seq: int = 0  # that stream's sequence number at the record
-    time_ms: float | None = None
+    time_ms: float | None = None  # set when the device reaches the record, not when the host makes it
     captured: bool = False  # last recorded inside a capture
 
 
@@ -171,11 +174,13 @@ class Event:
 class Op:
     """One unit of stream work: a copy, a memset or a kernel (a TensorRT enqueue)."""
 
-    kind: str  # "memcpy", "memset", "kernel", "graph"
+    kind: str  # "memcpy", "memset", "kernel", "graph", or "marker" (event records and waits: not counted)
     label: str
     run: object  # callable(Device) -> None; raises Fault
     cost_ms: float = 0.001
     pinned: tuple = ()  # (address, bytes) of pinned host memory the op reads
+    pinned_out: tuple = ()  # (address, bytes) of pinned host memory the op writes
+    pageable: bool = False  # reads or writes pageable host memory (a copy no capture may hold)
 
 
 class Device:
@@ -204,6 +209,7 @@ class Device:
         self.clock_ms = 0.0
         self.counters: dict[int, Counter] = defaultdict(Counter)
         self.pending_reads: list[tuple] = []  # pinned host memory read by copies the host has not synchronised
+        self.pending_writes: list[tuple] = []  # pinned host memory that copies not yet run will overwrite
 
     # -- public helpers for tests and the fake TensorRT ----------------------------------------------------------------
 
@@ -269,7 +275,8 @@ class Device:
         return s
 
     def enqueue(self, stream, op: Op) -> cudaError_t:
-        """Record ``op`` if ``stream`` is capturing, else run it now (eager stand-in for asynchronous work)."""
+        """Record ``op`` if ``stream`` is capturing, else queue it: it runs when the host synchronises the
+        stream (or an event recorded after it), never before, and always after the stream's earlier work."""
         s = self.stream(stream)
         if s.handle in DEFAULT_STREAMS:
             blocking = [c for c in self.streams.values() if c.capture and not c.flags & 1]
@@ -280,22 +287,59 @@ class Device:
         if s.capture is not None:
             if s.capture.invalidated:
                 return E.cudaErrorStreamCaptureInvalidated
+            if op.pageable:  # see cudart.py: no graph may hold a copy from or to pageable host memory
+                s.capture.invalidated = True
+                self.faults.append(f"{op.label} with pageable host memory during stream capture: refused")
+                return E.cudaErrorStreamCaptureUnsupported
             s.capture.ops.append(op)
-            self.counters[s.handle]["captured"] += 1
+            if op.kind != "marker":
+                self.counters[s.handle]["captured"] += 1
             return OK
-        self.counters[s.handle][COUNTER[op.kind]] += 1
+        if op.kind != "marker":
+            self.counters[s.handle][COUNTER[op.kind]] += 1
         s.seq += 1
-        self._execute(op, s)
+        s.queue.append((s.seq, op))
+        for address, nbytes in op.pinned:  # on a GPU the DMA may read it any time until the stream is synchronised
+            self.pending_reads.append((s.handle, s.seq, address, nbytes, ctypes.string_at(address, nbytes)))
+        for address, nbytes in op.pinned_out:
+            self.pending_writes.append((s.handle, s.seq, address, nbytes, ctypes.string_at(address, nbytes)))
         return OK
 
+    def run_until(self, s: Stream, upto: int | None = None) -> None:
+        """Run ``s``'s queued work up to sequence number ``upto`` (all of it by default), in stream order."""
+        upto = s.seq if upto is None else upto
+        while s.queue and s.queue[0][0] <= upto:
+            seq, op = s.queue.pop(0)
+            self._execute(op, s)
+            s.ran = seq
+
+    def run_all(self) -> None:
+        """Run every stream's queued work (a device-wide synchronisation)."""
+        for s in list(self.streams.values()):
+            self.run_until(s)
+
     def _execute(self, op: Op, stream: Stream) -> None:
+        if self.sticky is not None:  # a context that faulted runs nothing more
+            return
+        self._land_pinned_writes(op)
         try:
             op.run(self)
         except Fault as fault:
             self.fault(E.cudaErrorIllegalAddress, f"{op.label}: {fault}")
         self.clock_ms += op.cost_ms
-        for address, nbytes in op.pinned:  # on a GPU the DMA may read it any time until the stream is synchronised
-            self.pending_reads.append((stream.handle, stream.seq, address, nbytes, ctypes.string_at(address, nbytes)))
+
+    def _land_pinned_writes(self, op: Op) -> None:
+        """A copy into pinned memory lands when it runs: a host write there before then is a race it overwrites."""
+        for address, nbytes in op.pinned_out:
+            for entry in self.pending_writes:
+                if entry[2:4] == (address, nbytes):
+                    if ctypes.string_at(address, nbytes) != entry[4]:
+                        self.faults.append(
+                            f"the host wrote pinned memory 0x{address:x} ({nbytes} bytes) that an asynchronous "
+                            f"copy into it on stream 0x{entry[0]:x} had not completed"
+                        )
+                    self.pending_writes.remove(entry)
+                    break
 
     def check_pinned_races(self) -> None:
         """Pinned memory an asynchronous copy reads must keep its contents until the host synchronised the copy."""
@@ -311,6 +355,11 @@ class Device:
                 continue
             pending.append((handle, seq, address, nbytes, snapshot))
         self.pending_reads = pending
+
+    def unfinished_pinned_writes(self) -> list[tuple[int, int]]:
+        """(address, bytes) of pinned memory that queued copies have yet to write: a host read there now gets
+        the previous contents. A numpy-backed fake cannot see the read itself; a test sees its stale values."""
+        return [(address, nbytes) for _, _, address, nbytes, _ in self.pending_writes]
 
     def active_captures(self) -> list[Stream]:
         return [s for s in self.streams.values() if s.capture is not None]
@@ -359,6 +408,8 @@ class Device:
         return OK
 
     def _synchronised(self, s: Stream, upto: int | None = None) -> None:
+        """The host waits for ``s`` (up to ``upto``): the queued work runs now, and counts as complete."""
+        self.run_until(s, upto)
         s.done = max(s.done, s.seq if upto is None else upto)
 
     # -- copies --------------------------------------------------------------------------------------------------------
@@ -380,21 +431,36 @@ class Device:
                 return self.device_view(ptr, extent, what).ctypes.data if extent else 0
             return self.host_address(ptr, extent, what)
 
+        pinned: tuple = ()
+        pinned_out: tuple = ()
+        staged: bytes | None = None
+        pageable = False
+        if width and height:
+            address(src, extent_src, src_dev, "source")
+            address(dst, extent_dst, dst_dev, "destination")
+            if not src_dev:
+                if self.find(self.pinned, src) is not None:
+                    pinned = ((src, extent_src),)
+                else:  # pageable: the runtime stages it before returning, so the copy uses these bytes
+                    pageable, staged = True, ctypes.string_at(src, extent_src)
+            if not dst_dev:
+                if self.find(self.pinned, dst) is not None:
+                    pinned_out = ((dst, extent_dst),)
+                else:
+                    pageable = True
+
         def run(cuda: Device) -> None:
             if not width or not height:
                 return
             s_addr = address(src, extent_src, src_dev, "source")
             d_addr = address(dst, extent_dst, dst_dev, "destination")
+            if staged is not None:
+                s_addr = ctypes.cast(ctypes.c_char_p(staged), ctypes.c_void_p).value or 0
             for row in range(height):
                 ctypes.memmove(d_addr + row * dpitch, s_addr + row * spitch, width)
 
-        pinned = ()
-        if width and height:
-            address(src, extent_src, src_dev, "source")
-            address(dst, extent_dst, dst_dev, "destination")
-            if not src_dev and self.find(self.pinned, src) is not None:
-                pinned = ((src, extent_src),)
-        return Op("memcpy", label, run, cost_ms=0.002 + width * height / 2e7, pinned=pinned)
+        cost = 0.002 + width * height / 2e7
+        return Op("memcpy", label, run, cost, pinned=pinned, pinned_out=pinned_out, pageable=pageable)
 
     def _gate(self, nvalues: int):
         """The sticky error, shaped like the call's result, if the context is broken (every call starts here)."""

@@ -16,11 +16,18 @@ Every copy, memset and kernel access is bounds-checked against a live allocation
 pinned host allocation). Host pointers outside the pinned table are treated as pageable process
 memory and accessed with ctypes, as the real runtime would.
 
-Simplification (documented, deliberate): work runs eagerly, in order, when it is enqueued; a
-stream's work counts as *complete* only after the host synchronised it (stream, event or device
-synchronisation), so event timings and "is the previous work finished" questions behave as on a GPU
-that has not caught up yet. Timings come from a simulated device clock: monotonic, strictly positive
-between two records.
+Asynchrony: each stream keeps a queue. Enqueued work (copies, memsets, TensorRT kernels, graph
+launches, event records) runs only when the host waits for it (``cudaStreamSynchronize``,
+``cudaEventSynchronize`` up to the event's record, ``cudaDeviceSynchronize``, a synchronous
+``cudaMemcpy``, ``cudaFree`` and ``cudaFreeHost``, which wait for the device as the real ones do, a
+copy into pageable memory, which returns once the copy completed), and then in stream order. Two
+streams are ordered only through an event (``cudaStreamWaitEvent``); nothing else makes one wait for
+the other. So a host read of pinned memory that a queued copy writes returns the previous contents,
+as on a GPU that has not caught up (``unfinished_pinned_writes`` lists such memory; the read itself
+is invisible to a numpy-backed fake, the stale values are what a test sees), and a host write there
+before the copy lands is recorded in ``faults``. Work of a graph launch runs, op by op, when the
+launch is reached. Timings come from a simulated device clock advanced as work runs: an event's time
+is set when the device reaches its record, monotonic, strictly positive between two records.
 
 Rules enforced, each with the error the real runtime returns (the CUDA Programming Guide, section
 "Prohibited and Unhandled Operations" of CUDA Graphs / stream capture, and the error table quoted in
@@ -56,7 +63,17 @@ NVIDIA/cuda-python PR #458):
 - the host must not modify pinned memory that an asynchronous copy reads before it synchronised that
   copy (CUDA Programming Guide, "Asynchronous Concurrent Execution": the copy may read it any time until
   it completes); checked at every call, recorded in ``faults``. Pageable memory is staged by
-  ``cudaMemcpyAsync`` before it returns, so it may change at once;
+  ``cudaMemcpyAsync`` before it returns, so it may change at once ("API synchronization behavior" of the
+  CUDA Runtime API: pageable host → device is copied to a staging buffer immediately; device →
+  pageable host returns once the copy has completed);
+- a copy from or to pageable host memory enqueued during a capture is refused with
+  ``cudaErrorStreamCaptureUnsupported`` and invalidates the capture. CUDA's documentation names no such
+  rule (the memcpy-node restrictions of ``cudaGraphAddMemcpyNode`` concern managed memory only), and a
+  real capture may record the copy: eager, pageable memory is staged or waited for at the call (above),
+  which a replay cannot repeat, and nothing keeps the memory alive for later replays. PyTorch refuses
+  these copies at capture for that reason (pytorch/pytorch#172156: "the CPU tensor must be pinned for
+  the operation to be captured correctly"; silent garbage otherwise); the fake does the same, stricter
+  than CUDA may be [*];
 - a fault while work *executes* (a kernel touching freed or too little memory, a replayed copy whose
   buffer is gone) is the sticky ``cudaErrorIllegalAddress``: every later call returns it, as a CUDA
   context is unusable after one.
@@ -150,9 +167,12 @@ class FakeCuda(Device):
             return gate
         if err := self.unsafe("cudaDeviceSynchronize"):
             return (err,)
-        for s in self.streams.values():
+        self._synchronise_all()
+        return (self.sticky or OK,)
+
+    def _synchronise_all(self) -> None:
+        for s in list(self.streams.values()):
             self._synchronised(s)
-        return (OK,)
 
     def cudaMalloc(self, size):
         if gate := self._gate(1):
@@ -174,6 +194,9 @@ class FakeCuda(Device):
             return (err,)
         if int(devPtr) == 0:
             return (OK,)
+        self._synchronise_all()  # cudaFree waits for the device to go idle (an implicit synchronisation)
+        if self.sticky is not None:
+            return (self.sticky,)
         return (self._free(self.device, int(devPtr)),)
 
     def cudaMallocHost(self, size):
@@ -188,6 +211,9 @@ class FakeCuda(Device):
             return gate
         if err := self.unsafe("cudaFreeHost"):
             return (err,)
+        self._synchronise_all()  # as cudaFree
+        if self.sticky is not None:
+            return (self.sticky,)
         return (self._free(self.pinned, int(ptr)),)
 
     def cudaMemcpy(self, dst, src, count, kind):
@@ -201,10 +227,9 @@ class FakeCuda(Device):
         except Fault:
             return (E.cudaErrorInvalidValue,)
         err = self.enqueue(0, op)
-        if err == OK:
-            for s in self.streams.values():  # synchronous: returns once the copy (and the legacy stream) is done
-                self._synchronised(s)
-        return (err,)
+        if err == OK:  # synchronous: returns once the copy (and the legacy stream, which waits for all) is done
+            self._synchronise_all()
+        return (self.sticky or err,)
 
     def cudaMemcpyAsync(self, dst, src, count, kind, stream):
         return self.cudaMemcpy2DAsync(dst, count, src, count, count, 1, kind, stream)
@@ -230,7 +255,14 @@ class FakeCuda(Device):
         except Fault as fault:
             self.faults.append(str(fault))
             return (fault.code,)
-        return (self.enqueue(stream, op),)
+        err = self.enqueue(stream, op)
+        s = self.stream(stream)
+        into_pageable = op.pageable and not op.pinned_out and not self.is_device_pointer(int(dst))
+        if err == OK and into_pageable and s.capture is None:
+            # "the function will return only once the copy has completed"
+            self._synchronised(s)
+            return (self.sticky or OK,)
+        return (err,)
 
     def cudaMemsetAsync(self, devPtr, value, count, stream):
         if gate := self._gate(0):
@@ -273,8 +305,25 @@ class FakeCuda(Device):
             return (E.cudaErrorStreamCaptureUnsupported,)
         if err := self.unsafe("cudaStreamSynchronize"):
             return (err,)
+        if s.handle in DEFAULT_STREAMS:  # the legacy stream synchronises with every blocking stream: all of them
+            self._synchronise_all()
         self._synchronised(s)
-        return (OK,)
+        return (self.sticky or OK,)
+
+    def cudaStreamWaitEvent(self, stream, event, flags=0):
+        """Later work on ``stream`` waits for ``event``'s record: the only order between two streams."""
+        if gate := self._gate(0):
+            return gate
+        try:
+            s, e = self.stream(stream), self._event(event)
+        except Fault as fault:
+            return (fault.code,)
+        if s.capture is not None:  # fork/join capture across streams is not modelled
+            return (E.cudaErrorStreamCaptureUnsupported,)
+        if e.stream is None or e.captured:
+            return (OK,)  # an event never recorded is complete
+        source, upto = self.streams[e.stream], e.seq
+        return (self.enqueue(s.handle, Op("marker", "cudaStreamWaitEvent", lambda cuda: cuda.run_until(source, upto))),)
 
     def cudaStreamDestroy(self, stream):
         if gate := self._gate(0):
@@ -357,9 +406,15 @@ class FakeCuda(Device):
                 return (E.cudaErrorStreamCaptureInvalidated,)
             e.captured, e.stream, e.time_ms = True, s.handle, None  # a dependency marker, not a timestamp
             return (OK,)
-        self.clock_ms += 0.0005  # two records are never at the same instant
-        e.captured, e.stream, e.seq, e.time_ms = False, s.handle, s.seq, self.clock_ms
-        return (OK,)
+
+        def reached(cuda: FakeCuda) -> None:
+            cuda.clock_ms += 0.0005  # two records are never at the same instant
+            e.time_ms = cuda.clock_ms
+
+        e.captured, e.stream, e.time_ms = False, s.handle, None
+        err = self.enqueue(s.handle, Op("marker", "cudaEventRecord", reached, cost_ms=0.0))
+        e.seq = s.seq
+        return (err,)
 
     def cudaEventSynchronize(self, event):
         if gate := self._gate(0):
@@ -374,7 +429,7 @@ class FakeCuda(Device):
             return (err,)
         if e.stream is not None:
             self._synchronised(self.streams[e.stream], e.seq)
-        return (OK,)
+        return (self.sticky or OK,)
 
     def cudaEventElapsedTime(self, start, end):
         if gate := self._gate(1):
@@ -385,9 +440,9 @@ class FakeCuda(Device):
             return fault.code, None
         if any(e.captured for e in events):
             return E.cudaErrorCapturedEvent, None
-        if any(e.time_ms is None for e in events):
+        if any(e.stream is None for e in events):
             return E.cudaErrorInvalidResourceHandle, None
-        if any(self.streams[e.stream].done < e.seq for e in events):
+        if any(self.streams[e.stream].done < e.seq or e.time_ms is None for e in events):
             return E.cudaErrorNotReady, None
         return OK, events[1].time_ms - events[0].time_ms
 
@@ -424,10 +479,11 @@ class FakeCuda(Device):
         def replay(cuda: FakeCuda) -> None:
             for op in ops:
                 cuda._execute(op, s)
-                if cuda.sticky is not None:
-                    return
 
-        return (self.enqueue(s.handle, Op("graph", f"graph 0x{int(graphExec):x}", replay, cost_ms=0.0)),)
+        label = f"graph 0x{int(graphExec):x}"
+        reads = tuple(r for op in ops for r in op.pinned)
+        writes = tuple(w for op in ops for w in op.pinned_out)
+        return (self.enqueue(s.handle, Op("graph", label, replay, cost_ms=0.0, pinned=reads, pinned_out=writes)),)
 
     def cudaGraphExecDestroy(self, graphExec):
         if gate := self._gate(0):

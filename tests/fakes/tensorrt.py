@@ -19,10 +19,16 @@ A plan is ``MAGIC + u32 header length + JSON header + ONNX bytes`` (external dat
 header holds the TensorRT version, the device, the build flags, the I/O, and per profile the
 min/opt/max input shapes, the output shapes and the activation memory size.
 
-Not modelled: numerics (the fake computes exactly what ONNX Runtime computes, so TF32, fp16 kernels
-and weak typing on 10.x change nothing; tests/test_trt_gpu.py covers them on a GPU), memory-pool
-limits and tactics (recorded, never enforced), DLA placement beyond the build flags, threads,
-``cudaStreamWaitEvent`` ordering between streams, and real time.
+Numerics (``numerics.py``): engines compute what ONNX Runtime computes on the plan's graph, except that
+bf16 graphs run in fp32 with their bf16 casts kept (ONNX Runtime's CPU provider has no bf16 kernels) and,
+with ``installed(tf32_rounding=True)``, plans built with the TF32 flag round both operands of every fp32
+matrix product to TF32. The WORKSPACE memory pool is recorded in the plan header in bytes as set, and a
+limit under 1 MiB leaves GEMMs without a tactic (the build fails as TensorRT's does).
+
+Not modelled: fp16 kernels beyond ONNX Runtime's own fp16 arithmetic, accumulation order, weak typing
+on 10.x, tactics and their timing, the other memory pools, DLA placement beyond the build flags,
+threads, and real time. tests/test_trt_gpu.py covers them on a GPU; tests/fakes/README.md lists what
+the doubles do and do not model.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class Env:
     version: str
     cuda: FakeCuda
     num_dla_cores: int = 0
+    tf32_rounding: bool = False  # kernels of plans built with BuilderFlag.TF32 round products (numerics.py)
     log: list = field(default_factory=list)  # (severity name, message) of every message, whatever min_severity
     trt: types.ModuleType | None = None
 
@@ -271,13 +278,13 @@ def _bind(cls: type, env: Env) -> type:
     return type(cls.__name__, (cls,), namespace)
 
 
-def make_module(version: str, cuda: FakeCuda, num_dla_cores: int = 0) -> types.ModuleType:
+def make_module(version: str, cuda: FakeCuda, num_dla_cores: int = 0, tf32_rounding: bool = False) -> types.ModuleType:
     """A fresh fake ``tensorrt`` module of ``version`` ("10.3.0" or "11.4.0") running on ``cuda``."""
     from tests.fakes import trt_builder, trt_runtime
 
     if version not in VERSIONS:
         raise ValueError(f"the fake models TensorRT {VERSIONS}, not {version}")
-    env = Env(version, cuda, num_dla_cores)
+    env = Env(version, cuda, num_dla_cores, tf32_rounding)
     module = types.ModuleType("tensorrt", f"fake TensorRT {version} (tests/fakes)")
     module.__version__ = version
     env.trt = module

@@ -397,6 +397,7 @@ class Builder:
         self._env.report(self._logger, "ERROR", f"IBuilder::buildSerializedNetwork: {message}")
 
     def build_serialized_network(self, network, config):
+        from tests.fakes.numerics import runnable
         from tests.fakes.trt_runtime import ort_session
 
         env, trt = self._env, self._env.trt
@@ -429,12 +430,22 @@ class Builder:
                         return self._fail(
                             f"profile {index}: {name} shape {shape} does not fit the network's {tensor._shape}"
                         )
+        workspace = config.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE)
+        gemm = next((n for n in network._model.graph.node if n.op_type in TACTIC_LAYERS), None)
+        if gemm is not None and workspace < MIN_TACTIC_WORKSPACE:
+            env.report(
+                self._logger,
+                "WARNING",
+                f"Tactic Device request: {MIN_TACTIC_WORKSPACE >> 20}MB Available: {workspace / 2**20:g}MB. "
+                "Device memory is insufficient to use tactic.",
+            )
+            return self._fail(f"Error Code 10: Internal Error (Could not find any implementation for node {gemm.name})")
         monitor = config._monitor
         if monitor is not None:
             IProgressMonitor._check_initialised(monitor, "IProgressMonitor")
             monitor.phase_start("Building engine", None, len(config._profiles))
         onnx_bytes = network._model.SerializeToString()
-        session = ort_session(onnx_bytes)
+        session = ort_session(runnable(onnx_bytes))
         profiles = []
         for index, profile in enumerate(config._profiles):
             shapes = {name: [list(s) for s in profile._shapes.get(name, (t._shape,) * 3)] for name, t in inputs.items()}
@@ -460,6 +471,7 @@ class Builder:
             "dla_core": config._dla_core if dla else -1,
             "profiling_verbosity": config._verbosity.name,
             "builder_optimization_level": int(config._level),
+            "memory_pools": {pool.name: size for pool, size in config._pools.items()},  # bytes, as set
             "inputs": [{"name": t.name, "dtype": t.dtype.name, "shape": list(t._shape)} for t in network._inputs],
             "outputs": [{"name": t.name, "dtype": t.dtype.name, "shape": list(t._shape)} for t in network._outputs],
             "profiles": profiles,
@@ -468,6 +480,14 @@ class Builder:
             ],
         }
         return IHostMemory(pack_plan(header, onnx_bytes))
+
+
+# The WORKSPACE pool (bytes) caps the scratch any one layer's tactic may use ("If an insufficient scratch is
+# provided, TensorRT may not be able to find an implementation for a given layer", developer guide). The fake
+# gives every GEMM/convolution's cheapest tactic 1 MiB [*: the size is this fake's choice, not NVIDIA's]: a
+# limit given in MiB where bytes are due (64 for 64 MiB) leaves no tactic, as on a GPU.
+TACTIC_LAYERS = ("MatMul", "Gemm", "Conv")
+MIN_TACTIC_WORKSPACE = 1 << 20
 
 
 def output_shapes(session, inputs: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, list[int]]:

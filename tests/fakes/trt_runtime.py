@@ -1,8 +1,10 @@
 """The run side of the fake TensorRT: ``Runtime``, ``ICudaEngine``, ``IExecutionContext``, ``EngineInspector``.
 
-``execute_async_v3`` enqueues one *kernel* on the fake CUDA stream: when it runs (at once, or at each
-replay of a CUDA graph it was captured into) it reads the inputs from the addresses bound at enqueue
-time, runs the plan's ONNX graph on ONNX Runtime's CPU provider, scribbles over the context's
+``execute_async_v3`` enqueues one *kernel* on the fake CUDA stream: when it runs (when the host waits for
+the stream, as every queued operation of ``cudart.py``, or at each replay of a CUDA graph it was captured
+into) it reads the inputs from the addresses bound at enqueue time, runs the plan's ONNX graph (as
+``numerics.py`` rewrites it: bf16 emulated, TF32 if asked) on ONNX Runtime's CPU provider, scribbles over
+the context's
 activation memory and writes the outputs to their bound addresses. A kernel touching memory that is
 not a live allocation large enough for the tensor faults with the sticky ``cudaErrorIllegalAddress``.
 
@@ -45,6 +47,7 @@ import numpy as np
 
 from tests.fakes.cudart import DEFAULT_STREAMS, OK, Fault, Op
 from tests.fakes.cudart import cudaError_t as E
+from tests.fakes.numerics import runnable
 from tests.fakes.tensorrt import Dims, IHostMemory, IProfiler, pack_plan, unpack_plan
 
 NUMPY = {
@@ -133,7 +136,8 @@ class ICudaEngine:
 
     def _ort_session(self):
         if self._session is None:
-            self._session = ort_session(self._onnx)
+            tf32 = self._env.tf32_rounding and "TF32" in self._header["flags"]
+            self._session = ort_session(runnable(self._onnx, tf32))
         return self._session
 
     def _tensor(self, name: str) -> dict | None:

@@ -2,7 +2,8 @@
 
 A ``TrtSession`` owns every per-generation tensor in device memory: the KV cache, the conditioning, logits,
 f̂ (two buffers, read one / write the other), the folded input, tokens and indices. Only the request
-(labels, sampling parameters, uniforms; one copy from pinned memory, laid out by ``RequestLayout``) goes up;
+(labels, sampling parameters, uniforms, reference tokens and force mask; one copy from pinned memory, laid
+out by ``RequestLayout``) goes up;
 only indices and images come down (into pinned memory). Each (graph, batch, scale) has its own optimization
 profile with fixed shapes and its own execution context; with ``use_cuda_graphs`` the session runs its first
 generation eagerly and captures its second whole as one CUDA graph, which every later generation replays.
@@ -34,9 +35,11 @@ ALIGNMENT = 256  # TensorRT wants every tensor address 256-byte aligned
 class RequestLayout:
     """Where every per-image input of one generation lies in one buffer, each segment 256-byte aligned.
 
-    Segments: ``labels`` (the N CFG rows), ``uniforms[si]`` (B, q, branches) and ``guidance[si]`` (B,)
-    per scale, ``top_k`` and ``top_p`` (B,). The host packs a request into pinned memory with this
-    layout and one copy moves it to the device, where each engine reads its segment in place.
+    Segments: ``labels`` (the N CFG rows); per scale ``uniforms[si]``, ``reference[si]`` (int32) and
+    ``force[si]`` (bool), each (B, q, branches), and ``guidance[si]`` (B,); ``top_k`` and ``top_p`` (B,).
+    The host packs a request into pinned memory with this layout and one copy moves it to the device,
+    where each engine reads its segment in place: the CUDA graph captures that one copy, so a replay
+    takes the next request's reference tokens and mask like its uniforms.
     """
 
     def __init__(self, batch: int, spans: list[tuple[int, int]], branches: int):
@@ -46,6 +49,8 @@ class RequestLayout:
         self._add("labels", np.int64, (2 * batch,))
         for si, (_, q) in enumerate(spans):
             self._add(f"uniforms[{si}]", np.float32, (batch, q, branches))
+            self._add(f"reference[{si}]", np.int32, (batch, q, branches))
+            self._add(f"force[{si}]", np.bool_, (batch, q, branches))
             self._add(f"guidance[{si}]", np.float32, (batch,))
         self._add("top_k", np.int64, (batch,))
         self._add("top_p", np.float32, (batch,))
@@ -63,6 +68,7 @@ class RequestLayout:
         values = {"labels": cfg_rows(request.labels, null_class), "top_k": request.top_k, "top_p": request.top_p}
         for si, (start, q) in enumerate(self.spans):
             values[f"uniforms[{si}]"] = request.uniforms[:, start : start + q]
+            values[f"reference[{si}]"], values[f"force[{si}]"] = request.scale_block(start, q)
             values[f"guidance[{si}]"] = request.guidance[si]
         for name, (offset, dtype, shape) in self.segments.items():
             size = int(np.prod(shape)) * dtype.itemsize
@@ -233,6 +239,8 @@ class TrtSession:
                 "top_k": self._segment("top_k"),
                 "top_p": self._segment("top_p"),
                 "uniforms": self._segment(f"uniforms[{si}]"),
+                "reference_tokens": self._segment(f"reference[{si}]"),
+                "force_mask": self._segment(f"force[{si}]"),
                 "tokens": self.tokens[si].ptr,
             }
         for si in folds:
