@@ -8,12 +8,18 @@ TORCH := torch==2.13.0
 
 .PHONY: setup demo test test-mutations lint bench clean
 
+# Beside the extras: the real-server tests' tritonserver, the nvidia-pytriton wheel, comes without its
+# dependencies (it declares numpy<2, under which its stub dies serving us: docs/triton.md, serve on a CPU
+# machine); perf_analyzer for `python -m bench --only serve` is the last build for glibc 2.35, in tritonclient
+# 2.51's wheel (PyPI's perf-analyzer wheels need glibc 2.38), put in a folder of its own so the client stays new.
 # PYTHONWARNINGS: setuptools' "Editable installation" notice is information only (the checkout is meant to be importable).
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/pip install -q -e '.[export,ort,train,dev]'
+	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/pip install -q -e '.[export,ort,train,dev,serve]'
+	$(BIN)/pip install -q --no-deps 'nvidia-pytriton==0.7.0'
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/perf-analyzer 'tritonclient==2.51.0'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -21,8 +27,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m imagefolder.cli.demo
 
+# loadgroup: the tests of one real Triton server (xdist_group) run on one worker, in file order
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
 
 # Realistic one-line mistakes in the TensorRT path, each run against the tests that must catch it (tests/mutations.py;
 # about 5 minutes on 2 cores, so not part of `make test`).

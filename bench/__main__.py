@@ -15,6 +15,10 @@ Jobs, in this order (``--only`` picks some; each calibrates or measures what it 
     pruning    token pruning of the last two scales and integer arithmetic against the dense bundle:
                speed (preset), quality over 1,000 default-model images, a recommended setting
     compare    only with --bundles A,B[,...]: your bundles side by side, every stage, and their tokens
+    serve      a real Triton server (ort repository) under perf_analyzer at concurrency 1-8, against
+               in-process generation at the batch sizes it formed; only with --only (needs `make setup`)
+
+    python -m bench --only serve --out docs/bench/serve   # the default model and d17 (docs/benchmarks.md)
 
 Models and bundles are made first (exported once into ``--workdir``, then reused); measurements run
 interleaved and are sized to the budget (``--budget``, default 20 minutes for d17, one for tiny);
@@ -38,7 +42,7 @@ from bench import figures, machine, report
 from bench.budget import Budget
 from bench.calibrate import GEMM_SOURCE
 from bench.context import BATCHES, Context, Options
-from bench.jobs import batch, calibrate, compare, dtypes, folding, overhead, pruning, roofline
+from bench.jobs import batch, calibrate, compare, dtypes, folding, overhead, pruning, roofline, serve
 from imagefolder.configs import PRESETS
 from imagefolder.errors import ImagefolderError
 from imagefolder.runtime.plots import FLOOR_KIND, FLOOR_VERSION, save_png
@@ -53,8 +57,9 @@ JOBS: dict[str, ModuleType] = {
     "dtypes": dtypes,
     "pruning": pruning,
     "compare": compare,
+    "serve": serve,
 }
-ON_REQUEST = ("compare",)  # jobs that run only when --only names them
+ON_REQUEST = ("compare", "serve")  # jobs that run only when --only names them (serve needs the server)
 DEFAULT_PRESET = "imagefolder-d17"
 BUDGET_S = {"tiny": 60.0}  # every other preset: 20 minutes
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +71,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
     default_jobs = [name for name in JOBS if name not in ON_REQUEST]
-    parser.add_argument("--only", default=",".join(default_jobs), help=f"comma-separated jobs of: {', '.join(JOBS)}")
+    parser.add_argument(
+        "--only",
+        default=",".join(default_jobs),
+        help=f"comma-separated jobs of: {', '.join(JOBS)} (default: all but {', '.join(ON_REQUEST)})",
+    )
     parser.add_argument("--bundles", default="", help="the compare job's bundles of one model, comma-separated")
     parser.add_argument("--budget", type=float, help="seconds for the whole run (default: 1200; 60 for tiny)")
     parser.add_argument("--runs", type=int, default=10, help="the most measured runs of any measurement")
@@ -98,6 +107,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, help="results folder (default build/bench/PRESET, docs/bench)")
     parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md's generated section")
+    parser.add_argument(
+        "--serve-models", default="", help="the serve job's models, comma-separated (default: default,PRESET)"
+    )
     args = parser.parse_args(argv)
     args.jobs = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in args.jobs if name not in JOBS]
@@ -154,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or machine.physical_cores()
     torch.set_num_threads(threads)
     onnxruntime.set_default_logger_severity(3)  # errors only: fp16 graphs log a warning per unfoldable constant
+    serve_models = tuple(name.strip() for name in args.serve_models.split(",") if name.strip())
     options = Options(
         args.preset,
         args.runs,
@@ -167,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         args.pruning_ratios,
         args.pruning_speed_ratios,
         args.pruning_combined,
+        serve_models,
     )
     ctx = Context(options, budget)
     print(f"## {args.preset}: {', '.join(args.jobs)}\n\n{machine.summary(info)}\n", flush=True)
@@ -209,6 +223,9 @@ def write(out: Path, args: argparse.Namespace, ctx: Context, info: dict, results
         written.append(save_png(figures.batch_scaling(raw["batch"], title), out / "batch-scaling.png"))
     if "pruning" in raw:
         written.append(save_png(figures.quality_speed(raw["pruning"], title), out / "pruning.png"))
+    if "serve" in raw:  # models of its own (the default model's weights are trained): the machine only
+        serve_title = f"{info['cpu']}, {info['physical_cores']} cores (shared with other work), {info['date'][:10]}"
+        written.append(save_png(figures.serve_throughput(raw["serve"], serve_title), out / "serve-throughput.png"))
     section = report.document(header(args, ctx, info, drift, out), results)
     if args.write_docs:
         written.append(report.replace_section(ROOT / "docs" / "benchmarks.md", section))
@@ -229,7 +246,11 @@ def header(args: argparse.Namespace, ctx: Context, info: dict, drift: dict | Non
             f"Floor drift over the run (re-measured at the end ÷ at the start): memory ×{drift['memory']:.2f}, "
             f"GEMM ×{drift['gemm']:.2f}"
         )
-    pictures = [name for name in ("roofline.png", "batch-scaling.png", "pruning.png") if (out / name).exists()]
+    pictures = [
+        name
+        for name in ("roofline.png", "batch-scaling.png", "pruning.png", "serve-throughput.png")
+        if (out / name).exists()
+    ]
     if args.write_docs and pictures:
         lines.append(" ".join(f"![{name[:-4]}](bench/{name})" for name in pictures))
     return "\n\n".join(lines)

@@ -38,6 +38,7 @@ class Options:
     pruning_ratios: tuple[float, ...] = (0.75, 0.5, 0.25)  # the pruning job's shares kept of the last two scales
     pruning_speed_ratios: tuple[float, ...] = ()  # those measured for speed on the preset (): the same
     pruning_combined: float | None = 0.0  # pruned on top of int8 compute; 0: the largest speed ratio; None: none
+    serve_models: tuple[str, ...] = ()  # the serve job's models; () for the default model and the preset
 
 
 @dataclass

@@ -162,3 +162,30 @@ def quality_speed(result: dict, title: str):
         fontsize=9,
     )
     return figure
+
+
+def serve_throughput(result: dict, title: str):
+    """``result``: the raw numbers of the serve job (model → concurrency → numbers)."""
+    figure = new_figure(8.0, 5.0)
+    ax = figure.subplots()
+    for name, levels in result.items():
+        entries = sorted(levels.items(), key=lambda item: int(item[0]))
+        concurrency = [int(c) for c, _ in entries]
+        served = [m["images_per_s"] for _, m in entries]
+        alone = [1000 / m["in_process_ms_per_image"] for _, m in entries]
+        (line,) = ax.plot(concurrency, served, marker="o", label=f"{name}: Triton (ort instance)")
+        ax.plot(concurrency, alone, "--", marker="x", color=line.get_color(), label=f"{name}: in-process, same batches")
+        for c, rate, m in zip(concurrency, served, (m for _, m in entries), strict=True):
+            ax.annotate(
+                f"{m['overhead']:.2f}×", (c, rate), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=8
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(map(int, next(iter(result.values())))), [str(c) for c in next(iter(result.values()))])
+    ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
+    ax.set_xlabel("concurrent clients (perf_analyzer, one image per request)")
+    ax.set_ylabel("images/s")
+    ax.set_title(f"{title}\nlabels: server time per image ÷ in-process time per image", fontsize=10)
+    ax.grid(which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    return figure

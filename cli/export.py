@@ -201,17 +201,38 @@ def trt(
 @main.command()
 @BUNDLE_ARG
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--batch", "batches", help="Engine batch sizes to serve, comma-separated (default: every built one).")
+@click.option(
+    "--backend",
+    type=click.Choice(["ort", "trt"]),
+    default="trt",
+    show_default=True,
+    help="ort: ONNX Runtime on KIND_CPU instances; trt: the bundle's TensorRT engines on KIND_GPU instances.",
+)
+@click.option(
+    "--batch",
+    "batches",
+    help="Batch sizes to serve, one session each, comma-separated "
+    "(default: trt, every built one; ort, every size up to the bundle's batch_max, at most 8).",
+)
 @click.option(
     "--max-batch-size",
     type=click.IntRange(1),
     help="The most images Triton hands the model at once (default: 8 × the largest served batch).",
 )
-def triton(bundle, out_dir, batches, max_batch_size) -> None:
-    """Write a Triton Inference Server model repository: generation on device-resident TensorRT sessions
-    as a Python-backend model with dynamic batching (docs/triton.md)."""
+@click.option(
+    "--instances",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Model instances (ort: they share the CPUs; trt: per GPU).",
+)
+def triton(bundle, out_dir, backend, batches, max_batch_size, instances) -> None:
+    """Write a Triton Inference Server model repository: generation on ONNX Runtime (CPU) or device-resident
+    TensorRT sessions (GPU) as a Python-backend model with dynamic batching (docs/triton.md)."""
     from imagefolder.export.triton import export_triton_repository
 
     sizes = parse_ints(batches, "batch size") if batches else None
-    out = export_triton_repository(bundle, out_dir, sizes, max_batch_size=max_batch_size)
+    out = export_triton_repository(
+        bundle, out_dir, sizes, max_batch_size=max_batch_size, backend=backend, instances=instances
+    )
     click.echo(f"wrote Triton repository {out}")

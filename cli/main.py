@@ -389,5 +389,32 @@ def convert(source, destination, trust_checkpoint) -> None:
     click.echo(f"wrote {out} and {Path(out).with_suffix('.json')}")
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("repository", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Where HTTP and gRPC listen (0.0.0.0: every interface).",
+)
+@click.argument("server_args", nargs=-1, type=click.UNPROCESSED)
+def serve(repository, http_port, grpc_port, address, server_args) -> None:
+    """Run Triton Inference Server (from the nvidia-pytriton wheel) on REPOSITORY until Ctrl-C.
+
+    REPOSITORY is from `imagefolder-export triton`; arguments after `--` go to tritonserver
+    (e.g. -- --model-control-mode=explicit --load-model=*). docs/triton.md: serve on a CPU machine.
+    """
+    import os
+
+    from imagefolder.runtime.triton_server import find_triton, server_command, server_env
+
+    install = find_triton()
+    command = server_command(install, repository, http_port, grpc_port, server_args, address=address)
+    click.echo(f"serving {repository} on http://{address}:{http_port} and grpc {address}:{grpc_port}", err=True)
+    os.execve(command[0], command, server_env(install))
+
+
 if __name__ == "__main__":  # torchrun --nproc_per_node=N -m imagefolder.cli.main train ... (docs/training.md)
     main()

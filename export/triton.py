@@ -1,15 +1,17 @@
-"""A Triton Inference Server model repository from a bundle with built TensorRT engines.
+"""A Triton Inference Server model repository from a bundle: ONNX Runtime on CPUs or TensorRT engines on GPUs.
 
 Layout (``prefix`` defaults to ``imagefolder``)::
 
-    OUT/<prefix>_generate/config.pbtxt      backend "python", dynamic batching, one instance per GPU
+    OUT/<prefix>_generate/config.pbtxt      backend "python", dynamic batching, KIND_CPU or KIND_GPU instances
     OUT/<prefix>_generate/1/model.py        one line: the model is ``imagefolder.runtime.triton_model``
-    OUT/<prefix>_generate/1/bundle/         the bundle: manifest, graphs, engines (hard links where possible)
+    OUT/<prefix>_generate/1/bundle/         the bundle: manifest, graphs (and engines) (hard links where possible)
 
-The model runs the whole generation on the device (``TrtBackend`` sessions, one per served batch size,
-replaying a CUDA graph per generation): no state crosses the Triton boundary, so the repository has
-no engine models. It imports ``imagefolder.runtime``, which must be installed in the Triton image
-(``pip install 'imagefolder[gpu]'`` into the Python the Python backend runs; docs/triton.md).
+The model runs the whole generation inside one instance (``--backend ort``: ONNX Runtime sessions on the
+CPUs; ``--backend trt``: ``TrtBackend`` sessions on a GPU, replaying a CUDA graph per generation), one
+session per served batch size: no state crosses the Triton boundary, so the repository has no engine
+models. It imports ``imagefolder.runtime``, which must be installed in the Python the Python backend runs
+(docs/triton.md). A bundle the chosen backend cannot run is refused here, in one line, rather than at the
+server's load.
 Each input has the batch dimension Triton's dynamic batcher concatenates along (one row per image);
 ``config.pbtxt`` is written by ``to_pbtxt`` (protobuf text format of Triton's ``ModelConfig``) and the
 model folder replaces an old one in one step. No torch, no tensorrt.
@@ -27,7 +29,8 @@ from pathlib import Path
 from imagefolder.core.bundle import MANIFEST, load_bundle
 from imagefolder.core.engines import BUILD_RECORD, ENGINE_DIR, read_build_record
 from imagefolder.core.schedule import SamplingParams
-from imagefolder.errors import InputError
+from imagefolder.core.specs import ORT_CPU_DTYPES
+from imagefolder.errors import BundleError, InputError
 from imagefolder.io import folder_lock, staged_folder
 
 log = logging.getLogger(__name__)
@@ -35,8 +38,11 @@ log = logging.getLogger(__name__)
 GENERATE = "generate"
 BUNDLE_DIR = "bundle"  # inside the version folder
 MAX_QUEUE_DELAY_US = 2000  # how long the dynamic batcher may hold a request to fill a preferred batch
+BACKENDS = ("ort", "trt")
+INSTANCE_KINDS = {"ort": "KIND_CPU", "trt": "KIND_GPU"}
+ORT_BATCH_LIMIT = 8  # default ort sessions: every batch size up to this (or the bundle's batch_max)
 MODEL_PY = """\
-# Triton Python-backend model: imagefolder's device-resident TensorRT generation (written by imagefolder-export).
+# Triton Python-backend model: imagefolder's generation on ONNX Runtime or TensorRT (written by imagefolder-export).
 from imagefolder.runtime.triton_model import TritonPythonModel  # noqa: F401
 """
 
@@ -102,7 +108,13 @@ def _input(name: str, data_type: str, optional: bool = False, dims: list[int] | 
 
 
 def generate_config(
-    model_name: str, manifest: dict, batches: list[int], max_batch_size: int, defaults: SamplingParams
+    model_name: str,
+    manifest: dict,
+    batches: list[int],
+    max_batch_size: int,
+    defaults: SamplingParams,
+    backend: str = "trt",
+    instances: int = 1,
 ) -> dict:
     """``config.pbtxt`` (as a dict) of the generation model.
 
@@ -110,11 +122,12 @@ def generate_config(
     ``class_labels`` (n, 1) and, optionally, per-image ``seed``, ``cfg``, ``top_k``, ``top_p`` (n, 1);
     the row of image i in its request is i (its uniforms are ``image_uniforms(seed_i, i)``); a conditioned
     request adds ``reference_indices`` (n, 2, P) and ``force_mask`` (n, P, 2) (both or neither). Parameters
-    carry the bundle's place, the batch sizes to serve and the sampling defaults, as strings.
+    carry the backend, the bundle's place, the batch sizes to serve and the sampling defaults, as strings.
+    ``instances`` instances of ``INSTANCE_KINDS[backend]`` (trt: per GPU).
     """
     gen, size = manifest["model"]["generator"], manifest["model"]["tokenizer"]["image_size"]
     positions = sum(pn * pn for pn in gen["scales"])
-    parameters = {"bundle": BUNDLE_DIR, "batches": ",".join(map(str, batches))}
+    parameters = {"backend": backend, "bundle": BUNDLE_DIR, "batches": ",".join(map(str, batches))}
     parameters.update({k: str(v) for k, v in dataclasses.asdict(defaults).items()})
     return {
         "name": model_name,
@@ -133,10 +146,14 @@ def generate_config(
             {"name": "image", "data_type": Enum("TYPE_FP32"), "dims": [3, size, size]},
             {"name": "indices", "data_type": Enum("TYPE_INT32"), "dims": [gen["num_branches"], positions]},
         ],
-        # Requests wait up to the delay to fill an engine batch; the model packs what it gets into sessions.
-        "dynamic_batching": {"preferred_batch_size": batches, "max_queue_delay_microseconds": MAX_QUEUE_DELAY_US},
-        # The model owns its GPU work: one instance per GPU, each with its own engines and sessions.
-        "instance_group": [{"kind": Enum("KIND_GPU"), "count": 1}],
+        # trt: requests wait up to the delay to fill an engine batch; ort (any size runs at its own cost):
+        # the batcher gathers whatever waits, up to max_batch_size. The model packs what it gets into sessions.
+        "dynamic_batching": {
+            "preferred_batch_size": batches if backend == "trt" else [],
+            "max_queue_delay_microseconds": MAX_QUEUE_DELAY_US,
+        },
+        # Each instance owns its sessions: trt, `instances` per GPU; ort, `instances` sharing the CPUs.
+        "instance_group": [{"kind": Enum(INSTANCE_KINDS[backend]), "count": instances}],
         "parameters": [{"key": key, "value": {"string_value": value}} for key, value in parameters.items()],
     }
 
@@ -145,10 +162,41 @@ def generate_config(
 # Repository
 
 
-def _bundle_files(manifest: dict, record: dict) -> list[str]:
-    """What the model reads: the manifest, every file it lists, the build record and the plans."""
+def _bundle_files(manifest: dict, record: dict | None) -> list[str]:
+    """What the model reads: the manifest, every file it lists, and (trt) the build record and the plans."""
+    if record is None:
+        return [MANIFEST, *manifest["files"]]
     plans = [entry["file"] for entry in record["graphs"].values()]
     return [MANIFEST, *manifest["files"], f"{ENGINE_DIR}/{BUILD_RECORD}", *plans]
+
+
+def _trt_batches(bundle_dir: Path, batches: list[int] | None) -> tuple[dict, list[int]]:
+    """The build record and the batches to serve; refuses a bundle without engines or an unbuilt batch."""
+    record = read_build_record(bundle_dir)
+    built = sorted(record.get("batches", []))
+    served = sorted(set(batches or built))
+    unbuilt = [b for b in served if b not in built]
+    if unbuilt:
+        raise InputError(f"batches {unbuilt} have no engine profiles (built: {built}); rebuild with --batch")
+    return record, served
+
+
+def _ort_batches(bundle_dir: Path, batches: list[int] | None) -> list[int]:
+    """The batches to serve on ONNX Runtime's CPU provider; refuses a bundle it cannot run."""
+    dtype = load_bundle(bundle_dir, verify=False).dtype
+    if dtype not in ORT_CPU_DTYPES:
+        raise BundleError(
+            f"{bundle_dir}: a {dtype} bundle does not run on ONNX Runtime's CPU provider "
+            f"(it runs {', '.join(ORT_CPU_DTYPES)}); serve it with --backend trt or re-export with --dtype fp32"
+        )
+    bundle = load_bundle(bundle_dir)  # hashes and graph I/O: a damaged bundle is refused here, not at load
+    served = sorted(set(batches or range(1, min(bundle.batch_max, ORT_BATCH_LIMIT) + 1)))
+    if served[0] < 1 or served[-1] > bundle.batch_max:
+        raise InputError(
+            f"batches {served} must lie in [1, {bundle.batch_max}] (the bundle's batch_max); "
+            "re-export with a larger --batch-max"
+        )
+    return served
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -166,40 +214,49 @@ def export_triton_repository(
     prefix: str = "imagefolder",
     defaults: SamplingParams | None = None,
     max_batch_size: int | None = None,
+    backend: str = "trt",
+    instances: int = 1,
 ) -> Path:
-    """Write a Triton model repository that serves a bundle's TensorRT engines.
+    """Write a Triton model repository that serves a bundle with ONNX Runtime or its TensorRT engines.
 
     Args:
-        bundle_dir: the bundle, with ``engines/`` from ``imagefolder-export trt``.
+        bundle_dir: the bundle; for ``trt`` with ``engines/`` from ``imagefolder-export trt``.
         out_dir: the repository folder (created; a model of the same name is replaced in one step).
-        batches: engine batch sizes to serve, one session each (default: every batch the engines were built for).
+        batches: batch sizes to serve, one session each (default: trt, every batch the engines were built
+            for; ort, every size up to the bundle's batch_max, at most 8).
         prefix: model name prefix.
         defaults: sampling settings for requests that leave them out (default: ``SamplingParams()``).
         max_batch_size: the most images Triton hands the model at once (requests and batches above the
-            largest engine batch are split by the model); default 8 × the largest served batch.
+            largest served batch are split by the model); default 8 × the largest served batch.
+        backend: ``ort`` (``KIND_CPU`` instances) or ``trt`` (``KIND_GPU`` instances).
+        instances: model instances (ort: they share the CPUs' threads; trt: per GPU).
 
     Returns:
         the repository folder ``out_dir``.
     """
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
+    if backend not in BACKENDS:
+        raise InputError(f"backend {backend!r}: a Triton repository serves {' or '.join(BACKENDS)}")
+    if instances < 1:
+        raise InputError(f"instances must be ≥ 1, got {instances}")
     manifest = load_bundle(bundle_dir, verify=False).manifest
-    record = read_build_record(bundle_dir)
-    built = sorted(record.get("batches", []))
-    batches = sorted(set(batches or built))
-    unbuilt = [b for b in batches if b not in built]
-    if unbuilt:
-        raise InputError(f"batches {unbuilt} have no engine profiles (built: {built}); rebuild with --batch")
+    if backend == "trt":
+        record, batches = _trt_batches(bundle_dir, batches)
+    else:
+        record, batches = None, _ort_batches(bundle_dir, batches)
     max_batch_size = 8 * batches[-1] if max_batch_size is None else max_batch_size
     if max_batch_size < batches[-1]:
         raise InputError(f"max_batch_size {max_batch_size} is below the largest served batch {batches[-1]}")
 
     name = f"{prefix}_{GENERATE}"
     folder = out_dir / name
-    config = generate_config(name, manifest, batches, max_batch_size, defaults or SamplingParams())
+    config = generate_config(
+        name, manifest, batches, max_batch_size, defaults or SamplingParams(), backend=backend, instances=instances
+    )
     with folder_lock(folder), staged_folder(folder) as stage:
         for file in _bundle_files(manifest, record):
             _link_or_copy(bundle_dir / file, stage / "1" / BUNDLE_DIR / file)
         (stage / "1" / "model.py").write_text(MODEL_PY)
         (stage / "config.pbtxt").write_text(to_pbtxt(config))
-    log.info("Triton repository %s: %s (batches %s)", out_dir, name, batches)
+    log.info("Triton repository %s: %s on %s (batches %s)", out_dir, name, backend, batches)
     return out_dir

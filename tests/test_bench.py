@@ -216,3 +216,28 @@ def test_the_contention_line_keeps_the_digits_that_matter_or_says_why_there_is_n
     assert "not measured" in contention_note(1, {})
     for broken in (0.0, float("inf"), float("nan")):
         assert contention_note(2, {shape: broken}).startswith("contention could not be measured")
+
+
+def test_the_serve_job_finds_perf_analyzer_and_its_libraries(tmp_path):
+    """`make setup` installs tritonclient 2.51's perf_analyzer (the last build for glibc 2.35); it runs with
+    the two libraries it links taken from the server wheel."""
+    from bench.jobs.serve import perf_analyzer
+    from tests.triton_real import require_server
+
+    require_server()
+    binary, env = perf_analyzer(tmp_path)
+    result = subprocess.run([str(binary), "--version"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "Perf Analyzer Version 2.51" in result.stderr, result.stdout + result.stderr
+
+
+def test_the_serve_figure_draws_both_curves_of_each_model():
+    from bench import figures
+
+    def level(rate, in_process_ms):
+        return {"images_per_s": rate, "in_process_ms_per_image": in_process_ms, "overhead": 1000 / rate / in_process_ms}
+
+    raw = {m: {str(c): level(10.0 * c, 90.0 / c) for c in (1, 2, 4, 8)} for m in ("default", "imagefolder-d17")}
+    figure = figures.serve_throughput(raw, "test")
+    (ax,) = figure.axes
+    assert len(ax.lines) == 4 and [round(y, 3) for y in ax.lines[1].get_ydata()] == [11.111, 22.222, 44.444, 88.889]
+    assert [t.get_text() for t in ax.texts][:4] == ["1.11×", "1.11×", "1.11×", "1.11×"]  # server ÷ in-process

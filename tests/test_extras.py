@@ -148,7 +148,7 @@ def test_no_installed_dependency_of_the_other_extras_requires_onnxruntime():
 
 def test_the_makefile_installs_onnxruntime_for_the_tests():
     makefile = (ROOT / "Makefile").read_text()
-    assert "'.[export,ort,train,dev]'" in makefile  # ort: the suite runs ONNX Runtime; dev no longer brings it
+    assert "'.[export,ort,train,dev,serve]'" in makefile  # ort: the suite runs ONNX Runtime; dev no longer brings it
 
 
 def test_both_distributions_installed_warn_once_with_the_fix(monkeypatch, caplog):
@@ -251,3 +251,19 @@ def test_every_non_ort_extra_resolves_without_any_onnxruntime(throwaway_venv):
     names, _ = dry_run(throwaway_venv, "-e", f"{ROOT}[export,dev,train,bench]")
     assert {"imagefolder", "torch", "onnxscript", "matplotlib"} <= names
     assert not names & ORT_NAMES, names & ORT_NAMES
+
+
+def test_the_serve_extra_keeps_numpy_2_and_the_makefile_brings_the_server_without_its_pins():
+    """nvidia-pytriton 0.7.0 declares numpy<2, and its 2.51 stub dies serving our model under numpy 1: the
+    extra must not list it (pip would downgrade numpy), and `make setup` installs it with --no-deps, the
+    version the runtime names in its install hint (and docs/triton.md shows)."""
+    from imagefolder.runtime.triton_server import INSTALL, SERVER_WHEEL
+
+    reqs = requirements("serve")
+    assert "nvidia-pytriton" not in reqs and "perf-analyzer" not in reqs  # see pyproject's comment
+    assert reqs["tritonclient"].extras == {"http", "grpc"} and allowed_majors(reqs["tritonclient"], range(1, 5)) == {2}
+    assert Version("1.26.4") not in reqs["numpy"].specifier and Version("2.4.6") in reqs["numpy"].specifier
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"pip install -q --no-deps '{SERVER_WHEEL}'" in makefile and ",serve]" in makefile
+    docs = (ROOT / "docs" / "triton.md").read_text()
+    assert INSTALL in docs and f"pip install --no-deps '{SERVER_WHEEL}'" == INSTALL

@@ -98,6 +98,7 @@ def test_repository_layout_and_schema(bundle, tmp_path, pb2):
     assert group.kind == pb2.ModelInstanceGroup.KIND_GPU and group.count == 1
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     assert parameters == {
+        "backend": "trt",
         "bundle": "bundle",
         "batches": "8",
         "cfg": "2.0",
@@ -299,3 +300,99 @@ def test_the_export_command_writes_the_repository(bundle, tmp_path, pb2):
     assert result.exit_code == 0, result.output
     config = parse(pb2, (tmp_path / "repo" / MODEL / "config.pbtxt").read_text())
     assert config.max_batch_size == 16 and list(config.dynamic_batching.preferred_batch_size) == [8]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The ort repository: KIND_CPU instances on ONNX Runtime (the real server runs it in test_triton_server.py)
+
+
+@pytest.fixture(scope="module")
+def ort_repository(repository, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("ort-repo")
+    export_triton_repository(repository[1], repo, backend="ort", instances=2, batches=[1, 2, 4])
+    return repo
+
+
+def test_ort_repository_config_and_files(ort_repository, repository, pb2):
+    config = parse(pb2, (ort_repository / MODEL / "config.pbtxt").read_text())
+    (group,) = config.instance_group
+    assert group.kind == pb2.ModelInstanceGroup.KIND_CPU and group.count == 2
+    assert config.max_batch_size == 32 and list(config.dynamic_batching.preferred_batch_size) == []
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    assert parameters["backend"] == "ort" and parameters["batches"] == "1,2,4"
+    copy = ort_repository / MODEL / "1" / "bundle"
+    assert not (copy / "engines").exists()  # the graphs and the manifest only
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in repository[1].iterdir() if p.is_file())
+
+
+def test_ort_instances_serve_what_each_image_gets_alone(ort_repository, pb2, alone):
+    import os
+
+    with Server(ort_repository, pb2) as server:  # no fake GPU installed: the ort path needs none
+        server.load(MODEL, kind="CPU")
+        assert sorted(server.model.sessions) == [1, 2, 4]
+        threads = server.model.backend._options.intra_op_num_threads
+        assert threads == max(1, len(os.sched_getaffinity(0)) // 2)  # two instances share the CPUs
+        results = server.infer([request(labels, **settings) for labels, settings in CONCURRENT])
+        for result, (labels, settings) in zip(results, CONCURRENT, strict=True):
+            check(result, alone, labels, **settings)
+        (result,) = server.infer([request([4, 5, 6, 7, 8], seed=3, top_k=30)])  # 4 + 1
+        check(result, alone, [4, 5, 6, 7, 8], seed=3, top_k=30)
+
+
+def test_bad_requests_name_the_input_on_ort(ort_repository, pb2, alone):
+    with Server(ort_repository, pb2) as server:
+        server.load(MODEL, kind="CPU")
+        results = server.infer(
+            [request([10]), request([1, 2], cfg=[1.0, float("nan")]), request([5], top_p=0.0), request([3], seed=9)]
+        )
+        assert results[0].message() == "class_labels: class id(s) [10] outside [0, 10) for this model"
+        assert results[1].message() == "row 1: cfg must be a finite number ≥ 0, got nan"
+        assert results[2].message() == "row 0: top_p must be in (0, 1], got 0.0"
+        check(results[3], alone, [3], seed=9)
+
+
+def test_the_export_refuses_what_the_backend_cannot_run(repository, tmp_path):
+    from click.testing import CliRunner
+
+    from imagefolder.cli.export import main
+    from imagefolder.errors import BundleError
+
+    bf16 = write_fake_bundle(tmp_path / "bf16", make_manifest(tiny(), dtype="bf16"))
+    with pytest.raises(BundleError, match="a bf16 bundle does not run on ONNX Runtime's CPU provider"):
+        export_triton_repository(bf16, tmp_path / "repo", backend="ort")
+    with pytest.raises(ValueError, match=r"must lie in \[1, 8\]"):
+        export_triton_repository(repository[1], tmp_path / "repo", backend="ort", batches=[16])
+    damaged = tmp_path / "damaged"
+    shutil.copytree(repository[1], damaged, ignore=shutil.ignore_patterns("engines"))
+    graph = damaged / "sampler.onnx"
+    graph.write_bytes(graph.read_bytes()[:-1] + bytes([graph.read_bytes()[-1] ^ 1]))
+    for backend, bundle, reason in (
+        ("ort", damaged, "sampler.onnx differs from the manifest (sha256 or size); re-export the bundle"),
+        ("trt", damaged, "has no TensorRT engines"),
+    ):
+        out = tmp_path / f"repo-{backend}"
+        args = ["triton", str(bundle), "--out", str(out), "--backend", backend]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code != 0 and result.output.count("\n") == 1, result.output
+        assert result.output.startswith("Error: ") and reason in result.output, result.output
+        assert not out.exists()  # nothing half-written
+
+
+def test_serve_without_the_server_says_how_to_install_it_in_one_line(monkeypatch, tmp_path):
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from imagefolder.cli.main import main
+    from imagefolder.runtime import triton_server
+
+    if triton_server.unsupported_platform():
+        pytest.skip(triton_server.unsupported_platform())
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else real(name, *a))
+    result = CliRunner().invoke(main, ["serve", str(tmp_path)])
+    assert result.exit_code != 0 and result.output == (
+        "Error: tritonserver (nvidia-pytriton) is not installed to serve a repository: "
+        "pip install --no-deps 'nvidia-pytriton==0.7.0'; docs/triton.md, serve on a CPU machine\n"
+    )

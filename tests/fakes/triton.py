@@ -7,6 +7,10 @@ and the stub's bindings): ``Tensor(name, numpy_array)``, ``InferenceRequest`` (w
 ``get_output_config_by_name`` and ``triton_string_to_numpy``. Strict where a model could go wrong unseen:
 
 - a ``Tensor`` takes a numpy array of a Triton data type (no lists, no object arrays) and a ``str`` name;
+- tensors cross through DLPack only, as the real 2.51 stub (nvidia-pytriton) requires under numpy 2:
+  ``as_numpy`` of a request's input is refused (the real one reads rows after the first wrong) and an
+  output made by ``Tensor(name, array)`` instead of ``Tensor.from_dlpack`` fails the response check
+  (the real one arrives empty);
 - an ``InferenceResponse`` takes a list of ``Tensor`` and, for an error, a ``TritonError``;
 - ``InferenceRequest.exec`` (BLS, a call to another model) is refused: this project's model calls none.
 
@@ -87,12 +91,38 @@ class Tensor:
         if not isinstance(numpy_array, np.ndarray) or numpy_array.dtype.type not in TYPES.values():
             raise TritonModelException(f"tensor {name}: a numpy array of a Triton data type is required")
         self._name, self._array = name, np.ascontiguousarray(numpy_array)
+        self.via_dlpack = False  # made by from_dlpack (an output the real stub sends intact)
+        self.from_stub = False  # a request's input (the real stub's as_numpy reads it wrong under numpy 2)
+
+    @classmethod
+    def from_dlpack(cls, name: str, tensor) -> Tensor:
+        if not hasattr(tensor, "__dlpack__") or not hasattr(tensor, "__dlpack_device__"):
+            raise TritonModelException("Tensor must be a DLPack capsule or have __dlpack__ and __dlpack_device__")
+        made = cls(name, np.from_dlpack(tensor))
+        made.via_dlpack = True
+        return made
+
+    def __dlpack__(self, *args, **kwargs):
+        return self._array.__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
 
     def name(self) -> str:
         return self._name
 
     def as_numpy(self) -> np.ndarray:
+        if self.from_stub:
+            raise AssertionError(
+                f"{self._name}: as_numpy of a request input is wrong on the real stub; use np.from_dlpack"
+            )
         return self._array
+
+
+def _stub_input(name: str, array: np.ndarray) -> Tensor:
+    tensor = Tensor(name, array)
+    tensor.from_stub = True
+    return tensor
 
 
 class InferenceRequest:
@@ -241,7 +271,7 @@ class Server:
             raise RefusedRequest("the dynamic batcher never gathers more than max_batch_size rows")
         outputs = {entry["name"]: entry for entry in self.config["output"]}
         built = [
-            InferenceRequest([Tensor(n, a) for n, a in inputs.items()], list(outputs), f"request-{i}")
+            InferenceRequest([_stub_input(n, a) for n, a in inputs.items()], list(outputs), f"request-{i}")
             for i, inputs in enumerate(requests)
         ]
         responses = self.model.execute(built)
@@ -255,6 +285,8 @@ class Server:
             if error is not None:
                 results.append(error)
                 continue
+            if not all(t.via_dlpack for t in response.output_tensors()):
+                raise AssertionError("an output made by Tensor(name, array) arrives empty from the real stub")
             tensors = {t.name(): t.as_numpy() for t in response.output_tensors()}
             if set(tensors) != set(outputs):
                 raise AssertionError(f"outputs {sorted(tensors)}, the config has {sorted(outputs)}")
