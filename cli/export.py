@@ -140,8 +140,8 @@ def check(bundle, backend, checkpoint, trust_checkpoint, debug_dir, quality, aga
             raise click.UsageError(
                 "--quality and --against go together: imagefolder-export check --quality B --against D"
             )
+        from imagefolder.cli.quality import compare_quality
         from imagefolder.core.schedule import SamplingParams
-        from imagefolder.export.quality import compare_quality
 
         click.echo(compare_quality(bundle, against, images, SamplingParams(seed=seed)).table())
         return

@@ -316,9 +316,9 @@ def build_engines(
         TensorRTUnavailable: tensorrt cannot be imported.
         EngineBuildError: a graph fails to parse or build (the message names the failing nodes).
     """
+    load_bundle(bundle_dir, verify=False).require_tensorrt()  # the manifest alone says the bundle is for ORT
+    trt = import_tensorrt()  # before hashing gigabytes: a machine without TensorRT hears so at once
     bundle = load_bundle(bundle_dir, verify=True)  # hashes every graph: engines are built from what was exported
-    bundle.require_tensorrt()
-    trt = import_tensorrt()
     bundle_dir, manifest = bundle.path, bundle.manifest
     if isinstance(hardware_compat, bool):
         hardware_compat = "ampere_plus" if hardware_compat else "none"

@@ -183,7 +183,7 @@ def test_quality_check_compares_a_bundle_with_its_dense_one(bundles, tmp_path):
     rows = {int(line.split()[0]): float(line.split()[1][:-1]) for line in lines if line[:5].strip().isdigit()}
     assert [rows[si] for si in range(3)] == [100.0] * 3 and rows[3] < 100 and rows[4] < 100
     assert "class accuracy" in result.output and "Fréchet distance" in result.output  # the default model
-    from imagefolder.export.quality import compare_quality
+    from imagefolder.cli.quality import compare_quality
 
     same = compare_quality(bundles["dense"], bundles["dense"], images=10)
     assert same.scale_agreement == [1.0] * 5 and min(same.psnr_db) == 100.0

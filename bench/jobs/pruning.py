@@ -10,7 +10,7 @@ that costs least quality).
   run by run (same seeds);
 - quality, on the default model (the shipped tiny model, trained; its last two scales pruned alike), over
   ``--pruning-images`` images (classes in turn, official sampling, seed 0): the shipped classifier's class
-  accuracy and Fréchet distance (``export/quality.py``, as ``imagefolder-export check --quality``) and
+  accuracy and Fréchet distance (``cli/quality.py``, as ``imagefolder-export check --quality``) and
   each image's PSNR to the dense bundle's image of the same seed.
 
 The recommended setting is the fastest variant whose accuracy stays within ``ACCURACY_POINTS`` of the dense
@@ -27,8 +27,8 @@ from bench.bundles import DEFAULT_MODEL
 from bench.context import Context
 from bench.report import JobResult, median, ms, ratio, table
 from bench.timing import Plan, agreement, measure
+from imagefolder.cli.quality import classifier_metrics, per_image_psnr
 from imagefolder.core.schedule import SamplingParams
-from imagefolder.export.quality import classifier_metrics, per_image_psnr
 from imagefolder.runtime.loop import generate
 
 ACCURACY_POINTS = 1.0  # the quality bound of the issue: class accuracy within 1 point of the dense bundle's

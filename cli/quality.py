@@ -1,5 +1,8 @@
 """``imagefolder-export check --quality BUNDLE --against DENSE``: what a pruned or integer bundle costs in quality.
 
+It lives with the commands because it needs both sides: the runtime generates, the torch classifier judges
+(``export/`` may not import the runtime, and the runtime may not import torch).
+
 Both bundles generate the same images (same classes, seeds and sampling settings, ONNX Runtime's CPU
 provider, which runs every bundle kind) and are compared:
 
