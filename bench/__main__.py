@@ -224,7 +224,8 @@ def write(out: Path, args: argparse.Namespace, ctx: Context, info: dict, results
     if "pruning" in raw:
         written.append(save_png(figures.quality_speed(raw["pruning"], title), out / "pruning.png"))
     if "serve" in raw:  # models of its own (the default model's weights are trained): the machine only
-        serve_title = f"{info['cpu']}, {info['physical_cores']} cores (shared with other work), {info['date'][:10]}"
+        load = " ".join(f"{x:.1f}" for x in info["load_average"] or [])
+        serve_title = f"{info['cpu']}, {info['physical_cores']} cores, load {load} at the start, {info['date'][:10]}"
         written.append(save_png(figures.serve_throughput(raw["serve"], serve_title), out / "serve-throughput.png"))
     section = report.document(header(args, ctx, info, drift, out), results)
     if args.write_docs:
